@@ -9,7 +9,10 @@ Each lesson starts with ``import lesson``. That works when the lesson runs as a 
 * ``OUT``: ``MINIPREF_TUTORIAL_OUT`` or ``tutorials/out/``. Figures are always saved there; in a notebook they are
   also shown inline.
 * ``check(claim, ok, detail)``: print a claim with the numbers behind it, and stop the lesson if it is false, so a
-  lesson whose text no longer matches the code fails in CI instead of rotting.
+  lesson whose text no longer matches the code fails in CI instead of rotting. ``check_close(claim, value, target,
+  rel_tol=, abs_tol=)`` and ``check_range(claim, value, low=, high=)`` are the two shapes most claims take ("equals X to
+  within a tolerance", "lies between a and b" or "is above a"); they print the value, the target and the tolerance
+  themselves.
 * ``save_results(name, dict)``: the key numbers of a lesson as ``OUT/<name>.json`` (the test reads them back).
 """
 
@@ -53,6 +56,23 @@ def check(claim: str, ok: bool, detail: str = "") -> None:
     print(f"[{'ok' if ok else 'FAILED'}] {claim}" + (f": {detail}" if detail else ""), flush=True)
     if not ok:
         raise AssertionError(f"{claim}: {detail}")
+
+
+def check_close(claim: str, value: float, target: float, *, rel_tol: float = 0.0, abs_tol: float = 0.0,
+                detail: str = "") -> None:
+    """``check`` that ``|value - target| <= max(rel_tol * |target|, abs_tol)`` (``math.isclose``'s rule), printing
+    both numbers and the tolerance."""
+    tolerance = max(rel_tol * abs(target), abs_tol)
+    gap = abs(value - target)
+    numbers = f"{value:.6g} vs {target:.6g} (gap {gap:.2g}, tolerance {tolerance:.2g})"
+    check(claim, gap <= tolerance, numbers + (f"; {detail}" if detail else ""))
+
+
+def check_range(claim: str, value: float, low: float | None = None, high: float | None = None, detail: str = "") -> None:
+    """``check`` that ``low < value < high`` (either bound may be omitted), printing the value and the bounds."""
+    ok = (low is None or value > low) and (high is None or value < high)
+    bounds = f"{'-inf' if low is None else f'{low:.6g}'} < {value:.6g} < {'inf' if high is None else f'{high:.6g}'}"
+    check(claim, ok, bounds + (f"; {detail}" if detail else ""))
 
 
 def save_figure(fig, name: str) -> Path:
