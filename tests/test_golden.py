@@ -362,13 +362,17 @@ DSPO_CASE = dict(
 )
 
 
-def _dspo_longhand(variant, beta, gamma):
-    c = DSPO_CASE
+def _dspo_margin(c, beta):
     err_w = [mean((p - q) ** 2 for p, q in zip(ps, qs)) for ps, qs in zip(c["pred_w"], c["target_w"])]
     ref_err_w = [mean((p - q) ** 2 for p, q in zip(ps, qs)) for ps, qs in zip(c["ref_pred_w"], c["target_w"])]
     r_w = r_longhand(err_w, ref_err_w, beta)
     r_l = r_longhand(c["err_l"], c["ref_err_l"], beta)
-    margin = [a - b for a, b in zip(r_w, r_l)]  # I = r_w - r_l, the DPO margin
+    return [a - b for a, b in zip(r_w, r_l)]  # I = r_w - r_l, the DPO margin
+
+
+def _dspo_longhand(variant, beta, gamma):
+    c = DSPO_CASE
+    margin = _dspo_margin(c, beta)
     if variant == "dspo_ref":  # eq. (47): || 1 - sigmoid(I) ||^2
         return mean((1.0 - sigmoid(m)) ** 2 for m in margin)
     terms = []
@@ -395,6 +399,51 @@ def test_golden_dspo_defaults_are_variant_dspo_beta_0001_gamma_1():
     c = DSPO_CASE
     out = dspo_loss(t(c["pred_w"]), t(c["ref_pred_w"]), t(c["target_w"]), t(c["err_l"]), t(c["ref_err_l"]))
     close(out.loss, _dspo_longhand("dspo", 0.001, 1.0))
+
+
+# The authors' SDXL branch (huaishengzhu/DSPO train.py with --sdxl), transcribed element by element: with
+# pred2 = pred_w - ref_pred_w, if mean_i mean_d pred2^2 >= threshold the loss is mean_{i,d} ((1 - sigmoid(I_i)) pred2)^2,
+# else mean_i mean_d (1 - sigmoid(I_i))^2 (the gate broadcast over the sample, as that code does).
+DSPO_FAR_CASE = dict(DSPO_CASE, ref_pred_w=[[0.0, 0.3, -0.4], [1.5, -0.2, -0.2]])  # every |pred2| = 0.5: drift 0.25
+
+
+def _dspo_sdxl_longhand(c, beta, threshold):
+    margin = _dspo_margin(c, beta)
+    pred2 = [[p - r for p, r in zip(ps, rs)] for ps, rs in zip(c["pred_w"], c["ref_pred_w"])]
+    if mean(mean(x**2 for x in row) for row in pred2) >= threshold:
+        return mean(((1.0 - sigmoid(m)) * x) ** 2 for m, row in zip(margin, pred2) for x in row)
+    return mean((1.0 - sigmoid(m)) ** 2 for m, row in zip(margin, pred2) for _ in row)
+
+
+@pytest.mark.parametrize(
+    "case,threshold,above",
+    [
+        ("near", 0.1, False),  # drift mean 0.015 < 0.1: Eq. (47)
+        ("near", 0.01, True),  # 0.015 >= 0.01: the Eq. (46) line
+        ("near", 0.012, True),  # the batch mean decides for every sample: winner 0's own drift 0.01 is below 0.012
+        ("far", 0.1, True),  # drift mean 0.25 >= 0.1
+        ("far", 0.5, False),
+    ],
+)
+@pytest.mark.parametrize("beta", [0.8, 5.0, 50.0])
+def test_golden_dspo_sdxl(case, threshold, above, beta):
+    c = DSPO_CASE if case == "near" else DSPO_FAR_CASE
+    out = dspo_loss(
+        t(c["pred_w"]), t(c["ref_pred_w"]), t(c["target_w"]), t(c["err_l"]), t(c["ref_err_l"]),
+        beta=beta, variant="dspo_sdxl", threshold=threshold,
+    )
+    close(out.loss, _dspo_sdxl_longhand(c, beta, threshold))
+    assert out.metrics["above_threshold"] == float(above)
+    if not above:  # below the threshold the code's loss is Eq. (47), the dspo_ref variant
+        close(out.loss, mean((1.0 - sigmoid(m)) ** 2 for m in _dspo_margin(c, beta)))
+
+
+def test_golden_dspo_sdxl_default_threshold_is_the_authors_0_1():
+    for c, above in ((DSPO_CASE, False), (DSPO_FAR_CASE, True)):
+        args = [t(c[k]) for k in ("pred_w", "ref_pred_w", "target_w", "err_l", "ref_err_l")]
+        out = dspo_loss(*args, beta=5.0, variant="dspo_sdxl")
+        close(out.loss, _dspo_sdxl_longhand(c, 5.0, 0.1))
+        assert out.metrics["above_threshold"] == float(above)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_dpo_shifting_both_rewards_by_a_constant_changes_nothing_through_tiny_mo
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. KTO -> DPO (Diffusion-KTO Sec. 4.2.1): loss_averse, desirable winners only, reference point r_l (kept in
-#    the graph): kto_loss - lambda_d == dpo_loss, in value and in gradient.
+#    the graph): kto_loss == lambda_d * (1 + dpo_loss), in value and in gradient (lambda_d = 1: kto - 1 == dpo).
 # ----------------------------------------------------------------------------------------------------------
 @FAST
 @given(seed=seeds, batch=batch_sizes, beta=betas)
@@ -218,7 +218,7 @@ def test_kto_loss_averse_with_loser_reference_equals_dpo(seed, batch, beta):
 
 
 @FAST
-@given(seed=seeds, batch=batch_sizes, beta=betas, lambda_d=lambdas)
+@given(seed=seeds, batch=batch_sizes, beta=betas, lambda_d=lambdas.filter(lambda x: abs(x - 1.0) > 0.05))
 def test_kto_loss_averse_with_loser_reference_is_lambda_d_times_dpo_plus_lambda_d(seed, batch, beta, lambda_d):
     gen = generator(seed)
     err_w, err_l = leaf(rand_errors(gen, batch)), leaf(rand_errors(gen, batch))
@@ -235,8 +235,23 @@ def test_kto_loss_averse_with_loser_reference_is_lambda_d_times_dpo_plus_lambda_
         lambda_u=3.0,  # no undesirable sample: lambda_u must not matter
     )
     dpo = dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=beta)
-    # lambda_d (1 - logsigmoid(m)) = lambda_d + lambda_d softplus(-m)
-    assert_close(kto.loss - lambda_d, lambda_d * dpo.loss, atol=1e-11 * max(1.0, beta))
+    # lambda_d (1 - logsigmoid(m)) = lambda_d (1 + softplus(-m)): kto_loss = lambda_d (1 + dpo_loss)
+    assert_close(kto.loss, lambda_d * (1.0 + dpo.loss), atol=1e-11 * max(1.0, beta))
+    assert_grads_close(
+        input_grads(kto.loss, [err_w, err_l]), [lambda_d * g for g in input_grads(dpo.loss, [err_w, err_l])], scale=beta
+    )
+
+
+def test_kto_to_dpo_identity_scales_with_lambda_d_and_is_not_kto_minus_lambda_d():
+    """The identity has power: at lambda_d = 2 and theta == ref (DPO loss log 2) KTO is 2 (1 + log 2) = 3.386,
+    while the lambda_d-free reading ``kto_loss - lambda_d == dpo_loss`` would predict 2 + log 2 = 2.693."""
+    err = torch.tensor([0.3, 0.7, 0.2], dtype=F64)
+    kto = kto_loss(err, err, torch.ones(3, dtype=torch.bool), beta=1.0, utility="loss_averse",
+                   reference_point=torch.zeros(3, dtype=F64), lambda_d=2.0)
+    dpo = dpo_loss(err, err, err, err, beta=1.0)
+    assert_close(dpo.loss, LOG2)
+    assert_close(kto.loss, 2.0 * (1.0 + LOG2))
+    assert abs(float(kto.loss - 2.0 - dpo.loss)) > 0.69  # the lambda_d-free identity misses by (lambda_d - 1) * log 2
 
 
 @MODEL

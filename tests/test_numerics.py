@@ -98,7 +98,7 @@ def make_build_contrast(tau, weights_inside):
     return build
 
 
-def make_build_dspo(variant):
+def make_build_dspo(variant, threshold=0.1):
     def build(gen, dtype, max_err):
         scale = math.sqrt(max_err)  # so that per-sample errors reach max_err
         target = torch.randn(B, 2, 3, generator=gen, dtype=F64)
@@ -106,7 +106,7 @@ def make_build_dspo(variant):
         ref_pred = (target + scale * torch.randn(B, 2, 3, generator=gen, dtype=F64)).to(dtype)
         err_l, ref_l = _errors(gen, dtype, max_err).requires_grad_(), _errors(gen, dtype, max_err).flip(0)
         return [pred, err_l], lambda beta: dspo_loss(
-            pred, ref_pred, target.to(dtype), err_l, ref_l, beta=beta, variant=variant
+            pred, ref_pred, target.to(dtype), err_l, ref_l, beta=beta, variant=variant, threshold=threshold
         )
 
     return build
@@ -134,6 +134,9 @@ BUILDERS = {
     "contrast-outside-tau0.5": make_build_contrast(0.5, False),
     "contrast-inside-tau0.01": make_build_contrast(0.01, True),
     **{f"dspo-{v}": make_build_dspo(v) for v in ("dspo", "dspo_e", "dspo_ref")},
+    # the authors' SDXL switch on both of its lines: drift above any threshold here, and below a huge one
+    "dspo-dspo_sdxl-above": make_build_dspo("dspo_sdxl", threshold=0.0),
+    "dspo-dspo_sdxl-below": make_build_dspo("dspo_sdxl", threshold=1e30),
     "spo": build_spo,
 }
 
@@ -261,6 +264,14 @@ GRADCHECKS = {
             [PRED, REF_PRED, TARGET, ERR_L, REF_L],
         )
         for v in ("dspo", "dspo_e", "dspo_ref")
+    },
+    # REF_PRED is PRED + 0.1 noise, so the drift is ~0.01 per element: threshold 0.001 takes the Eq. (46) line
+    **{
+        f"dspo-dspo_sdxl-threshold{th}": (
+            lambda p, rp, t, el, rl, th=th: dspo_loss(p, rp, t, el, rl, beta=2.0, variant="dspo_sdxl", threshold=th).loss,
+            [PRED, REF_PRED, TARGET, ERR_L, REF_L],
+        )
+        for th in (0.001, 0.1)
     },
     # log-ratios within +-0.05, well inside the clip range (log 0.9, log 1.1)
     "spo": (

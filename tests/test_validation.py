@@ -201,6 +201,9 @@ BAD_INPUTS = [
     case(lambda: dspo(err_l=col()), "err_l", id="dspo-2d-err_l"),
     case(lambda: dspo(variant="dspo_x"), "variant", id="dspo-unknown-variant"),
     case(lambda: dspo(beta=-0.001), "beta", id="dspo-negative-beta"),
+    case(lambda: dspo(variant="dspo_sdxl", threshold=-0.1), "threshold", id="dspo_sdxl-negative-threshold"),
+    case(lambda: dspo(variant="dspo_sdxl", threshold=float("nan")), "threshold", id="dspo_sdxl-nan-threshold"),
+    case(lambda: dspo(variant="dspo", threshold=0.5), "threshold", "dspo_sdxl", id="dspo-threshold-without-sdxl"),
     # --- spo ---
     case(lambda: spo(logp_w=col()), "logp_w", id="spo-2d-logp_w"),
     case(lambda: spo(ref_logp_l=logp(B + 1)), "logp_l", "ref_logp_l", "logp_w", id="spo-batch-mismatch"),
@@ -237,6 +240,8 @@ GOOD_INPUTS = [
     pytest.param(lambda: contrast(weights_inside=True), id="contrast-inside"),
     *[pytest.param(lambda v=v: dspo(variant=v, beta=0.0), id=f"dspo-{v}-zero-beta") for v in ("dspo", "dspo_e")],
     pytest.param(lambda: dspo(variant="dspo_ref"), id="dspo_ref"),
+    pytest.param(lambda: dspo(variant="dspo_sdxl", beta=5000.0), id="dspo_sdxl"),
+    pytest.param(lambda: dspo(variant="dspo_sdxl", threshold=0.0), id="dspo_sdxl-zero-threshold"),
     pytest.param(lambda: spo(), id="spo"),
     pytest.param(lambda: kto(desirable=torch.tensor([1, 0, 1])), id="kto-int-01-labels"),
     pytest.param(lambda: bce(desirable=torch.tensor([1, 0, 1])), id="bce-int-01-labels"),
