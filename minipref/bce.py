@@ -30,12 +30,15 @@ def bce_loss(err_model: Tensor, desirable, *, err_ref: Tensor | None = None, bet
     if err_ref is None:
         batch = check_per_sample(err_model=err_model)
         beta = check_number(beta, "beta")
+        # Eq. (3): logit = -beta * MSE(eps_theta, eps)   (<= 0, so P(liked) <= 1/2)
         logit = -beta * err_model
     else:
         batch = check_per_sample(err_model=err_model, err_ref=err_ref)
         beta = check_number(beta, "beta")
+        # anchored: logit = r = -(beta/2)(err_model - err_ref)
         logit = implicit_reward(err_model, err_ref, beta)
     labels = check_labels(desirable, "desirable", batch, err_model.device)
+    # L = mean_i -[y_i log sigmoid(logit_i) + (1 - y_i) log sigmoid(-logit_i)]
     loss = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype))
 
     signed = logit.detach() * (labels.float() * 2 - 1)  # > 0 when the logit agrees with the label

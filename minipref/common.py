@@ -23,9 +23,10 @@ folds ``k_t`` and the element count of the mean into one constant ``beta``:
 
     r(x) = -(beta / 2) * (err_model(x) - err_ref(x))                                   (implicit reward)
 
-With this convention ``beta = 5000`` is the original Diffusion-DPO code's ``beta_dpo = 5000``, the diffusers SD1.5
-DPO script's ``beta_dpo = 2500`` (it drops the 1/2) and twice the Diffusion-KTO code's beta (its logit is
-``beta_K * (err_ref - err_model)``). docs/conventions.md has the table.
+With this convention ``beta = 5000`` is the original Diffusion-DPO code's ``beta_dpo = 5000``, the diffusers SDXL
+DPO script's ``beta_dpo = 5000`` (it keeps the 1/2), the diffusers SD1.5 DPO script's ``beta_dpo = 2500`` (it drops
+the 1/2) and twice the Diffusion-KTO code's beta (its logit is ``beta_K * (err_ref - err_model)``).
+docs/conventions.md has the table (tests/test_conventions.py recomputes every row).
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     check_same_shape(pred=pred, target=target)
     if pred.dtype in (torch.float16, torch.bfloat16) or target.dtype in (torch.float16, torch.bfloat16):
         pred, target = pred.float(), target.float()
+    # err_i = (1/D) sum_d (pred_id - target_id)^2:  (B, ...) -> (B, D) -> (B,)
     squared = (pred - target).pow(2)
-    return squared.reshape(squared.shape[0], -1).mean(dim=1)  # (B, ...) -> (B, D) -> (B,)
+    return squared.reshape(squared.shape[0], -1).mean(dim=1)
 
 
 def implicit_reward(err_model: Tensor, err_ref: Tensor, beta: float) -> Tensor:
@@ -171,12 +173,14 @@ def implicit_reward(err_model: Tensor, err_ref: Tensor, beta: float) -> Tensor:
     """
     check_per_sample(err_model=err_model, err_ref=err_ref)
     beta = check_number(beta, "beta", low_inclusive=True)
+    # r = -(beta/2)(err_model - err_ref)
     return -(beta / 2.0) * (err_model - err_ref)
 
 
 def pairwise_accuracy(margin: Tensor) -> float:
     """``mean(margin > 0) + 0.5 * mean(margin == 0)``: ties count half, so an untrained model reads 0.5."""
     margin = margin.detach()
+    # acc = mean(m > 0) + 0.5 mean(m == 0)
     return ((margin > 0).float().mean() + 0.5 * (margin == 0).float().mean()).item()
 
 
@@ -210,5 +214,7 @@ def gaussian_step_log_prob(sample: Tensor, mean: Tensor, std) -> Tensor:
         fits = False
     if not fits:
         raise ValueError(f"std of shape {tuple(std.shape)} does not broadcast to sample {tuple(sample.shape)}")
+    # log N(x; mu, std^2) = -(x - mu)^2 / (2 std^2) - log std - log sqrt(2 pi), per element
     log_prob = -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_prob.reshape(log_prob.shape[0], -1).mean(dim=1)  # (B, ...) -> (B, D) -> (B,)
+    # mean over the non-batch dims:  (B, ...) -> (B, D) -> (B,)
+    return log_prob.reshape(log_prob.shape[0], -1).mean(dim=1)

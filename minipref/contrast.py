@@ -21,8 +21,9 @@ log-sigmoid and averages over all ``M x M`` comparisons; ``weights_inside=True``
 
 It is not DPO at ``W = I``: each off-diagonal comparison then contributes ``softplus(0) = log 2``.
 
-Hyperparameters (paper 002 Sec. 3 and Table 3): tau 0.01 on SD1.5 and 0.5 on SDXL, beta 2000-5000, batch size
-helps (2 -> 16 improved HPSv2, App. C).
+Hyperparameters (paper 002): tau 0.01 on SD1.5 and 0.5 on SDXL (the caption of Table 1, Sec. 4.2; Table 3 in
+Sec. 4.4 ablates tau on SD1.5 at beta 2000), beta 2000-5000 (App. D), batch size helps (2 -> 16 improved HPSv2,
+App. C).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def contrast_weights(emb_w: Tensor, emb_l: Tensor, *, tau: float) -> Tensor:
     tau = check_number(tau, "tau")
     dtype = torch.promote_types(emb_w.dtype, torch.float32)  # half precision up to float32; float64 stays
     emb_w, emb_l = emb_w.detach().to(dtype), emb_l.detach().to(dtype)
-    cosine = F.normalize(emb_w, dim=-1) @ F.normalize(emb_l, dim=-1).T  # (M, D) @ (D, M) -> (M, M)
-    # softmax of -(1 - cos)/tau is the row-normalised exp(-(1 - cos)/tau), computed without overflow for tiny tau.
+    # cos_ij = f_w_i . f_l_j / (|f_w_i| |f_l_j|):  (M, D) @ (D, M) -> (M, M)
+    cosine = F.normalize(emb_w, dim=-1) @ F.normalize(emb_l, dim=-1).T
+    # W_ij = exp(-(1 - cos_ij)/tau) / sum_j' exp(-(1 - cos_ij')/tau): a row softmax, no overflow for tiny tau
     return torch.softmax(-(1.0 - cosine) / tau, dim=1)
 
 
@@ -86,14 +88,18 @@ def contrast_loss(
         weights = weights.detach()
     weights = weights.to(err_w.dtype)
 
+    # r = -(beta/2)(err - err_ref)
     reward_w = implicit_reward(err_w, ref_err_w, beta)
     reward_l = implicit_reward(err_l, ref_err_l, beta)
-    margins = reward_w[:, None] - reward_l[None, :]  # (M, 1) - (1, M) -> (M, M): winner i vs loser j
+    # m_ij = r_w_i - r_l_j, winner i against loser j:  (M, 1) - (1, M) -> (M, M)
+    margins = reward_w[:, None] - reward_l[None, :]
 
     if weights_inside:
-        loss = -F.logsigmoid(weights * margins).mean()  # Eq. (15): mean over all M x M comparisons
+        # Eq. (15), LLM RPO:  L = (1 / M^2) sum_ij softplus(-W_ij m_ij)
+        loss = -F.logsigmoid(weights * margins).mean()
     else:
-        loss = -(weights * F.logsigmoid(margins)).sum(dim=1).mean()  # Eq. (9)
+        # Eq. (9):  L = mean_i sum_j W_ij softplus(-m_ij)
+        loss = -(weights * F.logsigmoid(margins)).sum(dim=1).mean()
 
     metrics = pair_metrics(loss, margins.diagonal(), reward_w, reward_l, err_w, err_l, ref_err_w, ref_err_l)
     metrics["weight_diag"] = weights.diagonal().float().mean().item()

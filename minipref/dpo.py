@@ -15,11 +15,13 @@ gradient there is ``(beta/4)(grad err_w - grad err_l)``: a quarter-beta SFT step
 loser. With beta = 5000 the margin moves by thousands of units per unit error, so a loss that sits near 0.693 for
 a while, while the accuracy creeps up, is normal.
 
-Hyperparameters: Diffusion-DPO on SD1.5 uses beta 5000 (our convention; 2500 in the diffusers script), AdamW,
-an effective batch of 2048 pairs, lr 2.048e-8 with 2000 warmup steps (as restated in paper 004 App. D). Paper 000
-trains a rank-8 LoRA with AdamW lr 1e-4, 500 warmup and 10k steps, and reports trying beta in {0.8, 0.9, 0.99, 1.0}
-(Sec. 4.3): a convention in which the 1/2, the timestep weight and the dimension count are not folded into beta,
-so those values do not transfer to ours.
+Hyperparameters: Diffusion-DPO uses beta 5000 on SD1.5 and SDXL (our convention; the authors' launchers
+``launchers/sd15.sh`` and ``sdxl.sh`` pass ``--beta_dpo 5000``; the diffusers SD1.5 script's default 2500 is the same
+run, its SDXL script's default 5000 too, docs/conventions.md), AdamW, an effective batch of 2048 pairs, lr 2.048e-8
+(restated in paper 004 App. D.3), 2000 steps with 500 warm-up steps on SD1.5 and 200 on SDXL (the launchers; the
+2000-step warm-up of paper 004 App. D.3 is DSPO's own recipe). Paper 000 trains a rank-8 LoRA with AdamW lr 1e-4,
+500 warmup and 10k steps, and reports trying beta in {0.8, 0.9, 0.99, 1.0} (Sec. 4.2): a convention in which the
+1/2, the timestep weight and the dimension count are not folded into beta, so those values do not transfer to ours.
 
 ``loss_type`` offers the LLM-DPO variants (as TRL does), all on the same margin ``m = r_w - r_l`` and its
 unscaled log-ratio ``h = m / beta``:
@@ -62,22 +64,30 @@ def dpo_loss(
     if label_smoothing > 0 and loss_type not in ("cdpo", "robust"):
         raise ValueError(f"label_smoothing is only used by loss_type 'cdpo' and 'robust', not {loss_type!r}")
 
+    # r = -(beta/2)(err - err_ref), for the winners and the losers
     reward_w = implicit_reward(err_w, ref_err_w, beta)
     reward_l = implicit_reward(err_l, ref_err_l, beta)
+    # m = r_w - r_l
     margin = reward_w - reward_l
 
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(margin)  # = softplus(-margin), without softplus' linear cut-off above 20
+        # DPO:    -log sigmoid(m)   (= softplus(-m), without softplus' linear cut-off above 20)
+        losses = -F.logsigmoid(margin)
     elif loss_type == "hinge":
+        # SLiC:   max(0, 1 - m)
         losses = F.relu(1.0 - margin)
     elif loss_type == "ipo":
+        # IPO:    (h - 1/(2 beta))^2,  h = m / beta
         losses = (margin / beta - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "cdpo":
+        # cDPO:   -(1 - e) log sigmoid(m) - e log sigmoid(-m)
         losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
-    else:  # robust
+    else:
+        # robust: (-(1 - e) log sigmoid(m) + e log sigmoid(-m)) / (1 - 2e)
         losses = (-(1 - label_smoothing) * F.logsigmoid(margin) + label_smoothing * F.logsigmoid(-margin)) / (
             1 - 2 * label_smoothing
         )
+    # L = mean over the pairs
     loss = losses.mean()
     return LossOutput(loss, pair_metrics(loss, margin, reward_w, reward_l, err_w, err_l, ref_err_w, ref_err_l))
 

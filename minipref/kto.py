@@ -13,8 +13,10 @@ Three utilities ``U`` (Sec. 4.2.1-4.2.3, App. Fig. 8):
   Its gradient ``sigmoid'(u)`` fades both when a sample is already well fitted and when it is hopeless, which
   makes it robust to noisy labels.
 * ``loss_averse``: ``U(u) = log sigmoid(u)``, concave. With a desirable winner only and ``z_ref = r_l`` (the reward of
-  the paired loser, not detached) the loss is ``lambda_d + softplus(-(r_w - r_l))``: Diffusion-DPO plus a constant
-  (Sec. 4.2.1). Its gradient vanishes only for large *gains*, so it keeps pushing losses away.
+  the paired loser, not detached) the loss is ``lambda_d * (1 - log sigmoid(r_w - r_l)) = lambda_d * (1 + L_DPO)``:
+  Diffusion-DPO scaled by ``lambda_d`` plus the constant ``lambda_d`` (Sec. 4.2.1; with the default ``lambda_d = 1``,
+  ``kto_loss - 1 == dpo_loss``, with ``lambda_d = 2`` it is twice DPO plus 2). Its gradient vanishes only for large
+  *gains*, so it keeps pushing losses away.
 * ``risk_seeking``: ``U(u) = -log sigmoid(-u)``, convex; ``U_rs(u) + U_la(u) = u``. Its gradient vanishes for large
   *losses*, so it ignores undesirable samples it already rates badly, much like SFT.
 
@@ -38,7 +40,9 @@ The reference point estimates the KL term of KTO, ``z_ref ~ KL(pi_theta || pi_re
 
 Data: each training sample is desirable with probability ``gamma`` (0.8 in the paper, Sec. 4.3), which the
 trainer's sampler handles. Hyperparameters (App. A): SD v1.5, Adam, lr 1e-7, 1000 warmup, 10k iterations, batch 2 per
-GPU x 16, beta 5000 in the authors' code = beta 10000 in our convention (their logit has no 1/2, SPEC section 1).
+GPU x 16, beta 5000. The authors' logit ``beta_K * (err_ref - err_model)`` has no 1/2 (SPEC section 1), so their
+beta is half of ours: the paper's App. A value 5000 is our 10000 (the presets use it), and the code's default
+``--beta_dpo 1000`` (``train_kto_sd_v1.5.py``; its example launcher ``exps/example.sh`` does not set it) is our 2000.
 """
 
 from __future__ import annotations
@@ -60,14 +64,17 @@ from .common import (
 
 
 def kahneman_tversky(u: Tensor) -> Tensor:
+    # U(u) = sigmoid(u)
     return torch.sigmoid(u)
 
 
 def loss_averse(u: Tensor) -> Tensor:
+    # U(u) = log sigmoid(u)
     return F.logsigmoid(u)
 
 
 def risk_seeking(u: Tensor) -> Tensor:
+    # U(u) = -log sigmoid(-u)
     return -F.logsigmoid(-u)
 
 
@@ -95,16 +102,23 @@ def kto_loss(
     lambda_u = check_number(lambda_u, "lambda_u")
     labels = check_labels(desirable, "desirable", batch, err_model.device)
 
+    # r = -(beta/2)(err_model - err_ref)
     reward = implicit_reward(err_model, err_ref, beta)
+    # z_ref ~ KL(pi_theta || pi_ref): clamp(mean r, 0) detached, 0, or the caller's tensor
     z_ref = _reference_point(reference_point, reward, batch)
 
-    sign = labels.to(reward.dtype) * 2 - 1  # +1 desirable, -1 undesirable
+    # s = +1 for a desirable sample, -1 for an undesirable one
+    sign = labels.to(reward.dtype) * 2 - 1
+    # u = s (r - z_ref): the gain (u > 0) or loss (u < 0) relative to the reference point
     u = sign * (reward - z_ref)
+    # lambda_y = lambda_d for desirable, lambda_u for undesirable samples
     weight = torch.where(labels, reward.new_tensor(lambda_d), reward.new_tensor(lambda_u))
     if utility == "risk_seeking_bounded":
+        # U(u) = -s log sigmoid(-s u): risk-seeking on desirable, loss-averse on undesirable samples
         value = torch.where(labels, risk_seeking(u), loss_averse(u))
     else:
         value = UTILITIES[utility](u)
+    # Eq. (14)-(15):  L = mean_i lambda_y (1 - U(u_i))
     loss = (weight * (1 - value)).mean()
 
     return LossOutput(
@@ -131,5 +145,7 @@ def _reference_point(reference_point, reward: Tensor, batch: int) -> Tensor:
         return reference_point.to(reward.dtype)
     check_choice(reference_point, "reference_point", REFERENCE_POINTS + ("<a tensor>",))
     if reference_point == "zero":
+        # z_ref = 0
         return torch.zeros((), dtype=reward.dtype, device=reward.device)
+    # z_ref = max(0, mean_i r_i), detached: the KL estimate of the Diffusion-KTO code
     return reward.detach().mean().clamp(min=0)

@@ -9,6 +9,14 @@ CSFT, conditional SFT (paper 001 Sec. 5.1.2, after HPS v1): prefix every prompt 
 "bad image" according to its label, train on *all* images with the same plain objective, and sample with the
 "good image" prefix. The loss is SFT with every weight 1; the only new part is the prompt.
 
+Normalisation: ``sft_loss(err, weight=desirable)`` divides by the number of *desirable* samples, like the
+Diffusion-DPO code's ``--sft`` (it feeds only the winners and takes ``F.mse_loss(..., reduction="mean")``). The
+Diffusion-KTO code's ``--loss sft`` computes ``(model_losses * labels).mean()``: undesirable rows count as 0 and it
+divides by the whole batch ``B``, so its loss (and gradient) is ``n_desirable / B`` times ours, a factor that changes
+from batch to batch (0.8 on average at its desirable ratio 0.8). minipref keeps the per-desirable-sample mean, so
+the learning rate means the same whatever the label mix; to reproduce the KTO code exactly, multiply the loss by
+``n_desirable / B``.
+
 Hyperparameters: paper 001 trains both baselines like Diffusion-KTO (SD v1.5, Adam, lr 1e-7, 1000 warmup,
 10k steps, batch 2 x 16 GPUs, App. A).
 """
@@ -43,6 +51,7 @@ def sft_loss(err_model: Tensor, weight: Tensor | None = None) -> LossOutput:
         if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
             raise ValueError("weight must be finite and non-negative")
     total = weight.sum()
+    # L = sum_i w_i err_i / sum_i w_i   (the Diffusion-KTO code's --loss sft is this times sum_i w_i / B)
     loss = (weight * err_model).sum() / total.clamp(min=torch.finfo(err_model.dtype).tiny)
     return LossOutput(loss, {"loss": loss.item(), "mse": err_model.detach().float().mean().item(), "n_weighted": total.item()})
 

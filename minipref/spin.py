@@ -33,6 +33,7 @@ def spin_loss(
 ) -> LossOutput:
     """DPO with winner = real image, loser = the opponent's sample, reference = the opponent ``theta_k``."""
     try:
+        # L = -log sigmoid(r(x_real) - r(x_generated)),  r(x) = -(beta/2)(err_theta(x) - err_theta_k(x))
         out = dpo_loss(err_real, err_generated, opp_err_real, opp_err_generated, beta=beta)
     except ValueError as error:  # name the arguments as the caller knows them
         message = str(error)

@@ -4,7 +4,8 @@ Paper 003, "Aesthetic Post-Training Diffusion Models from Generic Preferences wi
 Optimization" (Liang et al. 2024), Sec. 4 (Eq. (4)-(5); the equations were lost in the text extraction, SPEC
 section 3 restores them together with the clipping of the authors' code).
 
-Pairs are made online. At a denoising step with ``t < 750`` (Sec. 4.3, ablation Table 4), ``k`` candidates
+Pairs are made online. At a denoising step with ``t < 750`` (Sec. 5.1; the timestep-range ablation is Table 9 of the
+extracted text, Sec. 5.4), ``k`` candidates
 ``x_{t-1}`` are drawn from one shared ``x_t`` with a stochastic DDIM step (eta = 1); a step-aware preference model
 scores each candidate's predicted ``x0`` given ``(prompt, t)`` (Sec. 4.2); best and worst form the pair, kept only
 when ``softmax([s_best, s_worst])`` differs by more than a threshold (0.3 SD1.5, 0.4 SDXL); the chain continues from a
@@ -18,8 +19,10 @@ is exactly zero, so a pair the policy has moved far on stops pushing. Clamping t
 ``exp(log-ratio)`` and taking the log, without overflowing ``exp``. The log-probabilities come from
 ``gaussian_step_log_prob`` and are averaged over dimensions.
 
-Hyperparameters (Sec. 5): DDIM 20 steps, eta 1, CFG 5; 4 candidates (SD1.5) / 2 (SDXL); beta 10; clip 0.1;
-LoRA rank 4 (SD1.5) / 64 (SDXL).
+Hyperparameters (Sec. 5.1): DDIM 20 steps, eta 1, CFG 5; 4 candidates (SD1.5) / 2 (SDXL); LoRA rank 4 (SD1.5) /
+64 (SDXL). Beta 10 and clip 0.1 are not readable in the extracted Sec. 5.1 (its "strength of regularization" lost
+its value): they come from the authors' config, RockeyCoss/SPO ``configs/basic_config.py`` (``train.beta = 10.0``,
+``train.eps = 0.1``).
 
 ``ddim_step_gaussian`` gives the Gaussian a stochastic DDIM step samples from, so the toy and the full-scale SPO
 score ``log pi(x_{t-1} | x_t)`` with one implementation (tests check it against diffusers' ``DDIMScheduler.step``).
@@ -52,10 +55,14 @@ def spo_loss(
     clip = check_number(clip, "clip", high=1.0)
     low, high = math.log(1 - clip), math.log(1 + clip)
 
+    # log pi_theta(x_{t-1} | x_t) - log pi_ref(x_{t-1} | x_t), for the winning and the losing step
     raw_w, raw_l = logp_w - ref_logp_w, logp_l - ref_logp_l
+    # log rho = clamp(log-ratio, log(1 - clip), log(1 + clip)): zero gradient outside the trust region
     log_ratio_w = raw_w.clamp(low, high)
     log_ratio_l = raw_l.clamp(low, high)
+    # beta (log rho_w - log rho_l)
     logit = beta * (log_ratio_w - log_ratio_l)
+    # L = mean softplus(-logit) = mean -log sigmoid(logit)
     loss = -F.logsigmoid(logit).mean()
 
     clipped = ((raw_w < low) | (raw_w > high) | (raw_l < low) | (raw_l > high)).float()
@@ -92,6 +99,11 @@ def ddim_step_gaussian(
     ``alpha_bar_t`` / ``alpha_bar_prev`` are numbers or per-sample tensors ``(B,)``; ``std`` comes back shaped
     ``(B, 1, ..., 1)`` to broadcast over the sample. ``mean`` is differentiable in ``model_output``, so
     ``gaussian_step_log_prob(x_prev, mean, std)`` is the policy's log-probability of the step.
+
+    The last step (``t - T/steps < 0``): the SPO authors clamp the previous timestep at 0, so ``alpha_bar_prev =
+    alphas_cumprod[0]`` (``ddim_with_logprob.py``). diffusers' ``final_alpha_cumprod`` is the same number when the
+    scheduler config sets ``set_alpha_to_one: false``, as SD1.5's and SDXL's do; with ``true`` it is 1, ``std`` is 0
+    and the step has no log-density (``gaussian_step_log_prob`` refuses ``std = 0``).
     """
     check_same_shape(model_output=model_output, x_t=x_t)
     check_choice(prediction_type, "prediction_type", ("epsilon", "v_prediction"))
@@ -106,11 +118,15 @@ def ddim_step_gaussian(
         raise ValueError("need 0 < alpha_bar_t < alpha_bar_prev <= 1: a step goes from noisier to cleaner")
     if prediction_type == "epsilon":
         eps = model_output
+        # x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
         x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    else:
+        # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, solved for x0 and eps given x_t
         x0 = abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * model_output
         eps = abar_t.sqrt() * model_output + (1 - abar_t).sqrt() * x_t
+    # std = eta sqrt( (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev) )
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     std = eta * variance.sqrt()
+    # mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - std^2) eps_hat   (clamped at 0 against rounding)
     mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps
     return mean, std.expand(x_t.shape[0], *std.shape[1:])  # (1 or B, 1, ..., 1) -> (B, 1, ..., 1)

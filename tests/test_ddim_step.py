@@ -7,11 +7,11 @@ from diffusers import DDIMScheduler
 from minipref import ddim_step_gaussian, gaussian_step_log_prob
 
 
-def make_scheduler(prediction_type: str, steps: int = 20) -> DDIMScheduler:
+def make_scheduler(prediction_type: str, steps: int = 20, set_alpha_to_one: bool = False) -> DDIMScheduler:
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type, timestep_spacing="leading",
-        steps_offset=1,
+        clip_sample=False, set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
+        timestep_spacing="leading", steps_offset=1,
     )
     scheduler.set_timesteps(steps)
     return scheduler
@@ -35,6 +35,28 @@ def test_ddim_step_gaussian_matches_diffusers_step(prediction_type, eta):
         # diffusers keeps alphas_cumprod and its scalar step terms in float32, hence float32 tolerances; a wrong
         # formula (a missing sqrt, eta in the wrong place, eps instead of v) is off by O(1).
         torch.testing.assert_close(mean + std * z, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_last_step_the_spo_authors_clamp_equals_final_alpha_cumprod_only_without_set_alpha_to_one():
+    """SPO's ddim_with_logprob clamps the previous timestep at 0 (alphas_cumprod[0]); diffusers uses
+    final_alpha_cumprod. SD1.5's and SDXL's scheduler configs set set_alpha_to_one = false (the value this test
+    builds): then the two agree and the last step is a proper Gaussian. With true the last step is deterministic."""
+    clamped = make_scheduler("epsilon")
+    last = int(clamped.timesteps[-1])
+    prev = last - clamped.config.num_train_timesteps // clamped.num_inference_steps
+    assert (last, prev) == (1, -49)  # 20 leading steps with steps_offset 1 end at t = 1
+    abar_t, authors_prev = clamped.alphas_cumprod[last].item(), clamped.alphas_cumprod[max(prev, 0)].item()
+    assert clamped.final_alpha_cumprod.item() == authors_prev
+    x_t, out = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    mean, std = ddim_step_gaussian(out, x_t, abar_t, authors_prev)
+    assert bool((std > 0).all()) and bool(torch.isfinite(gaussian_step_log_prob(mean, mean, std)).all())
+
+    to_one = make_scheduler("epsilon", set_alpha_to_one=True)
+    assert to_one.final_alpha_cumprod.item() == 1.0 != authors_prev
+    mean, std = ddim_step_gaussian(out, x_t, abar_t, to_one.final_alpha_cumprod.item())
+    assert bool((std == 0).all())
+    with pytest.raises(ValueError, match="std"):
+        gaussian_step_log_prob(mean, mean, std)
 
 
 def test_ddim_step_gaussian_per_sample_alphas_and_log_prob_gradient():

@@ -114,6 +114,16 @@ def test_golden_sft_weighted_to_winners():
     close(out.loss, (0.3 + 0.2) / 2)
 
 
+def test_golden_sft_normalisation_differs_from_the_kto_code_by_n_desirable_over_batch():
+    # Diffusion-DPO --sft: mean over the winners (what sft_loss computes). Diffusion-KTO --loss sft:
+    # (model_losses * labels).mean(), i.e. divided by the whole batch; the ratio is n_desirable / B = 3/5 here.
+    err, labels = [0.3, 0.5, 0.2, 0.9, 0.4], [True, False, True, False, True]
+    kto_code = sum(e * float(y) for e, y in zip(err, labels)) / len(err)
+    out = sft_loss(t(err), weight=torch.tensor(labels))
+    close(out.loss, (0.3 + 0.2 + 0.4) / 3)
+    close(out.loss * 3 / 5, kto_code)
+
+
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_golden_csft_prompts(as_tensor):
     # CSFT (Diffusion-KTO Sec. 5.1.2): condition on a "good image" / "bad image" prefix by label.
