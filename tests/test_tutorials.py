@@ -25,7 +25,7 @@ TUTORIALS = REPO / "tutorials"
 LESSONS = {  # script -> the figures it must write
     "01_policy": ["01_log_ratio_vs_implicit_reward", "01_timestep_weight"],
     "02_dpo": ["02_dpo_curves"],
-    "03_kto": ["03_utilities", "03_toy_samples"],
+    "03_kto": ["03_utilities", "03_kto_loss_vs_progress", "03_toy_samples"],
     "04_beyond_pairs": ["04_contrast_weights", "04_spo_clip", "04_toy_samples"],
     "05_scaling_up": ["05_tensorboard_scalars"],
 }
@@ -79,9 +79,16 @@ def test_02_dpo(tmp_path):
 
 def test_03_kto(tmp_path):
     _, r = run_lesson("03_kto", tmp_path)
-    assert abs(r["kto_minus_dpo"]) < 1e-12
+    assert all(abs(v) < 1e-12 for v in r["kto_minus_lambda_d_times_one_plus_dpo"].values())  # lambda_d = 1 and 2
     g = r["gradients_at_init"]
     assert math.isclose(g["loss_averse"], g["risk_seeking"]) and math.isclose(g["kahneman_tversky"], g["loss_averse"] / 2)
+    kt = r["kt_loss"]  # the KT loss starts at 0.5 and ends above it while the samples improve
+    assert abs(kt["start"] - 0.5) < 1e-6 and kt["end"] > 0.5 and kt["zero_ref_end"] < kt["zero_ref_start"]
+    assert r["kt_desirable_frac"][-1] > r["kt_desirable_frac"][0] + 0.1
+    rob = r["robustness"]
+    assert abs(rob["kahneman_tversky, flip 0.2"]["desirable_frac"] - rob["kahneman_tversky, flip 0.0"]["desirable_frac"]) < 0.05
+    assert r["gradient_share_flipped"]["kahneman_tversky"] < min(0.2, r["gradient_share_flipped"]["loss_averse"])
+    assert r["rho_gap"] < 1e-9
     toy = r["toy"]
     assert toy["dpo"]["desirable_frac"] < toy["kto_kahneman_tversky"]["desirable_frac"] < toy["sft"]["desirable_frac"]
     assert toy["dpo"]["mean"][1] > 0.95  # DPO drifts up, above the desirable mean 0.8
