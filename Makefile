@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 # On the CI/dev machines this resolves to a local CPU wheel; override on a GPU box, e.g.
 #   make test TORCH_SPEC="torch"
 TORCH_SPEC ?= torch==2.13.0
+# The versions the tests run on; `make test CONSTRAINTS=` resolves the newest versions pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TOY_OUT ?= runs/toy
 
 .PHONY: test toy toy-quick bench clean
@@ -14,14 +17,15 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Stamp files make a re-run a no-op when pyproject.toml has not changed.
-$(VENV)/.toy-installed: pyproject.toml | $(PY)
+$(VENV)/.toy-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[toy]"
+	$(PY) -m pip install --quiet -e ".[toy]" $(PIP_CONSTRAINTS)
 	touch $@
 
-$(VENV)/.all-installed: pyproject.toml | $(PY)
+# The dev extras (pytest, hypothesis, xdist, jupytext, ...) come with the toy and full dependencies.
+$(VENV)/.all-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[toy,full,dev]"
+	$(PY) -m pip install --quiet -e ".[toy,full,dev]" $(PIP_CONSTRAINTS)
 	touch $@ $(VENV)/.toy-installed
 
 toy: $(VENV)/.toy-installed

@@ -1,8 +1,15 @@
 """Full-scale preference fine-tuning of Stable Diffusion 1.5 / SDXL with the minipref objectives.
 
-train.py   the `accelerate launch` entry point (every offline method: sft, csft, bce, dpo, kto, contrast, dspo)
-models.py  diffusers / peft glue: load a pipeline, encode prompts and images, LoRA, reference forward, save/load
-cache.py   precomputed latents and prompt embeddings (and the `--cached_dir` training mode)
-data.py    Pick-a-Pic pairs, binary feedback, samplers, converters
-bench.py   per-step time and peak memory of each method against an SFT step
+Entry points (each also a console script, see pyproject.toml), thin shims over the library below:
+    train.py  spin.py  spo.py  train_spm.py  cache.py  evaluate.py  bench.py   (`python -m full.<name>`)
+
+cli.py      one-line input errors, --debug, the shared flags (diffusers names), presets as defaults
+run/        the one training loop: accelerator, resume, step, NaN stop, metrics, checkpoints, validation, outputs
+trainers/   what each trainer adds: its flags, data and one step (offline.py, spin.py, spo.py, spm.py)
+models/     diffusers / peft glue: pipeline parts, prompt and image encoding, LoRA, the reference
+data/       rows from parquet / the Hub, image datasets, samplers, converters, the latent cache
+online/     what the online methods sample with: SPIN's opponent and generation, SPO's sampler, rollouts, SPM
+eval/       generate with fixed seeds, score, statistics, plots (`python -m full.evaluate`)
+presets/    each paper's settings with their sources (`python -m full.presets`)
+launch/     accelerate configs and train.sh
 """

@@ -5,7 +5,7 @@
 
 Models are built from configs with random weights (no download): `--config sd15` is the real SD1.5
 architecture (860M-parameter UNet, its VAE and CLIP ViT-L text encoder). Every method runs the trainer's
-own step (`full.train.denoise` + `compute_loss`, LoRA rank 8, AdamW) on the same `2B` images: `B` pairs for the
+own step (`full.denoise` + `compute_loss`, LoRA rank 8, AdamW) on the same `2B` images: `B` pairs for the
 paired methods, the same `2B` images as per-image feedback for the binary ones. Two modes:
 
 * `uncached`: pixels through the VAE and token ids through the text encoder every step (tokenisation, which is
@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-from full import models, train
+from full import models
+from full.data.rows import data_kind_for
+from full.trainers.denoise import StepInputs, denoise
+from full.trainers.offline import compute_loss, needs_reference, parse_args
 
 METHODS = ("sft", "csft", "bce", "dpo", "kto", "contrast", "dspo")
 
@@ -126,7 +129,7 @@ class PeakMemory:
 
 def method_args(method: str):
     extra = ["--embedding_column", "unused"] if method == "contrast" else []
-    return train.parse_args(["--pretrained_model_name_or_path", "-", "--method", method, "--output_dir", "-",
+    return parse_args(["--pretrained_model_name_or_path", "-", "--method", method, "--output_dir", "-",
                              "--dataset_name", "-", *extra])
 
 
@@ -140,7 +143,7 @@ def make_batch(parts, pairs: int, resolution: int, device, generator) -> dict:
     return {"pixels": pixels, "ids": ids, "latents": latents, "hidden": hidden}
 
 
-def step_inputs(parts, batch: dict, method: str, cached: bool) -> train.StepInputs:
+def step_inputs(parts, batch: dict, method: str, cached: bool) -> StepInputs:
     """The trainer's StepInputs: pairs (n=2, winners then losers) or the same 2B images as feedback (n=1)."""
     if cached:
         latents, hidden = batch["latents"], batch["hidden"]
@@ -150,11 +153,11 @@ def step_inputs(parts, batch: dict, method: str, cached: bool) -> train.StepInpu
             hidden = parts.text_encoders[0](batch["ids"], return_dict=False)[0].float()
     pairs = hidden.shape[0]
     prompt = models.PromptEmbeds(hidden.repeat(2, 1, 1))  # (B, L, D) -> (2B, L, D): a pair shares its prompt
-    if train.data_kind_for(method) == "pairs":
+    if data_kind_for(method) == "pairs":
         embeddings = torch.nn.functional.normalize(torch.randn(pairs, 2, 64, device=latents.device), dim=-1)
-        return train.StepInputs(latents, prompt, None, n=2, embeddings=embeddings)
+        return StepInputs(latents, prompt, None, n=2, embeddings=embeddings)
     desirable = torch.arange(2 * pairs, device=latents.device) < pairs  # winners desirable, losers not
-    return train.StepInputs(latents, prompt, None, n=1, desirable=desirable)
+    return StepInputs(latents, prompt, None, n=1, desirable=desirable)
 
 
 def run_step(parts, optimizer, batch, method, args, cached, generator, dtype):
@@ -162,10 +165,10 @@ def run_step(parts, optimizer, batch, method, args, cached, generator, dtype):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     with autocast:
         inputs = step_inputs(parts, batch, method, cached)
-        pred, ref_pred, target = train.denoise(parts.unet, parts.unet, parts.noise_scheduler, "sd15", inputs,
-                                               with_reference=train.needs_reference(args), generator=generator,
+        pred, ref_pred, target = denoise(parts.unet, parts.unet, parts.noise_scheduler, "sd15", inputs,
+                                               with_reference=needs_reference(args), generator=generator,
                                                weight_dtype=dtype)
-        out = train.compute_loss(args, pred, ref_pred, target, inputs, "sd15")
+        out = compute_loss(args, pred, ref_pred, target, inputs, "sd15")
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

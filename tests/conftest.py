@@ -68,7 +68,7 @@ def train_argv(model: str, dataset: str | None, output_dir, method: str, *extra:
 @pytest.fixture
 def run_train():
     """Call the real entry point in-process: `run_train(model, dataset, out, method, *flags) -> summary dict`."""
-    from full import train
+    from full.trainers import offline as train
 
     def run(*args, **kwargs):
         return train.main(train_argv(*args, **kwargs))

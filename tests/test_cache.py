@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from full import cache, models, train
+from full import models
+from full.data import cache, embeddings
+from full.trainers import offline as train
 from tests import tiny_models
 from tests.conftest import train_argv
 from tests.test_train import assert_lora_loads_and_changes_output, assert_only_lora_trained
@@ -77,14 +79,14 @@ def test_clip_embeddings_are_computed_once(tiny_clip, pickapic_parquet, tmp_path
     from full import data
 
     rows = data.load_pair_rows(pickapic_parquet)
-    first = cache.pair_embeddings(rows, tiny_clip, tmp_path / "emb.safetensors", source="x")
+    first = embeddings.pair_embeddings(rows, tiny_clip, tmp_path / "emb.safetensors", source="x")
     assert len(first) == len(rows) and first[rows[0]["row_id"]].shape == (2, 64)
     # f = [image / |image|, text / |text|]: both halves unit-norm, and winner and loser share the text half
     w, l = first[rows[0]["row_id"]]
     torch.testing.assert_close(w[:32].norm(), torch.tensor(1.0))
     torch.testing.assert_close(w[32:], l[32:])
     monkeypatch.setattr(cache, "compute_pair_embeddings", lambda *a, **k: pytest.fail("recomputed"))
-    again = cache.pair_embeddings(rows, tiny_clip, tmp_path / "emb.safetensors", source="x")
+    again = embeddings.pair_embeddings(rows, tiny_clip, tmp_path / "emb.safetensors", source="x")
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
@@ -95,7 +97,7 @@ def test_embedding_column_is_oriented_winner_first(tmp_path):
     path = tmp_path / "emb.parquet"
     pq.write_table(pa.table({"label_0": [1.0, 0.0, 0.5], "emb_0": [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]],
                              "emb_1": [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]}), path)
-    table = cache.embeddings_from_column(str(path), "train", "emb")
+    table = embeddings.embeddings_from_column(str(path), "train", "emb")
     assert sorted(table) == [0, 1]  # the tie (row 2) has no winner
     assert table[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
     assert table[1].tolist() == [[0.0, 2.0], [2.0, 0.0]]  # jpg_1 won: its embedding comes first

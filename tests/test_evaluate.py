@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from full import evaluate, scorers
+from full.eval import evaluate, scorers
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a city skyline at night"]
 

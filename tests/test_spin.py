@@ -1,4 +1,4 @@
-"""SPIN-Diffusion (full/spin.py) on tiny offline SD1.5 / SDXL pipelines and a Pick-a-Pic-schema parquet.
+"""SPIN-Diffusion (full/trainers/spin.py) on tiny offline SD1.5 / SDXL pipelines and a Pick-a-Pic-schema parquet.
 
 What is proved: the opponent of iteration 0 is the base model and that of iteration k >= 1 is the frozen LoRA saved at
 the end of iteration k - 1 (its forward, its weights, and the loss: log 2 exactly at the first step of every
@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from full import models, spin
+from full import models
+from full.online import generation
+from full.online import opponent as spin_opponent
+from full.trainers import spin
 
 LOG2 = math.log(2)
 
@@ -48,7 +51,7 @@ def assert_lora_loads_and_changes_output(family, model_dir, lora_dir):
 
 @pytest.fixture
 def count_pipeline_calls(monkeypatch):
-    """Counts calls of the diffusers pipelines (the opponent's sampling) made by full/spin.py."""
+    """Counts calls of the diffusers pipelines (the opponent's sampling) made by full/trainers/spin.py."""
     calls = []
     for cls in (models.pipeline_class("sd15"), models.pipeline_class("sdxl")):
         original = cls.__call__
@@ -72,7 +75,7 @@ def test_opponent_is_the_base_model_then_the_frozen_snapshot(tiny_sd15, tmp_path
     parts = models.load_components(tiny_sd15, with_vae=False)
     unet = parts.unet
     models.add_lora(unet, 4)
-    spin.add_opponent_adapter(unet)
+    spin_opponent.add_opponent_adapter(unet)
     for name, p in unet.named_parameters():
         if "lora_B.default" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -83,14 +86,14 @@ def test_opponent_is_the_base_model_then_the_frozen_snapshot(tiny_sd15, tmp_path
     snapshot_out = unet(x, t, **cond).sample.detach()
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")(x, t, **cond).sample
-    torch.testing.assert_close(models.reference_forward(spin.OpponentAsReference(unet, 0), x, t, cond), base)
+    torch.testing.assert_close(models.reference_forward(spin_opponent.OpponentAsReference(unet, 0), x, t, cond), base)
 
-    spin.load_opponent("sd15", unet, tmp_path)
+    spin_opponent.load_opponent("sd15", unet, tmp_path)
     with torch.no_grad():  # the policy moves on; the opponent stays where the snapshot was
         for name, p in unet.named_parameters():
             if "lora_B.default" in name:
                 p.add_(0.1)
-    opponent_out = models.reference_forward(spin.OpponentAsReference(unet, 1), x, t, cond)
+    opponent_out = models.reference_forward(spin_opponent.OpponentAsReference(unet, 1), x, t, cond)
     torch.testing.assert_close(opponent_out, snapshot_out, rtol=0, atol=0)
     assert not opponent_out.requires_grad
     policy_out = unet(x, t, **cond).sample  # back to the trained adapter, with gradients
@@ -116,21 +119,21 @@ def test_two_self_play_iterations(tiny_sd15, pickapic_parquet, tmp_path, count_p
     # the cache: every row has the opponent's latents, per iteration, 2 shards of 4 prompts
     assert count_pipeline_calls == [4, 4, 4, 4]
     for k in (0, 1):
-        directory = tmp_path / spin.CACHE_DIR / f"iteration-{k}"
+        directory = tmp_path / generation.CACHE_DIR / f"iteration-{k}"
         row_ids = []
         for shard in sorted(directory.glob("shard-*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 assert f.get_tensor("latents").shape == (4, 4, 16, 16)
                 row_ids += f.get_tensor("row_ids").tolist()
         assert row_ids == list(range(8))  # the 8 non-tie rows of the parquet, each with its own sample
-    cache = [spin.GeneratedLatents(tmp_path / spin.CACHE_DIR / f"iteration-{k}") for k in (0, 1)]
+    cache = [generation.GeneratedLatents(tmp_path / generation.CACHE_DIR / f"iteration-{k}") for k in (0, 1)]
     assert not torch.allclose(cache[0].latents(3), cache[1].latents(3))  # a new opponent, new samples
 
     # the opponent of iteration 1 holds exactly the LoRA saved at the end of iteration 0, not the final one
     snapshot, final = read_lora(tmp_path / "iteration-0"), read_lora(tmp_path)
     assert any(v.abs().max() > 0 for k, v in snapshot.items() if "lora.up" in k)  # iteration 0 trained
     snapshot = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in snapshot.items()})
-    opponent = spin.opponent_state(summary["unet"])
+    opponent = spin_opponent.opponent_state(summary["unet"])
     assert opponent.keys() == snapshot.keys()
     assert all(torch.equal(opponent[k], snapshot[k]) for k in snapshot)
     assert any(not torch.equal(a, b) for a, b in zip(read_lora(tmp_path / "iteration-0").values(), final.values()))
@@ -153,7 +156,7 @@ def test_interrupted_iteration_resumes_from_cache_and_checkpoint(tiny_sd15, pick
     argv = spin_argv(tiny_sd15, pickapic_parquet, tmp_path, "--checkpointing_steps", "1", steps=2)
     spin.main(argv)
     final_a = read_lora(tmp_path)
-    cache = tmp_path / spin.CACHE_DIR / "iteration-1"
+    cache = tmp_path / generation.CACHE_DIR / "iteration-1"
     kept_shard, lost_shard = cache / "shard-000000.safetensors", cache / "shard-000001.safetensors"
     lost_bytes, kept_mtime = lost_shard.read_bytes(), kept_shard.stat().st_mtime_ns
     for path in (lost_shard, tmp_path / models.LORA_WEIGHT_NAME):
@@ -185,7 +188,7 @@ def test_sdxl_self_play_step(tiny_sdxl, feedback_parquet, tmp_path):
                                   iterations=1))
     assert summary["family"] == "sdxl" and summary["global_step"] == 2
     assert summary["history"][0]["loss"] == pytest.approx(LOG2, abs=1e-6)
-    generated = spin.GeneratedLatents(tmp_path / spin.CACHE_DIR / "iteration-0")
+    generated = generation.GeneratedLatents(tmp_path / generation.CACHE_DIR / "iteration-0")
     assert sorted(generated.where) == list(range(8))  # rows 0-7 of the 12 read are the desirable ones
     assert_lora_loads_and_changes_output("sdxl", tiny_sdxl, tmp_path)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from full.spm import (StepAwarePreferenceModel, best_worst_pair, load_spm, pair_preference_loss, predicted_x0,
-                      preference_gap)
+from full.online.preference import best_worst_pair, pair_preference_loss, predicted_x0, preference_gap
+from full.online.spm import StepAwarePreferenceModel, load_spm
 
 PROMPTS = ["a photo of a cat", "a bowl of fruit", "a red car on a road", "a dog playing in the snow"]
 T = torch.tensor([0, 1, 500, 999])
@@ -119,7 +119,7 @@ def test_deepcopy_has_its_own_conditioning(spm):
 
 def test_train_spm_reduces_loss_and_saves_a_loadable_model(tiny_clip, pickapic_parquet, tmp_path):
     """Bright winners, dark losers (tests/tiny_models.py): a preference the SPM can learn through the noise."""
-    from full.train_spm import main
+    from full.trainers.spm import main
 
     out = tmp_path / "spm"
     metrics = main(["--spm_model_name_or_path", tiny_clip, "--pixel_space", "--x0_estimate", "noisy",
@@ -196,7 +196,7 @@ def test_predicted_x0_equals_ddim_pred_original_sample(prediction_type):
 @pytest.mark.parametrize("family", ["tiny_sd15", "tiny_sdxl"])
 def test_a_pair_shares_noise_and_t(family, request, tmp_path):
     """Winner and loser are noised with the same eps and t (Sec. 4.2); different pairs get different ones."""
-    from full.train_spm import NoisyPairImages, parse_args
+    from full.trainers.spm import NoisyPairImages, parse_args
 
     args = parse_args(["--pretrained_model_name_or_path", request.getfixturevalue(family), "--dataset_name", "x",
                        "--output_dir", str(tmp_path)])
@@ -242,7 +242,7 @@ def test_bad_inputs_raise_value_error(spm, tmp_path):
 
 
 def test_cli_rejects_inconsistent_arguments(tmp_path):
-    from full.train_spm import parse_args
+    from full.trainers.spm import parse_args
 
     base = ["--dataset_name", "x", "--output_dir", str(tmp_path)]
     for argv in (base + ["--pixel_space"],  # nothing to predict x0 with

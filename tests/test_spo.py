@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from full import models, spo
-from full.spm import StepAwarePreferenceModel, decode_latents, load_spm, predicted_x0
+from full import models
+from full.online import sampler as spo_sampler
+from full.online.preference import decode_latents, predicted_x0
+from full.online.spm import StepAwarePreferenceModel, load_spm
+from full.trainers import spo
 
 PROMPTS = ["a photo of a cat", "a bowl of fruit", "a red car on a road"]
 LATENT = (4, 16, 16)  # 32 px images, the tiny VAE halves the side
@@ -92,7 +95,7 @@ def test_the_spm_scores_each_candidates_own_x0_prediction(sd15):
         for side, index in ((0, first.best), (1, first.worst)):
             x_prev = pairs.x_prev[rows, side]
             t_prev = torch.full((len(rows),), first.score_timestep)
-            out = spo.guided_prediction(sd15.parts.unet, x_prev, t_prev, cond, sd15.guide)
+            out = spo_sampler.guided_prediction(sd15.parts.unet, x_prev, t_prev, cond, sd15.guide)
             images = decode_latents(sd15.parts.vae, predicted_x0(x_prev, out, t_prev, sd15.scheduler))
             scores = sd15.spm.score_images(images, t_prev, prompts=prompts)
             expected = first.scores[index, torch.arange(3)][first.keep]
@@ -138,8 +141,8 @@ def test_training_log_prob_is_the_sampling_gaussian_with_cfg(sd15):
     spread, log_probs = {}, {}
     with torch.no_grad():
         for use_cfg in (True, False):
-            out = spo.guided_prediction(sd15.parts.unet, x_t, timesteps, cond, sd15.guide, use_cfg)
-            mean, std = spo.step_gaussian(sd15.scheduler, out, x_t, timesteps, eta=1.0)
+            out = spo_sampler.guided_prediction(sd15.parts.unet, x_t, timesteps, cond, sd15.guide, use_cfg)
+            mean, std = spo_sampler.step_gaussian(sd15.scheduler, out, x_t, timesteps, eta=1.0)
             z = (x_prev - mean) / std
             spread[use_cfg] = (z.mean().item(), z.std().item())
             log_probs[use_cfg] = spo.step_log_probs(sd15.parts.unet, sd15.scheduler, pairs, sd15.guide, 1.0, use_cfg)
@@ -221,7 +224,7 @@ def test_spo_trains_and_saves_a_loadable_lora(tiny_sd15, spm_dir, pickapic_parqu
 def test_spo_with_a_huge_threshold_does_not_update(tiny_sd15, spm_dir, pickapic_parquet, tmp_path, caplog):
     from safetensors.torch import load_file
 
-    with caplog.at_level(logging.WARNING, logger="full.spo"):
+    with caplog.at_level(logging.WARNING, logger="full.trainers.spo"):
         summary = spo.main(spo_argv(tiny_sd15, spm_dir, pickapic_parquet, tmp_path, "--threshold", "0.99"))
     assert summary["global_step"] == 0 and all(c["kept_pairs"] == 0 for c in summary["collects"])
     assert "no SPO pair passed --threshold 0.99" in caplog.text

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from full import stats
+from full.eval import stats
 
 # Three prompts, five seeds. Medians: A = (3, 2, 1), B = (1, 1, 1): A wins prompts 0 and 1 and ties
 # prompt 2, so win_rate(A, B) = (1 + 1 + 0.5) / 3 = 5/6. The outlier seeds make the *means* favour B on

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import minipref
-from full import train
+from full.trainers import offline as train
 from tests import tiny_models
 from tests.conftest import train_argv
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from full import models, train
+from full import models
+from full.models import lora
+from full.run import checkpoints
+from full.trainers import offline as train
 from tests.conftest import train_argv
 
 # 2 micro-batches per step, 5 pairs per epoch: the 4 steps cross an epoch boundary, and the step after the
@@ -45,7 +48,7 @@ def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_run(tiny_sd15, 
         fail_on_call(patch, train, "compute_loss", 6, crash)  # micro-batch 6: inside step 3
         with pytest.raises(KeyboardInterrupt):
             train.main(argv)
-    assert [p.name for p in train.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
     assert not (tmp_path / "b" / models.LORA_WEIGHT_NAME).exists()
 
     resumed = train.main(argv + ["--resume_from_checkpoint", "latest"])
@@ -66,20 +69,20 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tiny_sd15, pic
 
     argv = train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--checkpointing_steps", "2", steps=4)
     with monkeypatch.context() as patch:
-        fail_on_call(patch, models, "save_lora", 2, disk_full)  # the save of checkpoint-4
+        fail_on_call(patch, lora, "save_lora", 2, disk_full)  # the save of checkpoint-4
         with pytest.raises(OSError, match="disk full"):
             train.main(argv)
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2"]
     good = tmp_path / "checkpoint-2"
     assert {"optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", models.LORA_WEIGHT_NAME} <= {p.name for p in good.iterdir()}
-    assert train.resolve_checkpoint("latest", tmp_path) == good  # the partial `.checkpoint-4.tmp` is never picked
+    assert checkpoints.resolve_checkpoint("latest", tmp_path) == good  # the partial `.checkpoint-4.tmp` is never picked
     assert train.main(argv + ["--resume_from_checkpoint", "latest"])["global_step"] == 4
 
 
 def test_checkpoints_total_limit_prunes_oldest(tiny_sd15, pickapic_parquet, tmp_path):
     train.main(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "sft", "--checkpointing_steps", "1",
                           "--checkpoints_total_limit", "2", steps=3))
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_sd15, pickapic_parquet, tmp_path,
@@ -94,5 +97,5 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         train.main(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--checkpointing_steps", "2", steps=4))
     message = str(stop.value)
     assert "non-finite loss" in message and "step 3" in message and "checkpoint-2" in message
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert not (tmp_path / models.LORA_WEIGHT_NAME).exists()

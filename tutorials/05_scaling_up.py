@@ -48,18 +48,18 @@ started = time.perf_counter()
 # %% [markdown]
 # ## 1. The same function, three call sites
 #
-# `full/train.py`'s `compute_loss` is the one place the trainer dispatches on `--method`; each branch is a minipref
+# `full/trainers/offline.py`'s `compute_loss` is the one place the trainer dispatches on `--method`; each branch is a minipref
 # call on `per_sample_mse` errors, exactly like the toy's step functions (lessons 2-4):
 
 # %%
-from full import train as full_train  # noqa: E402
+from full.trainers import offline as full_train  # noqa: E402
 from toy import methods as toy_methods  # noqa: E402
 
 source = inspect.getsource(full_train.compute_loss).splitlines()
 print("\n".join(source[:12]))
 print("    ...")
 print(inspect.getsource(toy_methods.dpo_step))
-lesson.check("full/train.py and toy/methods.py both call minipref's dpo_loss",
+lesson.check("full/trainers/offline.py and toy/methods.py both call minipref's dpo_loss",
              "minipref.dpo_loss(" in inspect.getsource(full_train.compute_loss)
              and "objective(ctx)(" in inspect.getsource(toy_methods.dpo_step)
              and toy_methods.METHODS["dpo"].objective == "dpo")
@@ -243,7 +243,7 @@ print(f"largest pixel change from the LoRA: {np.abs(after - before).max():.4f}")
 lesson.check("the LoRA loads with load_lora_weights and changes the samples", np.abs(after - before).max() > 0)
 
 clip_dir = build_tiny_clip(WORK / "tiny-clip")  # for real: the defaults, yuvalkirstain/PickScore_v1 and CLIP ViT-L/14
-from full import evaluate  # noqa: E402
+from full.eval import evaluate  # noqa: E402
 
 eval_dir = WORK / "eval"
 report = evaluate.main([

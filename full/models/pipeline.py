@@ -1,5 +1,5 @@
-"""The one place that knows diffusers: load a Stable Diffusion pipeline's parts, encode prompts and images,
-add LoRA with peft, run the policy and the reference, and save/load the LoRA in diffusers format.
+"""The diffusers side of a Stable Diffusion pipeline: load its parts, encode prompts and images, the training target,
+and sample images (validation). LoRA, the reference and saving live in `full/models/lora.py`.
 
 Two families share everything except three small functions (`_encode_prompts_*`, `unet_conditioning`):
 
@@ -16,7 +16,6 @@ The reference model of every objective is the frozen starting point (SPEC sectio
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch
 from torch import Tensor
 
 FAMILIES = ("sd15", "sdxl")
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper 000, Sec. 4)
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_weights(dir)` looks for
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}  # the pipelines' native sizes, as the diffusers scripts use
+WEIGHT_DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -33,10 +32,23 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_we
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def missing_local_path(name: str) -> bool:
+    """True when `name` reads as a local path that does not exist: absolute, relative (`./`, `~`), more than one
+    `/`, or under a directory that exists here. Such a name is reported as missing, not looked up on the Hub."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return False
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    return looks_local or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
 def detect_family(pretrained: str, revision: str | None = None) -> str:
     """"sd15" or "sdxl" from the pipeline's `model_index.json` (a local dir or a hub id)."""
     from diffusers import DiffusionPipeline
 
+    if missing_local_path(pretrained):
+        raise ValueError(f"cannot read a diffusers pipeline at --pretrained_model_name_or_path={pretrained!r}: "
+                         "no such local directory")
     try:
         index = DiffusionPipeline.load_config(pretrained, revision=revision)
     except Exception as error:  # missing dir, no model_index.json, offline without a cached hub id, ...
@@ -218,76 +230,6 @@ def training_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: 
     raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config (epsilon or v_prediction)")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LoRA: add, run with and without, save, load
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def add_lora(unet, rank: int = 8, *, alpha: float | None = None, init: str | bool = "gaussian") -> None:
-    """peft LoRA on the attention projections; `init="gaussian"`: A ~ N(0, 1/r), B = 0, so the model starts
-    exactly at the reference (paper 000 trains rank 8 this way)."""
-    from peft import LoraConfig
-
-    if rank <= 0:
-        raise ValueError(f"--rank must be positive, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=LORA_TARGET_MODULES)
-    unet.add_adapter(config)
-
-
-def lora_parameters(unet) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-@contextmanager
-def adapters_disabled(unet):
-    """The reference network: the same UNet with its LoRA switched off (pass the *unwrapped* model)."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-def reference_forward(unet, noisy_latents: Tensor, timesteps: Tensor, conditioning: dict) -> Tensor:
-    """`eps_ref(x_t, t, c)`: the frozen starting point, no graph kept."""
-    with torch.no_grad(), adapters_disabled(unet):
-        return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
-
-
-def lora_state_dict(unet) -> dict[str, Tensor]:
-    """The adapter weights only, with diffusers key names (what `save_lora_weights` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def save_lora(family: str, unet, directory, *, is_main_process: bool = True) -> Path:
-    """`<directory>/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(directory)`."""
-    config = unet.peft_config["default"]
-    metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-    pipeline_class(family).save_lora_weights(
-        save_directory=str(directory),
-        unet_lora_layers=lora_state_dict(unet),
-        is_main_process=is_main_process,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
-    )
-    return Path(directory) / LORA_WEIGHT_NAME
-
-
-def load_lora_into(family: str, unet, directory) -> None:
-    """Load a LoRA saved by `save_lora` into the existing "default" adapter of `unet` (used when resuming)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
-
-    state = pipeline_class(family).lora_state_dict(str(directory))[0]
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA in {directory} does not match the UNet: unexpected keys {unexpected[:5]}")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling (validation grids): the real pipeline, with the training UNet or a saved LoRA
@@ -329,40 +271,3 @@ def sample_images(parts: Components, prompts: list[str], *, device, dtype, resol
         return pipe(list(prompts), num_images_per_prompt=num_per_prompt, num_inference_steps=steps,
                     guidance_scale=guidance_scale, height=resolution, width=resolution, generator=generator).images
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Diff-contrast: CLIP (image, prompt) embeddings f(y, x)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ClipPairEncoder:
-    """`f(y, x)` of Diff-contrast (paper 002, Sec. 2.1 "Multi-Modal Embedding Distance Weights"; Sec. 3: "We
-    leverage the CLIP encoder to compute multi-modal embeddings").
-
-    The paper does not say how image and prompt are combined, so we concatenate the L2-normalised CLIP image
-    and text embeddings: `f = [img / |img|, txt / |txt|]`. Then `cos(f, f') = (cos_img + cos_txt) / 2`, image
-    and prompt similarity weighted equally, which is what "consider the context of both the prompt and image"
-    asks for. Output (N, 2 * projection_dim).
-    """
-
-    def __init__(self, name_or_path: str, device="cpu", dtype=torch.float32):
-        from transformers import CLIPModel, CLIPProcessor
-
-        try:
-            self.model = CLIPModel.from_pretrained(name_or_path).to(device, dtype=dtype).eval()
-            self.processor = CLIPProcessor.from_pretrained(name_or_path)
-        except Exception as error:
-            raise ValueError(f"cannot load a CLIP model + processor from --clip_model_name_or_path="
-                             f"{name_or_path!r}: {type(error).__name__}: {error}") from error
-        self.device, self.dtype = device, dtype
-
-    @torch.no_grad()
-    def __call__(self, images: list, captions: list[str]) -> Tensor:
-        inputs = self.processor(text=list(captions), images=images, return_tensors="pt", padding="max_length",
-                                truncation=True, max_length=self.processor.tokenizer.model_max_length)
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items()}
-        out = self.model(**inputs, return_dict=True)
-        image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)  # (N, P)
-        text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)  # (N, P)
-        return torch.cat([image, text], dim=-1).cpu()  # (N, 2P)

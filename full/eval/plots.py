@@ -18,22 +18,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window (also on machines without a display)
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+# Figures are built with matplotlib's object API (no pyplot): nothing opens a window, no backend is switched, and a
+# notebook that imports this module keeps its inline plots.
+from matplotlib.figure import Figure
+from PIL import Image
 
 
 def _save(fig, path) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return str(path)
 
 
 def _axes_row(n: int, width: float = 4.0, height: float = 3.2):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    fig = Figure(figsize=(width * n, height))
+    axes = fig.subplots(1, n, squeeze=False)
     return fig, axes[0]
 
 
@@ -105,7 +104,8 @@ def plot_image_grid(prompt: str, images: Mapping[str, Sequence[str]], path, *, s
     if not models:
         raise ValueError("no images to put in the grid")
     n_rows = max(len(paths) for paths in images.values())
-    fig, axes = plt.subplots(n_rows, len(models), figsize=(tile * len(models), tile * n_rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(tile * len(models), tile * n_rows + 0.6))
+    axes = fig.subplots(n_rows, len(models), squeeze=False)
     for col, model in enumerate(models):
         for row in range(n_rows):
             ax = axes[row][col]

@@ -1,0 +1,209 @@
+"""What every `full` entry point shares on the command line: a parser whose errors are one line, the entry-point
+wrapper (`entry_point`) that turns input errors into one line and a non-zero exit (a traceback only with
+`--debug`), argument groups with diffusers' flag names, presets as defaults, and the checks that need no model.
+
+A flag is checked here, at parse time, whenever the check needs no file or model: the message names the flag and
+the allowed range. Errors found later (a missing file, a bad row) are `ValueError`s that the trainers raise before
+any model loads where they can; `entry_point` prints them as one line too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+class UsageError(ValueError):
+    """A bad flag value found after parsing; printed as one line like an argparse error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that still exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cli_argv(argv: Sequence[str] | None) -> list[str]:
+    """`argv`, or the process's arguments, except inside a Jupyter kernel, whose own `-f kernel.json` is not ours:
+    `main()` in a notebook parses nothing (then fails on the required flags, naming them)."""
+    if argv is not None:
+        return list(argv)
+    return [] if "ipykernel" in sys.modules else sys.argv[1:]
+
+
+def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run `main(argv)` for `python -m ...` and the console scripts: an input error is one line on stderr and exit
+    status 2; with `--debug` (or MINIPREF_DEBUG=1) the traceback is shown instead."""
+    argv = cli_argv(argv)
+    prog = prog or os.path.basename(sys.argv[0])
+    debug = "--debug" in argv or os.environ.get("MINIPREF_DEBUG") == "1"
+    try:
+        result = main(argv)
+    except INPUT_ERRORS as error:
+        if debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that need neither files nor models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_positive(parser, args, names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be positive, got {value}")
+
+
+def check_range(parser, args, name: str, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    """`--name` in [low, high] (open ends as given); None (unset) passes."""
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        parser.error(f"--{name} must be in {interval}, got {value}")
+
+
+def check_resolution(parser, args) -> None:
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+
+
+def check_importable(parser, flag: str, module: str, extra: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        parser.error(f'{flag} needs {module}, which is not installed: pip install "minipref[{extra}]"')
+
+
+def check_training_arguments(parser, args) -> None:
+    """The shared flags of `add_training_arguments` (every LoRA trainer)."""
+    from full.run.accelerator import check_report_to
+
+    check_positive(parser, args, ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                                  "checkpointing_steps", "rank", "learning_rate", "num_train_epochs",
+                                  "validation_steps", "num_validation_images", "vae_encode_batch_size"))
+    check_range(parser, args, "adam_beta1", 0, 1, high_open=True)
+    check_range(parser, args, "adam_beta2", 0, 1, high_open=True)
+    check_range(parser, args, "max_grad_norm", 0, math.inf)
+    check_range(parser, args, "lr_warmup_steps", 0, math.inf)
+    if getattr(args, "caption_dropout", None) is not None:
+        check_range(parser, args, "caption_dropout", 0, 1)
+    message = check_report_to(args.report_to)
+    if message:
+        parser.error(message)
+    if args.use_8bit_adam:
+        check_importable(parser, "--use_8bit_adam", "bitsandbytes", "8bit")
+    if args.hub_model_id and not args.push_to_hub:
+        parser.error("--hub_model_id is used with --push_to_hub")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument groups every LoRA trainer shares (diffusers example-script names)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(p: argparse.ArgumentParser):
+    """The model flags every trainer shares (train, spin, spo); returns the group's ``add_argument``."""
+    a = p.add_argument_group("model").add_argument
+    a("--pretrained_model_name_or_path", required=True, help="SD1.5- or SDXL-family pipeline: hub id or dir")
+    a("--revision", default=None)
+    a("--variant", default=None, help="e.g. fp16")
+    a("--pretrained_vae_model_name_or_path", default=None, help="a VAE that is safe in half precision (SDXL)")
+    a("--rank", type=int, default=8)
+    a("--lora_alpha", type=float, default=None, help="default: --rank (scale 1)")
+    a("--debug", action="store_true", help="show the traceback of an input error instead of one line")
+    return a
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Optimisation, checkpoint, logging and validation flags every trainer shares (train, spin, spo)."""
+    a = p.add_argument_group("optimisation").add_argument
+    a("--train_batch_size", type=int, default=4, help="pairs (images for binary methods) per device")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--learning_rate", type=float, default=1e-4)
+    a("--scale_lr", action="store_true")
+    a("--lr_scheduler", default="constant_with_warmup")
+    a("--lr_warmup_steps", type=int, default=500)
+    a("--max_train_steps", type=int, default=10_000)
+    a("--num_train_epochs", type=int, default=None,
+      help="passes over the data instead of --max_train_steps (the step count then follows from the data size)")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--use_8bit_adam", action="store_true", help='bitsandbytes AdamW8bit (pip install "minipref[8bit]")')
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: the accelerate config")
+    a("--gradient_checkpointing", action="store_true")
+    a("--allow_tf32", action="store_true")
+    a("--vae_encode_batch_size", type=int, default=None, help="images per VAE encode (default: the whole batch)")
+    a("--seed", type=int, default=0)
+    a = p.add_argument_group("checkpoints and logging").add_argument
+    a("--output_dir", required=True)
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
+    a("--report_to", default="tensorboard", help="tensorboard | wandb | all | none (comma-separated for several)")
+    a("--logging_dir", default="logs")
+    a("--tracker_project_name", default="minipref")
+    a("--push_to_hub", action="store_true", help="upload --output_dir (LoRA, model card, args) to the Hub at the end")
+    a("--hub_model_id", default=None, help="the Hub repo for --push_to_hub (default: the output dir's name)")
+    a("--hub_token", default=None)
+    a("--validation_prompts", nargs="*", default=None)
+    a("--validation_steps", type=int, default=500)
+    a("--num_validation_images", type=int, default=2)
+    a("--num_validation_inference_steps", type=int, default=25)
+    a("--validation_guidance_scale", type=float, default=7.5)
+
+
+def apply_preset(parser: argparse.ArgumentParser, argv, method: str | None, extra_keys=()) -> None:
+    """`--preset NAME`: its trainer flags (and the `method_settings` named in `extra_keys`) become defaults; a flag
+    on the command line still wins. `method` None: the preset must match the parsed `--method`."""
+    known, _ = parser.parse_known_args(argv)
+    if not known.preset:
+        return
+    from full.presets import preset_details
+
+    try:
+        preset = preset_details(known.preset)
+    except ValueError as error:
+        parser.error(str(error))
+    method = method or known.method
+    if preset["method"] != method:
+        parser.error(f"--preset {known.preset} is for --method {preset['method']}, not {method}")
+    defaults = {key: entry["value"] for key, entry in preset["flags"].items()}
+    defaults |= {key: entry["value"] for key, entry in preset.get("method_settings", {}).items() if key in extra_keys}
+    parser.set_defaults(**defaults, preset_family=preset["model_family"])
+
+
+def check_model_family(args, family: str) -> None:
+    """A preset is for one model family."""
+    if getattr(args, "preset_family", family) != family:
+        raise ValueError(f"--preset {args.preset} is for {args.preset_family}, the model is {family}")
+
+
+def quiet_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def toy_console() -> int:
+    """`minipref-toy`: `python -m toy` as a console script (toy.cli.main returns its results, not an exit code)."""
+    from toy.cli import main
+
+    main()
+    return 0

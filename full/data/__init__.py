@@ -1,0 +1,23 @@
+"""Preference data for the full-scale trainers: where rows come from, how images become tensors, in what order.
+
+sources.py     read a parquet file / directory / Hub dataset into checked pair or feedback rows (bad rows named)
+rows.py        the rows one offline method trains on (pairs, or per-image feedback converted from pairs)
+images.py      decode, crop, flip: torch datasets of pairs and single images; `collate_skip_none`
+samplers.py    per-epoch orders that are the same on every process and after a resume
+embeddings.py  Diff-contrast's CLIP embeddings f(y, x)
+cache.py       precomputed latents and prompt embeddings (`python -m full.cache`, then `--cached_dir`)
+converters.py  other feedback -> the two schemas (`python -m full.data convert ...`, `... check`)
+
+The names below are the public API; modules inside `full/` import from the files directly.
+"""
+
+from full.data.converters import (FEEDBACK_POLICIES, image_key, main, pairs_to_feedback, red_filter,
+                                  red_filter_feedback, redness, scores_to_feedback, scores_to_pairs, write_parquet)
+from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
+from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
+from full.data.sources import FEEDBACK_COLUMNS, PAIR_COLUMNS, detect_format, load_feedback_rows, load_pair_rows
+
+__all__ = ["FEEDBACK_POLICIES", "image_key", "main", "pairs_to_feedback", "red_filter", "red_filter_feedback",
+           "redness", "scores_to_feedback", "scores_to_pairs", "write_parquet", "FeedbackDataset", "PairDataset",
+           "collate_skip_none", "DesirableRatioSampler", "EpochShuffleSampler", "FEEDBACK_COLUMNS", "PAIR_COLUMNS",
+           "detect_format", "load_feedback_rows", "load_pair_rows"]

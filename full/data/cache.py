@@ -1,0 +1,265 @@
+"""Precompute what the frozen parts of the pipeline would recompute every step: VAE latents, prompt
+embeddings (and SDXL's pooled embeddings and `add_time_ids`), and Diff-contrast's CLIP embeddings.
+
+Preference training never updates the VAE or the text encoders, so their outputs for a dataset are a pure
+function of the data: computing them once turns each step into UNet work only (`full/bench.py` measures
+the gain). Build a cache, then train from it:
+
+    python -m full.cache --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --dataset_name yuvalkirstain/pickapic_v2 --method dpo --resolution 512 --output_dir cache/pickapic-sd15
+    accelerate launch -m full.train --cached_dir cache/pickapic-sd15 --method dpo ...
+
+Layout of a cache directory (written to a temporary name and renamed, so a crash never leaves half a cache):
+
+    cache_meta.json             family, model, resolution, kind ("pairs" | "feedback"), shard list, ...
+    shard-00000.safetensors     per item i: latents [i, n, 4, h, w], prompt_embeds [i, n, L, D],
+                                pooled [i, n, P] and time_ids [i, n, 6] (SDXL), desirable [i] (feedback),
+                                embeddings [i, n, E] (CLIP, optional), row_ids [i];  n = 2 (pairs) or 1
+    empty_prompt.safetensors    the embedding of "" (caption dropout still works from a cache)
+
+What a cache fixes: one VAE posterior sample per image, the centre crop, no flips. CSFT's "good image" /
+"bad image" prompts are encoded at cache time (`--method csft`), so a CSFT cache only serves CSFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from full.data.embeddings import compute_pair_embeddings
+
+logger = logging.getLogger(__name__)
+
+META_NAME = "cache_meta.json"
+EMPTY_NAME = "empty_prompt.safetensors"
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_cache_meta(cache_dir) -> dict:
+    path = Path(cache_dir) / META_NAME
+    if not path.is_file():
+        raise ValueError(f"--cached_dir {cache_dir} has no {META_NAME}: build it with `python -m full.cache`")
+    meta = json.loads(path.read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache {cache_dir} has version {meta.get('version')}, this code reads {CACHE_VERSION}")
+    return meta
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a cache, read lazily (memory-mapped safetensors slices), with caption dropout re-drawn per epoch.
+
+    Item: `latents` [n, 4, h, w], `prompt_embeds` [n, L, D], optional `pooled` [n, P], `time_ids` [n, 6],
+    `embeddings` [n, E], `desirable` (bool, feedback caches), `row_id`.
+    """
+
+    def __init__(self, cache_dir, caption_dropout: float = 0.0, seed: int = 0):
+        from safetensors.torch import load_file
+
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.dir, self.meta = Path(cache_dir), read_cache_meta(cache_dir)
+        self.kind, self.family = self.meta["kind"], self.meta["family"]
+        self.caption_dropout, self.seed, self.epoch = caption_dropout, seed, 0
+        self.index = [(s, j) for s, shard in enumerate(self.meta["shards"]) for j in range(shard["n"])]
+        self.empty = load_file(str(self.dir / EMPTY_NAME))  # prompt_embeds [L, D], pooled [P]
+        self._handles: dict[int, object] = {}  # opened lazily: safe_open handles are per process/worker
+
+    @property
+    def desirable(self) -> list[bool]:
+        from safetensors import safe_open
+
+        labels = []
+        for shard in self.meta["shards"]:
+            with safe_open(str(self.dir / shard["file"]), framework="pt") as f:
+                labels += f.get_tensor("desirable").bool().tolist()
+        return labels
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _handle(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.dir / self.meta["shards"][shard]["file"]), framework="pt")
+        return self._handles[shard]
+
+    def __getstate__(self):  # DataLoader workers re-open their own handles
+        return {**self.__dict__, "_handles": {}}
+
+    def __getitem__(self, index: int) -> dict:
+        shard, j = self.index[index]
+        f = self._handle(shard)
+        item = {k: f.get_slice(k)[j : j + 1][0] for k in f.keys() if k not in ("row_ids", "desirable")}
+        item["row_id"] = int(f.get_slice("row_ids")[j : j + 1][0])
+        if self.kind == "feedback":
+            item["desirable"] = bool(f.get_slice("desirable")[j : j + 1][0])
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
+        if rng.random() < self.caption_dropout:  # the whole item (both images of a pair) loses its prompt
+            n = item["latents"].shape[0]
+            item["prompt_embeds"] = self.empty["prompt_embeds"].expand(n, *self.empty["prompt_embeds"].shape)
+            if "pooled" in item:
+                item["pooled"] = self.empty["pooled"].expand(n, *self.empty["pooled"].shape)
+        return item
+
+
+def collate_cached(items: Sequence[dict]) -> dict:
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0] if k not in ("row_id", "desirable")}
+    batch["row_ids"] = [item["row_id"] for item in items]
+    if "desirable" in items[0]:
+        batch["desirable"] = torch.tensor([item["desirable"] for item in items], dtype=torch.bool)
+    return batch
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--pretrained_vae_model_name_or_path", default=None)
+    p.add_argument("--dataset_name", required=True)
+    p.add_argument("--dataset_split_name", default="train")
+    p.add_argument("--data_format", choices=("auto", "pairs", "feedback"), default="auto")
+    p.add_argument("--feedback_policy", default="winner_once", help="pairs -> feedback (full.data.pairs_to_feedback)")
+    p.add_argument("--keep_ties", action="store_true")
+    p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument("--method", required=True, help="the objective the cache serves (pairs or feedback, CSFT prompts)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--clip_model_name_or_path", default=None, help="store Diff-contrast embeddings (pairs only)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--shard_size", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--cache_dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="dtype of the frozen encoders while caching")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_cache(argv=None) -> Path:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
+    from full.data.rows import data_kind_for, load_training_rows
+    from full.models import pipeline as models
+    from full.models.pipeline import WEIGHT_DTYPES
+    from minipref import csft_prompts
+
+    args = parse_args(argv)
+    kind = data_kind_for(args.method)
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    rows = load_training_rows(args, kind)
+    device, dtype = torch.device(args.device), WEIGHT_DTYPES[args.mixed_precision]
+    store_dtype = getattr(torch, args.cache_dtype)
+    parts = models.load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                   vae_path=args.pretrained_vae_model_name_or_path)
+    models.place_components(parts, device, dtype, fixed_vae=bool(args.pretrained_vae_model_name_or_path))
+    embeddings = None
+    if args.clip_model_name_or_path:
+        if kind != "pairs":
+            raise ValueError("--clip_model_name_or_path: Diff-contrast embeddings are for pairs")
+        embeddings = compute_pair_embeddings(rows, args.clip_model_name_or_path, device)
+
+    dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, args.resolution, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, pending = [], []
+
+    def flush():
+        if not pending:
+            return
+        stacked = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in stacked.items()}, str(tmp / name))
+        shards.append({"file": name, "n": len(stacked["row_ids"])})
+        pending.clear()
+
+    with torch.no_grad():
+        empty = models.encode_prompts(parts, [""], device)
+        save_file({"prompt_embeds": empty.hidden[0].to(store_dtype).cpu().contiguous(),
+                   **({"pooled": empty.pooled[0].to(store_dtype).cpu()} if empty.pooled is not None else {})},
+                  str(tmp / EMPTY_NAME))
+        for batch in tqdm(loader, desc="caching latents and prompts", unit="batch"):
+            if batch is None:
+                continue
+            if embeddings is not None:  # keep only the items CLIP could read
+                keep = [i for i, r in enumerate(batch["row_ids"]) if r in embeddings]
+                batch = _select(batch, keep)
+                if batch is None:
+                    continue
+            pixels = batch["pixel_values"]  # (B, n, 3, R, R)
+            b, n = pixels.shape[:2]
+            latents = models.encode_images(parts, pixels.flatten(0, 1).to(device), generator)  # (B*n, 4, h, w)
+            captions = [c for c in batch["captions"] for _ in range(n)]  # item-major, like the latents
+            if args.method == "csft":  # a binary method: kind == "feedback", n == 1
+                captions = csft_prompts(captions, batch["desirable"])
+            prompt = models.encode_prompts(parts, captions, device)
+            item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
+                    "prompt_embeds": prompt.hidden.reshape(b, n, *prompt.hidden.shape[1:])}
+            if parts.family == "sdxl":
+                item["pooled"] = prompt.pooled.reshape(b, n, -1)
+                item["time_ids"] = models.sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                                        args.resolution)  # (B, n, 6)
+            if embeddings is not None:
+                item["embeddings"] = torch.stack([embeddings[r] for r in batch["row_ids"]])
+            item = {k: v.to(store_dtype).cpu() for k, v in item.items()}
+            item["row_ids"] = torch.tensor(batch["row_ids"], dtype=torch.long)
+            if kind == "feedback":
+                item["desirable"] = batch["desirable"].to(torch.uint8)
+            pending.append(item)
+            if sum(len(p["row_ids"]) for p in pending) >= args.shard_size:
+                flush()
+        flush()
+    if not shards:
+        raise ValueError(f"nothing could be cached from {args.dataset_name}: every image failed to decode")
+    meta = {"version": CACHE_VERSION, "family": parts.family, "pretrained": args.pretrained_model_name_or_path,
+            "vae": args.pretrained_vae_model_name_or_path, "resolution": args.resolution, "kind": kind,
+            "csft_prompts": args.method == "csft", "has_embeddings": embeddings is not None,
+            "dataset_name": args.dataset_name, "n_items": sum(s["n"] for s in shards), "shards": shards,
+            "dtype": args.cache_dtype}
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    logger.info("cached %d items in %d shards at %s", meta["n_items"], len(shards), out)
+    return out
+
+
+def _select(batch: dict, keep: list[int]) -> dict | None:
+    if not keep:
+        return None
+    index = torch.tensor(keep)
+    return {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+
+

@@ -1,0 +1,288 @@
+"""Converters: other feedback -> the two training schemas, and their CLI (`python -m full.data convert ...`).
+
+pairs -> per-image feedback (Diffusion-KTO), scalar scores -> pairs or feedback, and the red-filter synthetic user
+(paper 001 Sec. 6); `python -m full.data check` loads a dataset as the trainers would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from full.data.sources import (as_image_bytes, iter_source, looks_like_image, RowReport, load_feedback_rows,
+                               load_pair_rows)
+
+logger = logging.getLogger(__name__)
+
+FEEDBACK_POLICIES = ("winner_once", "always_win")
+
+
+def image_key(data: bytes) -> str:
+    """An image's identity across rows: the SHA-256 of its encoded bytes (Pick-a-Pic repeats the
+    same generated image in several comparisons, byte for byte)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def pairs_to_feedback(rows: Sequence[dict], policy: str = "winner_once") -> list[dict]:
+    """Per-image binary feedback from pairwise comparisons, as Diffusion-KTO builds it from Pick-a-Pic.
+
+    Paper 001 (Diffusion-KTO), App. 0.C.1 "Data Partitioning" names two options; counting for each
+    distinct image (by content hash) its wins and losses over the non-tie comparisons it is in:
+
+    * ``"winner_once"`` (the paper's choice, Sec. 5.1.1 and App. 0.A): desirable if it was preferred
+      in at least one comparison, undesirable if it was always the non-preferred one.
+    * ``"always_win"``: desirable only if it won every comparison it is in ("always preferred"),
+      every other image undesirable. Applied to :func:`scores_to_pairs` output this is our reading
+      of paper 000's "exclusive_win" labels (Sec. 3.1.3 and 4.1).
+
+    Rows are :func:`load_pair_rows` rows (``winner``, ``loser``, ``caption``, optional ``tie``).
+    Ties decide nothing: they are skipped, and an image seen only in ties gets no label (the paper
+    does not say; its Pick-a-Pic counts exclude ties). An image keeps the caption (and ``row_id``,
+    when the input rows have one) of its first row. Returns rows ``{"image", "caption", "label",
+    "wins", "losses"[, "row_id"]}`` in order of first appearance.
+    """
+    if policy not in FEEDBACK_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {FEEDBACK_POLICIES}")
+    stats: dict[str, dict] = {}
+    for row in rows:
+        if row.get("tie", False):
+            continue
+        for data, won in ((row["winner"], True), (row["loser"], False)):
+            entry = stats.setdefault(image_key(data), {"image": data, "caption": row["caption"], "wins": 0, "losses": 0})
+            if "row_id" in row:
+                entry.setdefault("row_id", row["row_id"])  # the first row the image appears in
+            entry["wins" if won else "losses"] += 1
+    feedback = []
+    for entry in stats.values():
+        desirable = entry["wins"] > 0 if policy == "winner_once" else entry["wins"] > 0 and entry["losses"] == 0
+        feedback.append({**entry, "label": int(desirable)})
+    return feedback
+
+
+def _pair_row(caption: str, winner: bytes, loser: bytes) -> dict:
+    """A Pick-a-Pic row; the winner's slot (jpg_0 or jpg_1) is a deterministic coin flip of the two
+    hashes, so neither slot carries the label (a position bias a reward model could learn)."""
+    winner_first = int(hashlib.sha256((image_key(winner) + image_key(loser)).encode()).hexdigest(), 16) % 2 == 0
+    jpg_0, jpg_1 = (winner, loser) if winner_first else (loser, winner)
+    return {"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1,
+            "label_0": 1.0 if winner_first else 0.0, "label_1": 0.0 if winner_first else 1.0}
+
+
+def scores_to_pairs(rows: Sequence[dict], max_pairs_per_group: int | None = None) -> list[dict]:
+    """Deterministic win/lose pairs from scalar scores (paper 000, Sec. 4.1: "the dataset's built-in
+    aesthetic scalar score ... converted into deterministic win/lose labels").
+
+    ``rows``: ``{"image": bytes, "caption": str, "score": float}``. Images are compared only within
+    a caption (a preference is a statement about one prompt); every two images whose scores differ
+    make a pair, the higher score wins; equal scores are ties and skipped. ``max_pairs_per_group``
+    keeps the pairs with the largest score gaps (a caption with n images has n(n-1)/2 pairs).
+    The output order and orientation depend only on the data, never on a random seed.
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        score = row["score"]
+        if not isinstance(score, (int, float)) or math.isnan(score):
+            raise ValueError(f"score must be a number, got {score!r} (caption {row['caption']!r})")
+        groups.setdefault(row["caption"], []).append(row)
+    pairs = []
+    for caption, group in groups.items():
+        # Sort by score, then by hash, so the pair list is independent of the input order.
+        group = sorted(group, key=lambda r: (-r["score"], image_key(r["image"])))
+        candidates = [(group[i]["score"] - group[j]["score"], i, j)
+                      for i in range(len(group)) for j in range(i + 1, len(group))
+                      if group[i]["score"] > group[j]["score"]]
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for _, i, j in candidates[:max_pairs_per_group]:
+            pairs.append(_pair_row(caption, group[i]["image"], group[j]["image"]))
+    return pairs
+
+
+def scores_to_feedback(rows: Sequence[dict], threshold: float) -> list[dict]:
+    """Binary feedback by a score threshold: paper 001 Sec. 6's "aesthetics" synthetic user calls
+    images with an aesthetic score of 7 or more desirable, the rest undesirable (the comparison
+    sign is lost in our text of the paper; we read it as >=)."""
+    return [{"image": row["image"], "caption": row["caption"], "label": int(row["score"] >= threshold)}
+            for row in rows]
+
+
+def red_filter(image: Image.Image, strength: float = 0.5) -> Image.Image:
+    """Raise the red channel towards 255 by ``strength``: ``R' = R + strength * (255 - R)``,
+    green and blue untouched. Unlike a gain on R this also reddens dark pixels."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    array[..., 0] += strength * (255.0 - array[..., 0])
+    return Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
+
+
+def redness(data: bytes) -> float:
+    """Mean of ``R - (G + B) / 2`` over pixels, divided by 255: in [-1, 1], higher is redder. The
+    measure to score a red-filter-aligned model's samples with."""
+    with Image.open(io.BytesIO(data)) as raw:
+        array = np.asarray(raw.convert("RGB"), dtype=np.float32) / 255.0
+    return float((array[..., 0] - (array[..., 1] + array[..., 2]) / 2).mean())
+
+
+def _encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def red_filter_feedback(images: Sequence[dict], strength: float = 0.5) -> list[dict]:
+    """The red-filter synthetic user of paper 001 (Diffusion-KTO), Sec. 6: "we use (image, caption)
+    pairs from the Pick-a-Pic v2 training set and enhance the red channel values to generate desired
+    samples (original images are considered undesirable)".
+
+    For each distinct image (``{"image", "caption"}`` rows, deduplicated by content hash) emit the
+    red-filtered copy with label 1 and the original with label 0, same caption. The paper gives no
+    amount; ``strength`` 0.5 is our choice. Both copies go through the same decode / JPEG (q=95)
+    encode, so the red channel is the only difference a model can learn. Undecodable images are
+    reported with their row id and skipped.
+    """
+    feedback, seen = [], set()
+    for row_id, row in enumerate(images):
+        key = image_key(row["image"])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with Image.open(io.BytesIO(row["image"])) as raw:
+                original = raw.convert("RGB")
+        except Exception as error:
+            logger.warning("red filter: skipping row %d: cannot decode image (%s)", row_id, error)
+            continue
+        feedback.append({"image": _encode_jpeg(red_filter(original, strength)), "caption": row["caption"], "label": 1})
+        feedback.append({"image": _encode_jpeg(original), "caption": row["caption"], "label": 0})
+    return feedback
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: python -m full.data convert {pairs-to-feedback,scores-to-pairs,scores-to-feedback,red-filter} / check
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_scored_rows(dataset_name: str, split: str, image_column: str, caption_column: str,
+                      score_column: str, max_rows: int | None) -> list[dict]:
+    """``{"image", "caption", "score"}`` rows from any table with those three columns."""
+    report, rows = RowReport(dataset_name), []
+    for row_id, row in iter_source(dataset_name, split, (image_column, caption_column, score_column), max_rows):
+        image, caption, score = as_image_bytes(row[image_column]), row[caption_column], row[score_column]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+            report.skip(row_id, "score not a number", f": {score!r}")
+        elif not isinstance(caption, str):
+            report.skip(row_id, "caption not a string")
+        elif image is None or not looks_like_image(image):
+            report.skip(row_id, "unreadable image bytes")
+        else:
+            rows.append({"image": image, "caption": caption, "score": float(score)})
+    if not rows:
+        raise ValueError(f"no usable rows in {dataset_name}: {report.summary()}")
+    return rows
+
+
+def write_parquet(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write dict rows with pyarrow; ``bytes`` columns become ``binary`` as in Pick-a-Pic's parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows:
+        raise ValueError(f"nothing to write to {path}: the conversion produced no rows")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        columns[name] = pa.array(values, type=pa.binary() if isinstance(values[0], bytes) else None)
+    pq.write_table(pa.table(columns), path, row_group_size=1024)
+    return path
+
+
+def _summary(rows: Sequence[dict], label: str = "label") -> str:
+    positive = sum(int(row[label]) for row in rows)
+    return f"{len(rows)} rows ({positive} desirable, {len(rows) - positive} undesirable)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m full.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="load a dataset as the trainer would and print what is usable")
+    check.add_argument("dataset_name")
+    check.add_argument("--schema", choices=("pairs", "feedback"), default="pairs")
+    check.add_argument("--split", default="train")
+    check.add_argument("--max_rows", type=int)
+    convert = commands.add_parser("convert", help="write a training-schema parquet file from other feedback")
+    kinds = convert.add_subparsers(dest="kind", required=True)
+
+    def io_args(sub):
+        sub.add_argument("--input", required=True, help="parquet file, directory of parquet files, or Hub dataset")
+        sub.add_argument("--output", required=True, help="parquet file to write")
+        sub.add_argument("--split", default="train")
+        sub.add_argument("--max_rows", type=int, help="read at most this many input rows")
+
+    def score_args(sub):
+        sub.add_argument("--image_column", default="image")
+        sub.add_argument("--caption_column", default="caption")
+        sub.add_argument("--score_column", default="score")
+
+    sub = kinds.add_parser("pairs-to-feedback", help="Pick-a-Pic pairs -> binary feedback (Diffusion-KTO)")
+    io_args(sub)
+    sub.add_argument("--policy", choices=FEEDBACK_POLICIES, default="winner_once")
+    sub = kinds.add_parser("scores-to-pairs", help="scalar scores -> win/lose pairs per caption (paper 000)")
+    io_args(sub)
+    score_args(sub)
+    sub.add_argument("--max_pairs_per_group", type=int)
+    sub = kinds.add_parser("scores-to-feedback", help="scalar scores -> desirable iff score >= threshold (paper 001 Sec. 6)")
+    io_args(sub)
+    score_args(sub)
+    sub.add_argument("--threshold", type=float, required=True)
+    sub = kinds.add_parser("red-filter", help="the red-filter synthetic user (paper 001 Sec. 6)")
+    io_args(sub)
+    sub.add_argument("--input_schema", choices=("feedback", "pairs"), default="pairs",
+                     help="take the images of a Pick-a-Pic file (both of each pair) or of a feedback file")
+    sub.add_argument("--strength", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    try:
+        if args.command == "check":
+            if args.schema == "pairs":
+                rows = load_pair_rows(args.dataset_name, args.split, max_rows=args.max_rows)
+                print(f"{args.dataset_name}: {len(rows)} usable pairs")
+            else:
+                rows = load_feedback_rows(args.dataset_name, args.split, max_rows=args.max_rows)
+                print(f"{args.dataset_name}: {_summary(rows, 'desirable')}")
+            return 0
+        if args.kind == "pairs-to-feedback":
+            out = pairs_to_feedback(load_pair_rows(args.input, args.split, max_rows=args.max_rows), args.policy)
+        elif args.kind in ("scores-to-pairs", "scores-to-feedback"):
+            scored = _load_scored_rows(args.input, args.split, args.image_column, args.caption_column,
+                                       args.score_column, args.max_rows)
+            out = (scores_to_pairs(scored, args.max_pairs_per_group) if args.kind == "scores-to-pairs"
+                   else scores_to_feedback(scored, args.threshold))
+        else:  # red-filter
+            if args.input_schema == "pairs":
+                images = [{"image": r[key], "caption": r["caption"]}
+                          for r in load_pair_rows(args.input, args.split, max_rows=args.max_rows)
+                          for key in ("winner", "loser")]
+            else:
+                images = load_feedback_rows(args.input, args.split, max_rows=args.max_rows)
+            out = red_filter_feedback(images, args.strength)
+        path = write_parquet(out, args.output)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out)))
+    return 0
+

@@ -1,0 +1,253 @@
+"""Reading preference data: a parquet file, a directory of parquet files, or a Hub dataset, as checked rows.
+
+Two schemas reach the trainers (SPEC section 6):
+
+* **pairs** (Diffusion-DPO, Diff-contrast, DSPO, SFT on winners): the Pick-a-Pic v2 schema of
+  Kirstain et al., one row per comparison, ``jpg_0, jpg_1`` (JPEG bytes, or the Hub's
+  ``{"bytes": ..., "path": ...}`` Image struct), ``label_0`` (1: ``jpg_0`` won, 0: ``jpg_1`` won,
+  0.5: tie) and ``caption``. Ties carry no preference and are dropped by default, as the
+  Diffusion-DPO training code does.
+* **binary feedback** (Diffusion-KTO, BCE, CSFT): ``image, caption, label`` with label 1 for a
+  desirable and 0 for an undesirable image (paper 001, Sec. 4: "per-image binary feedback").
+
+Bad data never crashes an epoch: a row whose columns are malformed is reported with its row id when
+the rows are loaded and skipped. A source with nothing usable raises ``ValueError`` before training starts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
+FEEDBACK_COLUMNS = ("image", "caption", "label")
+MAX_REPORTED_ROWS = 20  # individual warnings per load; the rest are only counted
+
+# ----------------------------------------------------------------------------------------------
+# Reading the source: parquet file, directory of parquet files, or Hub dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def _parquet_files(path: Path, split: str) -> list[Path]:
+    """The parquet files of a local source. A directory may be a Hub snapshot such as
+    ``pickapic_v2/data/{train,validation,test}-000NN-of-000MM.parquet``: when some files are named
+    or nested after ``split`` only those are used, otherwise every parquet file under it."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"dataset directory {path} contains no .parquet files")
+    in_split = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
+                or split in f.relative_to(path).parts[:-1]]
+    return in_split or files
+
+
+def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None
+                 ) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_id, row)`` with ``row`` restricted to ``columns``. ``row_id`` is the row's
+    position in the source (files in sorted order), so a reported id can be looked up."""
+    path = Path(dataset_name).expanduser()
+    if path.exists():
+        import pyarrow.parquet as pq
+
+        row_id = 0
+        for file in _parquet_files(path, split):
+            try:
+                parquet = pq.ParquetFile(file)
+            except Exception as error:  # not a parquet file, truncated footer, ...
+                raise ValueError(f"cannot read parquet file {file}: {error}") from error
+            missing = [c for c in columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{file} is missing column(s) {missing}; it has "
+                                 f"{parquet.schema_arrow.names}, expected {list(columns)}")
+            for batch in parquet.iter_batches(batch_size=256, columns=list(columns)):
+                for row in batch.to_pylist():
+                    if max_rows is not None and row_id >= max_rows:
+                        return
+                    yield row_id, row
+                    row_id += 1
+        return
+    if dataset_name.endswith(".parquet") or "/" not in dataset_name or dataset_name.startswith((".", "/", "~")):
+        raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
+                         "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(f"{dataset_name!r} is not a local path, and loading a Hub dataset needs the "
+                         "`datasets` package: pip install datasets") from error
+    # Streaming when only a prefix is wanted: Pick-a-Pic v2 is hundreds of GB of JPEGs.
+    try:
+        hub = datasets.load_dataset(dataset_name, split=split, streaming=max_rows is not None)
+    except Exception as error:  # no such repo / split, offline, ...: one clear message, not a hub traceback
+        raise ValueError(f"{dataset_name!r} is neither a local path nor a loadable Hub dataset "
+                         f"(split {split!r}): {type(error).__name__}: {error}") from error
+    names = list(hub.features) if hub.features is not None else None
+    if names is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
+                             f"{missing}; it has {names}")
+    hub = hub.select_columns(list(columns))
+    for column, feature in (hub.features or {}).items():
+        if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
+            hub = hub.cast_column(column, datasets.Image(decode=False))
+    for row_id, row in enumerate(hub):
+        if max_rows is not None and row_id >= max_rows:
+            return
+        yield row_id, row
+
+
+def as_image_bytes(value) -> bytes | None:
+    """JPEG bytes from raw ``bytes`` or the Hub Image struct ``{"bytes": ..., "path": ...}``
+    (a decoded ``PIL.Image`` from ``datasets`` is re-encoded losslessly as PNG)."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path") and Path(value["path"]).is_file():
+            value = Path(value["path"]).read_bytes()
+        else:
+            return None
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
+        return bytes(value)
+    return None
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Cheap check at load time: PIL parses the header only (no decode). Truncated data passes
+    and is caught when the dataset decodes it."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width > 0 and image.height > 0
+    except Exception:
+        return False
+
+
+class RowReport:
+    """Counts rejected rows by reason and warns about the first few with their row ids."""
+
+    def __init__(self, name: str):
+        self.name, self.counts, self.reported = name, {}, 0
+
+    def skip(self, row_id: int, reason: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if self.reported < MAX_REPORTED_ROWS:
+            logger.warning("%s: skipping row %d: %s%s", self.name, row_id, reason, detail)
+            self.reported += 1
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "no rows rejected"
+
+
+def _caption_or_skip(row: dict, row_id: int, report) -> str | None:
+    """The row's caption, or None after reporting the row as skipped (a caption must be text)."""
+    caption = row["caption"]
+    if not isinstance(caption, str):
+        report.skip(row_id, "caption not a string", f": {type(caption).__name__}")
+        return None
+    return caption
+
+
+def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = False,
+                   max_rows: int | None = None) -> list[dict]:
+    """Pick-a-Pic v2 rows as ``{"row_id", "winner", "loser", "caption", "tie"}`` (bytes, bytes, str).
+
+    ``label_0 == 1`` means ``jpg_0`` won; ``0`` means ``jpg_1`` won; ``0.5`` is a tie, dropped
+    unless ``keep_ties`` (then ``jpg_0`` is stored as "winner" and ``tie`` is True). Any other
+    label, a missing caption or unreadable image bytes: the row is reported and skipped.
+    ``max_rows`` limits the rows *read* from the source (before filtering).
+
+    The rows keep the encoded images in memory (roughly 1 MB per Pick-a-Pic pair), so the whole
+    Pick-a-Pic v2 train split does not fit this way: take ``max_rows``, a local subset, or train
+    from the trainer's latent cache (``python -m full.cache``).
+    """
+    if max_rows is not None and max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    report, rows, ties = RowReport(dataset_name), [], 0
+    for row_id, row in iter_source(dataset_name, split, PAIR_COLUMNS, max_rows):
+        label = row["label_0"]
+        if isinstance(label, bool):
+            label = float(label)
+        if not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
+            report.skip(row_id, "bad label_0 (not 0, 0.5 or 1)", f": {label!r}")
+            continue
+        caption = _caption_or_skip(row, row_id, report)
+        if caption is None:
+            continue
+        images = [as_image_bytes(row["jpg_0"]), as_image_bytes(row["jpg_1"])]
+        bad = [f"jpg_{i}" for i, data in enumerate(images) if data is None or not looks_like_image(data)]
+        if bad:
+            report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
+            continue
+        if label == 0.5:
+            ties += 1
+            if not keep_ties:
+                continue
+        winner, loser = images if label >= 0.5 else images[::-1]
+        rows.append({"row_id": row_id, "winner": winner, "loser": loser, "caption": caption,
+                     "tie": label == 0.5})
+    dropped = f"{ties} ties {'kept' if keep_ties else 'dropped'}"
+    if not rows:
+        raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): {dropped}, "
+                         f"malformed: {report.summary()}")
+    logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(rows), dropped, report.summary())
+    return rows
+
+
+def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None) -> list[dict]:
+    """Binary-feedback rows as ``{"row_id", "image", "caption", "desirable"}``.
+
+    ``label`` is 1/0 or True/False. Other labels, captions that are not strings, or unreadable
+    image bytes: the row is reported with its id and skipped.
+    """
+    if max_rows is not None and max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    report, rows = RowReport(dataset_name), []
+    for row_id, row in iter_source(dataset_name, split, FEEDBACK_COLUMNS, max_rows):
+        label = row["label"]
+        if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
+            desirable = bool(label)
+        else:
+            report.skip(row_id, "bad label (not 0/1 or a bool)", f": {label!r}")
+            continue
+        caption = _caption_or_skip(row, row_id, report)
+        if caption is None:
+            continue
+        image = as_image_bytes(row["image"])
+        if image is None or not looks_like_image(image):
+            report.skip(row_id, "unreadable image bytes", ": image")
+            continue
+        rows.append({"row_id": row_id, "image": image, "caption": caption, "desirable": desirable})
+    n_desirable = sum(r["desirable"] for r in rows)
+    if not rows:
+        raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): malformed: {report.summary()}")
+    logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(rows),
+                n_desirable, len(rows) - n_desirable, report.summary())
+    return rows
+
+
+
+def detect_format(dataset_name: str) -> str:
+    """"pairs" or "feedback" from a local parquet schema; hub datasets are taken as pairs (Pick-a-Pic)."""
+    path = Path(dataset_name).expanduser()
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    if not files:
+        return "pairs"
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(files[0]).names)
+    if {"jpg_0", "jpg_1"} & names:
+        return "pairs"
+    if "image" in names:
+        return "feedback"
+    raise ValueError(f"{files[0]} has neither the pair schema {list(PAIR_COLUMNS)} nor the feedback "
+                     f"schema {list(FEEDBACK_COLUMNS)}; it has {sorted(names)}")

@@ -1,0 +1,290 @@
+"""
+# Evaluate aligned models: generate with fixed seeds, score with reward models, compare with statistics
+
+    python -m full.evaluate --base_model runwayml/stable-diffusion-v1-5 \\
+        --lora dpo=runs/dpo/final --lora kto=runs/kto/final \\
+        --prompts paper000 --scorers pickscore,clip --out eval/sd15
+
+Three stages, each reading what the previous one wrote under `--out`, so any of them can be re-run alone
+(`--stages score,report` rescores without regenerating):
+
+1. **generate**: every model (the base, then each LoRA loaded with `pipe.load_lora_weights`) draws
+   `--seeds` images per prompt (5 by default, as Diffusion-KTO App. 0.A). Image `(prompt, seed)` starts from
+   its own CPU `torch.Generator(seed)`, so it is the same whatever the batch size or device, and every model
+   gets the same seeds (a paired comparison). Each image is written to `images/<model>/` and appended to
+   `manifest.jsonl` with its prompt, seed, model and sampler settings; a re-run skips what is there.
+2. **score**: the scorers of `full/eval/scorers.py` score every image of the manifest into `scores.jsonl`;
+   with `--fid_reference DIR`, the FID of each model's images against that folder (paper 002's style
+   alignment) goes to `fid.json`.
+3. **report**: `full/eval/stats.py` turns the scores into `results.json` and `results.md` (mean +- std as paper
+   000 Table 1, win rates with bootstrap CIs as Diffusion-KTO Table 1, Wilcoxon p-values) and
+   `full/eval/plots.py` draws `plots/` and one image grid per prompt in `grids/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from full import cli
+from full.eval import plots as eval_plots
+from full.eval import scorers, stats
+from full.eval.generate import (SETTING_KEYS, _default_resolution, _file_stem, _write_jsonl, generate, load_pipeline,
+                                load_prompts, parse_models, read_jsonl, read_manifest)
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SEEDS = 5
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: scoring (and FID).
+
+
+def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, batch_size: int = 16) -> dict:
+    """Score every manifest image with each scorer into scores.jsonl (replacing those scorers' old rows).
+    Returns {scorer: reason} for the optional scorers that were skipped."""
+    rows = read_manifest(out)
+    if not rows:
+        raise ValueError(f"{out / 'manifest.jsonl'} is empty or missing: run the generate stage first")
+    new_rows, skipped = [], {}
+    for name in scorer_names:
+        try:
+            scorer = scorers.build_scorer(name, **scorer_options.get(name, {}))
+        except scorers.ScorerUnavailable as error:
+            print(f"skipping scorer {name}: {error}", file=sys.stderr)
+            skipped[name] = str(error)
+            continue
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"score {name}", unit="batch"):
+            batch = rows[start:start + batch_size]
+            images = []
+            for r in batch:
+                with Image.open(out / r["path"]) as image:
+                    images.append(image.convert("RGB"))
+            values = scorer.score(images, [r["prompt"] for r in batch])
+            for r, value in zip(batch, values):
+                if not math.isfinite(value):
+                    raise ValueError(f"scorer {name} returned {value} for {r['path']}")
+                new_rows.append({"model": r["model"], "prompt_id": r["prompt_id"], "seed": r["seed"],
+                                 "scorer": name, "score": float(value)})
+        del scorer
+        gc.collect()
+    scored = {r["scorer"] for r in new_rows}
+    # Earlier scorers' rows stay (a skipped scorer keeps its old scores); re-run scorers are replaced.
+    kept = [r for r in read_jsonl(out / "scores.jsonl") if r["scorer"] not in scored]
+    _write_jsonl(out / "scores.jsonl", kept + new_rows)
+    skipped_path = out / "skipped_scorers.json"
+    previous = json.loads(skipped_path.read_text()) if skipped_path.is_file() else {}
+    skipped = {**{k: v for k, v in previous.items() if k not in scored}, **skipped}
+    skipped_path.write_text(json.dumps(skipped, indent=1))
+    return skipped
+
+
+def fid_per_model(out: Path, reference_dir: str, *, weights_path: str | None = None, device: str | None = None) -> dict:
+    """FID of each model's images against every image in `reference_dir`, written to fid.json."""
+    reference = sorted(str(p) for p in Path(reference_dir).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not reference:
+        raise ValueError(f"--fid_reference {reference_dir!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    rows = read_manifest(out)
+    by_model: dict[str, list[str]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(str(out / r["path"]))
+    results = {}
+    for model, paths in by_model.items():
+        results[model] = scorers.frechet_inception_distance(paths, reference, weights_path=weights_path, device=device)
+        if results[model]["fid"] is None:
+            print(f"FID unavailable: {results[model]['unavailable']}", file=sys.stderr)
+    (out / "fid.json").write_text(json.dumps({"reference": str(reference_dir), "models": results}, indent=1))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: statistics, tables and plots.
+
+
+def report(out: Path, *, focus: str | None = None, n_resamples: int = stats.DEFAULT_RESAMPLES,
+           confidence: float = stats.DEFAULT_CONFIDENCE, bootstrap_seed: int = stats.DEFAULT_BOOTSTRAP_SEED,
+           zero_method: str = "wilcox", grid_prompts: int = 4) -> dict:
+    manifest = read_manifest(out)
+    scores = read_jsonl(out / "scores.jsonl")
+    if not scores:
+        raise ValueError(f"{out / 'scores.jsonl'} is empty or missing: run the score stage first")
+    images = {(r["model"], r["prompt_id"], r["seed"]) for r in manifest}
+    for scorer in dict.fromkeys(r["scorer"] for r in scores):  # every image scored, or the medians mislead
+        missing = images - {(r["model"], r["prompt_id"], r["seed"]) for r in scores if r["scorer"] == scorer}
+        if missing:
+            raise ValueError(f"scorer {scorer} has no score for {len(missing)} image(s), e.g. {sorted(missing)[0]}; "
+                             f"re-run --stages score --scorers {scorer}")
+    models = list(dict.fromkeys([r["model"] for r in manifest] + [r["model"] for r in scores]))
+    all_scores: dict = {}  # scorer -> model -> prompt_id -> [score per seed, in seed order]
+    for r in sorted(scores, key=lambda r: (r["prompt_id"], r["seed"])):
+        by_model = all_scores.setdefault(r["scorer"], {})
+        by_model.setdefault(r["model"], {}).setdefault(r["prompt_id"], []).append(r["score"])
+    # Models in manifest order (base first), so "later vs. earlier" means "LoRA vs. base".
+    all_scores = {s: {m: by_model[m] for m in models if m in by_model} for s, by_model in all_scores.items()}
+    summary = stats.summarize(all_scores, focus=focus, n_resamples=n_resamples, confidence=confidence,
+                              seed=bootstrap_seed, zero_method=zero_method)
+    settings = {}
+    for r in manifest:
+        settings.setdefault(r["model"], {k: r.get(k) for k in SETTING_KEYS})
+    summary["generation"] = {"models": settings,
+                             "seeds": sorted({r["seed"] for r in manifest}),
+                             "n_prompts": len({r["prompt_id"] for r in manifest})}
+    for name in ("skipped_scorers", "fid"):
+        path = out / f"{name}.json"
+        summary[name] = json.loads(path.read_text()) if path.is_file() else {}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+
+    lines = [f"# Evaluation of {', '.join(models)}", ""]
+    any_settings = next(iter(settings.values()), {})
+    lines += [f"{summary['generation']['n_prompts']} prompts x {len(summary['generation']['seeds'])} seeds "
+              f"{summary['generation']['seeds']}; scheduler {any_settings.get('scheduler')}, "
+              f"{any_settings.get('steps')} steps, guidance {any_settings.get('guidance')}, "
+              f"{any_settings.get('width')}x{any_settings.get('height')} px.", "", stats.markdown_tables(summary)]
+    for name, reason in summary["skipped_scorers"].items():
+        lines.append(f"Skipped scorer {name}: {reason}")
+    if summary["fid"]:
+        lines += ["", f"FID against {summary['fid']['reference']}:", ""]
+        for model, entry in summary["fid"]["models"].items():
+            value = f"{entry['fid']:.2f}" if entry["fid"] is not None else f"unavailable ({entry['unavailable']})"
+            lines.append(f"- {model}: {value} ({entry['n_generated']} generated, {entry['n_reference']} reference images)")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    eval_plots.plot_means(summary, out / "plots" / "means.png")
+    eval_plots.plot_distributions(all_scores, out / "plots" / "distributions.png")
+    if any(summary["win_rates"].values()):
+        eval_plots.plot_win_rates(summary, out / "plots" / "win_rates.png")
+    prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in manifest))[:grid_prompts]
+    for pid in prompt_ids:
+        rows = sorted((r for r in manifest if r["prompt_id"] == pid), key=lambda r: r["seed"])
+        images = {m: [str(out / r["path"]) for r in rows if r["model"] == m] for m in models}
+        eval_plots.plot_image_grid(rows[0]["prompt"], {m: p for m, p in images.items() if p},
+                                   out / "grids" / f"{_file_stem(pid)}.png", seeds=sorted({r["seed"] for r in rows}))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser() -> cli.Parser:
+    p = cli.Parser(prog="full.evaluate", description=__doc__.split("\n\n")[0].strip("# \n"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (manifest, images, scores, results)")
+    p.add_argument("--stages", default="generate,score,report", help="comma-separated subset of generate,score,report")
+    g = p.add_argument_group("generation")
+    g.add_argument("--base_model", "--base-model", help="diffusers pipeline directory or hub id (needed by the generate stage)")
+    g.add_argument("--lora", action="append", default=[], help="NAME=DIR (or DIR) of a diffusers-format LoRA; repeatable")
+    g.add_argument("--base_name", "--base-name", default="base", help="name of the model without LoRA in tables")
+    g.add_argument("--no_base", "--no-base", action="store_true", help="do not evaluate the base model itself")
+    g.add_argument("--prompts", default="paper000",
+                   help="shipped set (paper000), a .txt/.csv/.json/.jsonl/.parquet file, or hf:<dataset>[:<split>]")
+    g.add_argument("--prompt_column", "--prompt-column", help="column holding the prompt (default: prompt, caption or text)")
+    g.add_argument("--max_prompts", "--max-prompts", type=int, help="use only the first N prompts")
+    g.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="images per prompt and model")
+    g.add_argument("--seed_start", "--seed-start", type=int, default=0, help="seeds are seed-start .. seed-start+seeds-1")
+    g.add_argument("--scheduler", help="diffusers scheduler class, e.g. DDIMScheduler (default: the pipeline's own)")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    g.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    g.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    g.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    g.add_argument("--lora_scale", "--lora-scale", type=float, default=1.0, help="adapter weight of each LoRA")
+    g.add_argument("--batch_size", "--batch-size", type=int, default=4)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="auto: float16 on cuda, float32 on cpu")
+    g.add_argument("--no_safety_checker", "--no-safety-checker", action="store_true", help="drop the SD safety checker (it blacks out flagged images)")
+    s = p.add_argument_group("scoring")
+    s.add_argument("--scorers", default="pickscore,clip", help=f"comma-separated subset of {','.join(scorers.SCORERS)}")
+    s.add_argument("--pickscore_model", "--pickscore-model", default=scorers.PICKSCORE_MODEL)
+    s.add_argument("--pickscore_processor", "--pickscore-processor", default=scorers.PICKSCORE_PROCESSOR,
+                   help="processor (tokenizer + image transform); a local model dir's own processor is used if present")
+    s.add_argument("--clip_model", "--clip-model", default=scorers.CLIP_MODEL, help="CLIP for the CLIP score")
+    s.add_argument("--aesthetic_clip_model", "--aesthetic-clip-model", default=scorers.CLIP_MODEL, help="CLIP ViT-L/14 under the aesthetic head")
+    s.add_argument("--aesthetic_head", "--aesthetic-head", help="sac+logos+ava1-l14-linearMSE.pth (or .safetensors, or owner/repo/file)")
+    s.add_argument("--hpsv2_version", "--hpsv2-version", default="v2.1")
+    s.add_argument("--imagereward_model", "--imagereward-model", default="ImageReward-v1.0")
+    s.add_argument("--score_batch_size", "--score-batch-size", type=int, default=16)
+    s.add_argument("--fid_reference", "--fid-reference", help="folder of reference images: report each model's FID against it")
+    s.add_argument("--fid_inception_weights", "--fid-inception-weights", help="local torch-fidelity pt_inception-2015-12-05 weights (offline FID)")
+    r = p.add_argument_group("statistics")
+    r.add_argument("--focus", help="compare this model with every other one (rows 'vs. X'); default: each later vs. each earlier")
+    r.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES, help="bootstrap resamples over prompts")
+    r.add_argument("--bootstrap_seed", "--bootstrap-seed", type=int, default=stats.DEFAULT_BOOTSTRAP_SEED)
+    r.add_argument("--confidence", type=float, default=stats.DEFAULT_CONFIDENCE)
+    r.add_argument("--zero_method", "--zero-method", choices=stats.ZERO_METHODS, default="wilcox", help="scipy.stats.wilcoxon zero_method")
+    r.add_argument("--grid_prompts", "--grid-prompts", type=int, default=4, help="image grids for the first N prompts")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"generate", "score", "report"}
+    if unknown or not stages:
+        raise ValueError(f"--stages: unknown {sorted(unknown)}; choose from generate, score, report")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = args.device or scorers.default_device()
+    if "generate" in stages:
+        if not args.base_model:
+            raise ValueError("the generate stage needs --base-model / --base_model (a diffusers pipeline dir or hub id)")
+        models = parse_models(args.lora, args.base_name, not args.no_base)
+        prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts)
+        seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+        dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+        pipe = load_pipeline(args.base_model, scheduler=args.scheduler, dtype=dtype, device=device,
+                             safety_checker=not args.no_safety_checker)
+        settings = {"base_model": args.base_model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
+                    "guidance": args.guidance, "height": args.height or _default_resolution(pipe),
+                    "width": args.width or _default_resolution(pipe), "negative_prompt": args.negative_prompt,
+                    "dtype": dtype}
+        print(f"generating {len(models)} model(s) x {len(prompts)} prompts x {len(seeds)} seeds {seeds}: "
+              f"scheduler={settings['scheduler']}{'' if args.scheduler else ' (pipeline default)'}, "
+              f"steps={args.steps}, guidance={args.guidance}, {settings['width']}x{settings['height']} px, {dtype}")
+        made = generate(pipe, models, prompts, seeds, out, settings=settings, batch_size=args.batch_size,
+                        lora_scale=args.lora_scale)
+        print(f"generated {made} new image(s); manifest: {out / 'manifest.jsonl'}")
+        del pipe
+        gc.collect()
+    if "score" in stages:
+        names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+        for name in names:
+            if name not in scorers.SCORERS:
+                raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(scorers.SCORERS)}")
+        common = {"device": device}
+        options = {"pickscore": {"model": args.pickscore_model, "processor": args.pickscore_processor, **common},
+                   "clip": {"model": args.clip_model, **common},
+                   "aesthetic": {"head": args.aesthetic_head, "clip_model": args.aesthetic_clip_model, **common},
+                   "hpsv2": {"version": args.hpsv2_version},
+                   "imagereward": {"model": args.imagereward_model, **common}}
+        with torch.no_grad():
+            score_manifest(out, names, options, args.score_batch_size)
+            if args.fid_reference:
+                fid_per_model(out, args.fid_reference, weights_path=args.fid_inception_weights, device=device)
+    if "report" in stages:
+        summary = report(out, focus=args.focus, n_resamples=args.bootstrap, confidence=args.confidence,
+                         bootstrap_seed=args.bootstrap_seed, zero_method=args.zero_method, grid_prompts=args.grid_prompts)
+        print((out / "results.md").read_text())
+        return summary
+    return None
+
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(cli.cli_argv(argv))
+    try:
+        return run(args)
+    except ValueError as error:  # bad input: one clear line, not a stack trace
+        raise SystemExit(f"full.evaluate: error: {error}") from error

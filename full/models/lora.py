@@ -1,0 +1,108 @@
+"""LoRA with peft on the UNet's attention projections: add, run with and without (the reference), save, load.
+
+The reference model of every objective is the frozen starting point (SPEC section 1): with LoRA it is the
+*same* UNet with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights. Saved LoRAs
+are in diffusers format: `pipe.load_lora_weights(directory)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from full.models.pipeline import pipeline_class
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper 000, Sec. 4)
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_weights(dir)` looks for
+
+
+
+def add_lora(unet, rank: int = 8, *, alpha: float | None = None, init: str | bool = "gaussian") -> None:
+    """peft LoRA on the attention projections; `init="gaussian"`: A ~ N(0, 1/r), B = 0, so the model starts
+    exactly at the reference (paper 000 trains rank 8 this way)."""
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise ValueError(f"--rank must be positive, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=LORA_TARGET_MODULES)
+    unet.add_adapter(config)
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """The reference network: the same UNet with its LoRA switched off (pass the *unwrapped* model)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def reference_forward(unet, noisy_latents: Tensor, timesteps: Tensor, conditioning: dict) -> Tensor:
+    """`eps_ref(x_t, t, c)`: the frozen starting point, no graph kept."""
+    with torch.no_grad(), adapters_disabled(unet):
+        return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
+
+
+def lora_state_dict(unet) -> dict[str, Tensor]:
+    """The adapter weights only, with diffusers key names (what `save_lora_weights` expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(family: str, unet, directory, *, is_main_process: bool = True) -> Path:
+    """`<directory>/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(directory)`."""
+    config = unet.peft_config["default"]
+    metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    pipeline_class(family).save_lora_weights(
+        save_directory=str(directory),
+        unet_lora_layers=lora_state_dict(unet),
+        is_main_process=is_main_process,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
+    )
+    return Path(directory) / LORA_WEIGHT_NAME
+
+
+def load_lora_into(family: str, unet, directory) -> None:
+    """Load a LoRA saved by `save_lora` into the existing "default" adapter of `unet` (used when resuming)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state = pipeline_class(family).lora_state_dict(str(directory))[0]
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA in {directory} does not match the UNet: unexpected keys {unexpected[:5]}")
+
+
+
+def trainable_unet_parts(args, device, weight_dtype, *, cached: bool = False):
+    """The pipeline's parts with a LoRA on the UNet, ready to train: frozen parts in `weight_dtype`, LoRA in fp32
+    (the VAE and text encoders are skipped when training from a cache)."""
+    from diffusers.training_utils import cast_training_params
+
+    from full.models.pipeline import load_components, place_components
+
+    parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                            vae_path=args.pretrained_vae_model_name_or_path, with_vae=not cached,
+                            with_text_encoders=not cached)
+    add_lora(parts.unet, args.rank, alpha=args.lora_alpha)
+    place_components(parts, device, weight_dtype, fixed_vae=bool(args.pretrained_vae_model_name_or_path))
+    cast_training_params(parts.unet, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    parts.unet.train()
+    return parts

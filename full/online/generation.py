@@ -1,0 +1,156 @@
+"""SPIN's generation step: the opponent's samples for every training prompt, cached on disk.
+
+The configurable diffusers pipeline scheduler (`--generation_scheduler`), `--generation_steps`,
+`--generation_guidance_scale`, latents only. One safetensors shard per prompt batch, each written atomically: an
+interrupted iteration resumes from the shards it already has and regenerates nothing else; a cache made with other
+settings (or another opponent) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from full.models import lora
+from full.models.pipeline import Components, pipeline_class
+from full.online.opponent import playing_opponent
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = "spin_cache"  # <output_dir>/spin_cache/iteration-k/shard-NNNNNN.safetensors
+GENERATION_META = "generation.json"
+
+
+
+def generation_scheduler_class(args):
+    """`--generation_scheduler` (a diffusers class name), or the class the pipeline ships with."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    name = args.generation_scheduler or index["scheduler"][1]
+    scheduler_class = getattr(diffusers, name, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise ValueError(f"--generation_scheduler {name!r} is not a diffusers scheduler class "
+                         "(e.g. DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+    return scheduler_class
+
+
+def generation_pipeline(parts: Components, unet, args):
+    """The family's diffusers pipeline around the training UNet (the opponent is chosen by `playing_opponent`)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    scheduler = generation_scheduler_class(args).from_pretrained(args.pretrained_model_name_or_path,
+                                                                 subfolder="scheduler", revision=args.revision)
+    components = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=unet,
+                      scheduler=scheduler)
+    if parts.family == "sdxl":
+        components.update(text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1], add_watermarker=False,
+                          force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(parts.family)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def generation_settings(args, rows, iteration: int, output_dir: Path) -> dict:
+    """What the cached samples of an iteration depend on; a cache made with other settings is refused."""
+    opponent = "base" if iteration == 0 else \
+        _file_digest(output_dir / f"iteration-{iteration - 1}" / lora.LORA_WEIGHT_NAME)
+    row_ids = ",".join(str(r["row_id"]) for r in rows)
+    return {"iteration": iteration, "opponent_lora_sha256": opponent, "model": args.pretrained_model_name_or_path,
+            "scheduler": args.generation_scheduler or "pipeline default", "steps": args.generation_steps,
+            "guidance_scale": args.generation_guidance_scale, "resolution": args.resolution, "seed": args.seed,
+            "shard_size": args.generation_batch_size, "rows_sha256": hashlib.sha256(row_ids.encode()).hexdigest()}
+
+
+class GeneratedLatents:
+    """Row id -> the opponent's latents, read lazily (memory-mapped) from the shards of one iteration."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.where = {}
+        for shard in sorted(directory.glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for offset, row_id in enumerate(f.get_tensor("row_ids").tolist()):
+                    self.where[row_id] = (str(shard), offset)
+
+    def latents(self, row_id: int) -> Tensor:
+        from safetensors import safe_open
+
+        path, offset = self.where[row_id]
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice("latents")[offset:offset + 1][0]  # (4, h, w)
+
+
+def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir: Path, dtype) -> dict:
+    """Opponent samples for every row, one shard per `--generation_batch_size` prompts, each process a share.
+
+    A shard is written to a temporary name and renamed, so it either exists complete or not at all; a rerun of the
+    iteration skips the shards that exist (and refuses a cache made with other settings or another opponent).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    directory = output_dir / CACHE_DIR / f"iteration-{iteration}"
+    settings = generation_settings(args, rows, iteration, output_dir)
+    meta = directory / GENERATION_META
+    if meta.is_file():
+        cached = json.loads(meta.read_text())
+        different = sorted(k for k in settings if cached.get(k) != settings[k])
+        if different:
+            raise ValueError(f"{directory} holds opponent samples made with other settings ({', '.join(different)}"
+                             f" differ); delete it to regenerate, or rerun with the settings it was made with")
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_json(meta, settings)
+    accelerator.wait_for_everyone()
+
+    size = args.generation_batch_size
+    shards = [(j, rows[j * size:(j + 1) * size]) for j in range(math.ceil(len(rows) / size))]
+    mine = [(j, chunk) for j, chunk in shards if j % accelerator.num_processes == accelerator.process_index]
+    todo = [(j, chunk) for j, chunk in mine if not (directory / f"shard-{j:06d}.safetensors").is_file()]
+    device = accelerator.device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    bar = tqdm(todo, desc=f"opponent samples, iteration {iteration}", disable=not accelerator.is_main_process)
+    for j, chunk in bar:
+        generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + iteration) * 1_000_033 + j)
+        with playing_opponent(pipe.unet, iteration), autocast:
+            latents = pipe([r["caption"] for r in chunk], num_inference_steps=args.generation_steps,
+                           guidance_scale=args.generation_guidance_scale, height=args.resolution,
+                           width=args.resolution, generator=generator, output_type="latent").images  # (b, 4, h, w)
+        path, tmp = directory / f"shard-{j:06d}.safetensors", directory / f".shard-{j:06d}.tmp"
+        save_file({"latents": latents.float().cpu().contiguous(),
+                   "row_ids": torch.tensor([r["row_id"] for r in chunk], dtype=torch.long)},
+                  str(tmp), metadata={"iteration": str(iteration)})
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    missing = [j for j, _ in shards if not (directory / f"shard-{j:06d}.safetensors").is_file()]
+    if missing:
+        raise RuntimeError(f"{directory}: shards {missing[:5]} are missing after generation")
+    logger.info("iteration %d: %d opponent samples in %s (this process: %d shards generated, %d reused)",
+                iteration, len(rows), directory, len(todo), len(mine) - len(todo))
+    return {"directory": directory, "generated_shards": len(todo), "reused_shards": len(mine) - len(todo)}
+

@@ -1,0 +1,78 @@
+"""The Accelerator of a run, its trackers, and the optimizer with its learning-rate schedule."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+# --report_to value -> the package its accelerate tracker imports
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
+def check_report_to(value: str) -> str | None:
+    """A `--report_to` message when its tracker cannot run here (else None): checked before any model loads, so a
+    missing wandb does not mean a silent run with no logging."""
+    if value in ("none", "all"):
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACKER_PACKAGES]
+    if unknown:
+        return f"--report_to {value}: unknown tracker {unknown[0]!r}; choose from none, all, {', '.join(TRACKER_PACKAGES)}"
+    missing = [name for name in names if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        extra = "wandb" if missing[0] == "wandb" else None
+        how = f'pip install "minipref[{extra}]"' if extra else f"pip install {TRACKER_PACKAGES[missing[0]]}"
+        return f"--report_to {value}: {missing[0]} is not installed ({how}), or pass --report_to none"
+    return None
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA: DDP over gloo on
+        # the CPU, instead of N unaware single-process runs writing to one directory.
+        cpu=launched > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to.split(",") if report_to and report_to != "all" else report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+    )
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}")
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return accelerator
+
+
+def make_optimizer(args, params, accelerator):
+    """AdamW (8-bit with `--use_8bit_adam`) on the LoRA parameters and the diffusers lr schedule."""
+    from diffusers.optimization import get_scheduler
+
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
+    adamw = torch.optim.AdamW
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes  # checked at parse time (full.cli.check_importable)
+
+        adamw = bitsandbytes.optim.AdamW8bit
+    optimizer = adamw(params, lr=args.learning_rate * scale, betas=(args.adam_beta1, args.adam_beta2),
+                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,  # accelerate steps it once per process
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max(args.max_train_steps or 1, 1) * accelerator.num_processes)
+    return optimizer, lr_scheduler
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:
+    """Noise, timesteps and VAE samples of a micro-batch depend only on (seed, micro-step, process): a resumed
+    run draws exactly what the uninterrupted run drew."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)

@@ -1,0 +1,217 @@
+"""`TrainingRun`: the one training loop of every LoRA trainer (offline methods, SPIN, SPO).
+
+A trainer builds its model parts and its data, then hands the run a function that computes the loss of one
+micro-batch; the run owns everything else, in this order per micro-batch::
+
+    with accelerator.accumulate(unet):
+        out = compute_loss()              # the trainer's part: forwards and one minipref objective
+        stop if out.loss is NaN/Inf       # on any process, before the weights change
+        backward, clip, optimizer step    # accelerate skips the step until the last micro-batch of accumulation
+    on the optimizer step: metrics averaged over micro-batches and processes -> trackers and the progress bar,
+    a checkpoint every --checkpointing_steps, a validation grid every --validation_steps
+
+`epoch_batches` is the resumable data loop of the trainers that read a DataLoader; `train_until` is that loop and
+the step together. At the end `finish` saves the LoRA, runs a last validation from the saved file and writes the
+model card and `args.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import minipref
+from full.models import lora
+from full.models.pipeline import WEIGHT_DTYPES
+from full.run import checkpoints, outputs
+from full.run.accelerator import make_accelerator, make_optimizer, step_generator
+from full.run.validation import log_validation
+
+logger = logging.getLogger(__name__)
+POSTFIX_KEYS = ("loss", "implicit_acc", "accuracy", "clip_frac", "iteration")
+
+
+def run_and_reset(run, args) -> dict:
+    """``run(args)``, then reset accelerate's global state so a trainer's ``main`` can run again in the same
+    process (tests, notebooks)."""
+    try:
+        return run(args)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def start_accelerator(args):
+    """The Accelerator and the weight dtype of its mixed precision; seeds the LoRA init identically everywhere."""
+    accelerator = make_accelerator(args)
+    return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
+
+
+class TrainingRun:
+    """One run: the prepared UNet, optimizer, schedule (and loader), the progress counters, trackers and bar."""
+
+    def __init__(self, args, accelerator, parts, family: str, weight_dtype, *, loader=None, desc: str = ""):
+        from diffusers.training_utils import cast_training_params
+        from tqdm.auto import tqdm
+
+        self.args, self.accelerator, self.parts, self.family = args, accelerator, parts, family
+        self.weight_dtype, self.output_dir = weight_dtype, Path(args.output_dir)
+        self.params = lora.lora_parameters(parts.unet)
+        optimizer, lr_scheduler = make_optimizer(args, self.params, accelerator)
+        if loader is None:
+            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
+            self.loader = None
+        else:
+            self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
+                parts.unet, optimizer, loader, lr_scheduler)
+        self.model = accelerator.unwrap_model(self.unet)  # the same weights: the reference, sampling, saving
+
+        # What a checkpoint holds, then the trackers, then (with --resume_from_checkpoint) the state.
+        checkpoints.register_lora_hooks(accelerator, family)
+        self.progress = checkpoints.TrainingProgress()
+        accelerator.register_for_checkpointing(self.progress)  # before load_state, which restores it
+        if accelerator.is_main_process and accelerator.log_with:
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+            accelerator.init_trackers(args.tracker_project_name, config=config)
+        checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            cast_training_params(self.unet, dtype=torch.float32)
+            logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
+        elif args.resume_from_checkpoint:
+            logger.info("no checkpoint in %s yet: starting from step 0", self.output_dir)
+        self.window: list[dict] = []  # metrics of the micro-batches of the current optimizer step
+        self.logs: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.bar = tqdm(total=args.max_train_steps or None, initial=self.progress.global_step,
+                        desc=desc or f"{args.method} ({family})", disable=not accelerator.is_main_process)
+
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    def generator(self) -> torch.Generator:
+        """The micro-batch's random stream (noise, timesteps, VAE samples): the same after a resume."""
+        return step_generator(self.args.seed, self.progress.micro_step, self.accelerator.process_index,
+                              self.accelerator.device)
+
+    # ---- data
+
+    def epoch_batches(self) -> Iterator[dict]:
+        """The rest of the current epoch, resumably: skips the batches a resumed run already saw, counts each
+        micro-batch in ``progress``, and skips a batch with no decodable image on *any* process (all together: a
+        lone skip would deadlock the gradient all-reduce). When the epoch is exhausted, ``progress`` moves to the
+        next one; a caller that breaks out early stays in this epoch."""
+        accelerator, progress, loader = self.accelerator, self.progress, self.loader
+        loader.set_epoch(progress.epoch)
+        resumed = progress.batch_in_epoch
+        for batch in accelerator.skip_first_batches(loader, resumed) if resumed else loader:
+            progress.batch_in_epoch += 1
+            progress.micro_step += 1
+            if bool(accelerator.gather(torch.tensor([batch is None], device=accelerator.device)).any()):
+                logger.warning("micro-batch %d: no decodable image on some process; skipped", progress.micro_step)
+                continue
+            yield batch
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+
+    # ---- the step
+
+    def micro_step(self, compute_loss: Callable[[], minipref.LossOutput], extra_logs: dict | None = None
+                   ) -> dict | None:
+        """Loss, NaN/Inf stop, backward and (on the last micro-batch of accumulation) the optimizer step. Returns
+        the step's metrics when an optimizer step happened, else None."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.unet):
+            out = compute_loss()
+            self.check_finite(out)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and self.args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.window.append(out.metrics)
+        if not accelerator.sync_gradients:
+            return None
+        self.progress.global_step += 1
+        self.logs = self.mean_metrics() | {"lr": self.lr_scheduler.get_last_lr()[0]} | (extra_logs or {})
+        self.window = []
+        self.history.append(self.logs)
+        accelerator.log({f"train/{k}": v for k, v in self.logs.items()}, step=self.global_step)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{self.logs[k]:.4g}" for k in POSTFIX_KEYS if k in self.logs})
+        return self.logs
+
+    def check_finite(self, out: minipref.LossOutput) -> None:
+        """Stop before a NaN/Inf reaches the weights; the last good checkpoint stays as it is."""
+        finite = torch.isfinite(out.loss.detach()).reshape(1)
+        if bool(self.accelerator.gather(finite).all()):
+            return
+        found = checkpoints.list_checkpoints(self.output_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise SystemExit(f"non-finite loss ({out.loss.item()}) at step {self.global_step + 1} of --method "
+                         f"{self.args.method}; stopping without updating the weights: {last}. Lower "
+                         "--learning_rate or --beta, or try --mixed_precision bf16 / a fp16-safe VAE, then "
+                         "--resume_from_checkpoint latest.")
+
+    def mean_metrics(self) -> dict[str, float]:
+        """Metrics averaged over the micro-batches of a step and over processes."""
+        keys = list(self.window[0])
+        local = torch.tensor([[m.get(k, float("nan")) for k in keys] for m in self.window],
+                             dtype=torch.float64).nanmean(0)
+        values = self.accelerator.reduce(local.to(self.accelerator.device), reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    # ---- after an optimizer step
+
+    def save_checkpoint(self) -> Path:
+        return checkpoints.save_checkpoint(self.accelerator, self.output_dir, self.global_step,
+                                           self.args.checkpoints_total_limit)
+
+    def validate_if_due(self) -> None:
+        if self.args.validation_prompts and self.global_step % self.args.validation_steps == 0:
+            log_validation(self.accelerator, self.parts, self.args, self.global_step, self.weight_dtype,
+                           unet=self.model)
+
+    def train_until(self, end: int, step_loss: Callable[[dict, torch.Generator], minipref.LossOutput], *,
+                    extra_logs: dict | None = None, before_checkpoint: Callable[[int], None] | None = None) -> None:
+        """Epochs of the loader until ``global_step == end``: one loss per micro-batch, a checkpoint every
+        ``--checkpointing_steps`` and at ``end`` (``before_checkpoint(step)`` runs first), validation when due."""
+        while self.global_step < end:
+            for batch in self.epoch_batches():
+                generator = self.generator()
+                if self.micro_step(lambda: step_loss(batch, generator), extra_logs) is None:
+                    continue
+                if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == end:
+                    if before_checkpoint is not None:
+                        before_checkpoint(self.global_step)
+                    self.save_checkpoint()
+                self.validate_if_due()
+                if self.global_step >= end:
+                    break
+
+    # ---- the end
+
+    def finish(self, **summary) -> dict:
+        """Save the final LoRA in diffusers format, a last validation grid from it, args.json, the model card (and
+        the Hub push); close the trackers. Returns the run's summary."""
+        self.bar.close()
+        accelerator, args = self.accelerator, self.args
+        accelerator.wait_for_everyone()
+        lora_path = self.output_dir / lora.LORA_WEIGHT_NAME
+        if accelerator.is_main_process:
+            lora.save_lora(self.family, self.model, args.output_dir)
+            logger.info("LoRA saved to %s (load with pipe.load_lora_weights(%r))", lora_path, str(args.output_dir))
+            if args.validation_prompts:
+                log_validation(accelerator, self.parts, args, self.global_step, self.weight_dtype,
+                               lora_dir=args.output_dir)
+            outputs.write_run_outputs(args, self.family, self.global_step, self.logs)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {"family": self.family, "global_step": self.global_step, "lora_path": str(lora_path),
+                "metrics": self.logs, **summary, "unet": self.model}

@@ -1,0 +1,40 @@
+"""Validation grids: sample `--validation_prompts` with the training UNet (or, at the end, the saved LoRA loaded the
+way a user loads it), save `<output_dir>/validation/step-N.png` and send the images to every tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import minipref
+from full.models.pipeline import sample_images
+
+
+def log_validation(accelerator, parts, args, step: int, weight_dtype, *, unet=None, lora_dir=None) -> Path | None:
+    """A grid (prompts x images) on disk and in each tracker (TensorBoard, wandb, ...); main process only."""
+    if not accelerator.is_main_process:
+        return None
+    import numpy as np
+    from diffusers.utils import make_image_grid
+
+    prompts = list(args.validation_prompts)
+    if args.method == "csft":  # sample with the "good image" prefix (paper 001 Sec. 5.1.2)
+        prompts = minipref.csft_prompts(prompts, [True] * len(prompts))
+    images = sample_images(
+        parts, prompts, device=accelerator.device, dtype=weight_dtype, resolution=args.resolution,
+        num_per_prompt=args.num_validation_images, steps=args.num_validation_inference_steps,
+        guidance_scale=args.validation_guidance_scale, seed=args.seed, unet=unet, lora_dir=lora_dir,
+        vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision)
+    grid = make_image_grid(images, rows=len(prompts), cols=args.num_validation_images)
+    path = Path(args.output_dir) / "validation" / f"step-{step:06d}{'-final' if lora_dir else ''}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    tag = "validation" + ("/final" if lora_dir else "")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # one (N, H, W, C) tensor
+            tracker.log_images({tag: np.stack([np.asarray(im) for im in images])}, step, dataformats="NHWC")
+        else:  # wandb and the others take a list of PIL images
+            try:
+                tracker.log_images({tag: images}, step)
+            except NotImplementedError:
+                pass
+    return path

@@ -1,0 +1,84 @@
+"""The diffusion step shared by the trainers that denoise real images (offline methods, SPIN).
+
+1. latents `x0` (VAE, or a cache built by `full/data/cache.py`) and prompt embeddings `c`;
+2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (SPEC section 1),
+   `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, target `eps` or `v` from the scheduler config;
+3. the reference `eps_ref(x_t, t, c)`: the same UNet with its LoRA disabled, under `torch.no_grad()`
+   (only for the methods that need it); then the policy forward over all `n*B` images at once.
+
+The trainer then turns `(pred, ref_pred, target)` into its minipref objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import minipref
+from full.models import lora
+from full.models import pipeline as models
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch, flattened image-major: for pairs all B winners, then all B losers."""
+
+    latents: Tensor  # (n*B, 4, h, w)
+    prompt: models.PromptEmbeds  # hidden (n*B, L, D), pooled (n*B, P) for SDXL
+    time_ids: Tensor | None  # (n*B, 6), SDXL
+    n: int  # images per item: 2 (pairs, sharing t and eps) or 1
+    desirable: Tensor | None = None  # (B,) bool, binary methods
+    embeddings: Tensor | None = None  # (B, 2, E), contrast
+
+
+def _image_major(x: Tensor) -> Tensor:
+    return x.transpose(0, 1).flatten(0, 1)  # (B, n, ...) -> (n*B, ...)
+
+
+def inputs_from_images(batch: dict, parts: models.Components, args, device, generator, table=None) -> StepInputs:
+    """Pixels -> VAE latents and captions -> prompt embeddings, on the fly."""
+    pixels = batch["pixel_values"].to(device)  # (B, n, 3, R, R)
+    n = pixels.shape[1]
+    latents = models.encode_images(parts, _image_major(pixels), generator,
+                                     getattr(args, "vae_encode_batch_size", None)).float()  # (n*B, 4, R/8, R/8)
+    captions = batch["captions"]
+    if args.method == "csft":
+        captions = minipref.csft_prompts(captions, batch["desirable"])
+    prompt = models.encode_prompts(parts, captions, device)  # (B, ...): a pair shares its prompt
+    pooled = None if prompt.pooled is None else prompt.pooled.repeat(n, 1)
+    prompt = models.PromptEmbeds(prompt.hidden.repeat(n, 1, 1), pooled)
+    time_ids = None
+    if parts.family == "sdxl":
+        time_ids = models.sdxl_time_ids(_image_major(batch["original_sizes"]), _image_major(batch["crop_top_lefts"]),
+                                        args.resolution).to(device)
+    embeddings = None if table is None else torch.stack([table[r] for r in batch["row_ids"]]).to(device)
+    return StepInputs(latents, prompt, time_ids, n, batch.get("desirable"), embeddings)
+
+
+def inputs_from_cache(batch: dict, family: str, device) -> StepInputs:
+    n = batch["latents"].shape[1]
+    get = lambda key: _image_major(batch[key]).to(device).float() if key in batch else None  # noqa: E731
+    prompt = models.PromptEmbeds(get("prompt_embeds"), get("pooled"))
+    emb = batch.get("embeddings")
+    return StepInputs(get("latents"), prompt, get("time_ids") if family == "sdxl" else None, n,
+                      batch.get("desirable"), None if emb is None else emb.to(device).float())
+
+
+def denoise(unet, reference_unet, noise_scheduler, family: str, inputs: StepInputs, *, with_reference: bool,
+            generator, weight_dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Predictions of the policy and (optionally) the reference on one noised batch, and the target."""
+    latents, n = inputs.latents, inputs.n
+    b = latents.shape[0] // n
+    noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=latents.device).repeat(n, 1, 1, 1)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=latents.device).repeat(n)  # (B,) -> (n*B,): winner and loser share t, eps
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
+    target = models.training_target(noise_scheduler, latents, noise, timesteps)
+    conditioning = models.unet_conditioning(family, inputs.prompt, inputs.time_ids, weight_dtype)
+    ref_pred = lora.reference_forward(reference_unet, noisy, timesteps, conditioning) if with_reference else None
+    pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
+    return pred.float(), None if ref_pred is None else ref_pred.float(), target.float()
+
+
