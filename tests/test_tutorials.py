@@ -60,6 +60,9 @@ def test_01_policy(tmp_path):
     kd = r["sd15_kD"]
     assert 16000 < kd["t1"] < 17000 and 100 < kd["t500"] < 120 and 100 < kd["median"] < 170  # "16,500", "110", "~133"
     assert 1.5e5 < kd["T_times_mean"] < 3e5  # "about 2e5"
+    chain = r["chain"]  # the chain's log-ratio under q is the sum of the per-step closed forms; Jensen bounds it
+    assert chain["sampled_mean"] < -5 * chain["sampled_se"] and abs(chain["paired_gap"]) < 4 * chain["paired_gap_se"]
+    assert abs(chain["one_t_mean"] - chain["closed_form_mean"]) < 4 * chain["one_t_se"] and chain["jensen_min_gap"] >= 0
 
 
 def test_02_dpo(tmp_path):

@@ -20,7 +20,24 @@
 # r(x) = -(beta / 2) * (err_model(x) - err_ref(x)),      err = mean over dims of (eps_pred - eps)^2
 # ```
 #
-# (`minipref.implicit_reward`, docs/conventions.md). This lesson derives it from the one thing a preference method
+# (`minipref.implicit_reward`, docs/conventions.md).
+#
+# **Notation.** Ho et al. call the noise schedule `beta_t`; preference papers call the reward's KL weight `beta`.
+# Here `beta` is always the reward's (the `beta=` argument of every minipref loss) and the schedule is `b_t`:
+#
+# | symbol | meaning | in code |
+# |---|---|---|
+# | `T` | number of diffusion steps (1000) | `scheduler.config.num_train_timesteps` |
+# | `b_t` | noise added at step `t` (Ho et al.'s `beta_t`) | `scheduler.betas`, here `betas` |
+# | `alpha_t = 1 - b_t`, `abar_t = prod_{s<=t} alpha_s` | signal kept in one step / up to step `t` | `alphas`, `abar` (`scheduler.alphas_cumprod`) |
+# | `b~_t = (1 - abar_{t-1}) / (1 - abar_t) b_t` | variance of the posterior `q(x_{t-1} \| x_t, x0)` | `beta_tilde` |
+# | `sigma_t^2` | variance of the model's reverse step (`= b~_t` in diffusers' `fixed_small`) | |
+# | `eps`, `eps_theta`, `eps_ref` | true noise, policy's and reference's predictions | |
+# | `err = mean over D dims of (eps_pred - eps)^2` | denoising error of one sample | `minipref.per_sample_mse` |
+# | `D` | dimensions of one sample (2 here, 4 x 64 x 64 for SD1.5 latents) | `D` |
+# | `k_t = b_t^2 / (sigma_t^2 alpha_t (1 - abar_t))` | the timestep weight derived below | `k` |
+# | `beta` | the reward's scale (a KL weight times `T k_t D`, see below) | `beta=` |
+# | `beta_KL` | the KL weight of the RLHF objective on whole chains | | This lesson derives it from the one thing a preference method
 # needs, the log-probability ratio of an action under the fine-tuned policy and the reference, and **checks every
 # step numerically** on the 2D toy: its diffusers `DDPMScheduler` (T = 1000), its pretrained epsilon-MLP as the
 # reference, and a perturbed copy as the policy.
@@ -28,50 +45,49 @@
 # **The policy.** Sampling is a chain of Gaussian actions. One reverse step of DDPM (Ho et al. 2020, Eq. (11)) is
 #
 # ```
-# p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I),   mu_theta = (x_t - beta_t / sqrt(1 - abar_t) * eps_theta(x_t)) / sqrt(alpha_t)
+# p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I),   mu_theta = (x_t - b_t / sqrt(1 - abar_t) * eps_theta(x_t)) / sqrt(alpha_t)
 # ```
 #
-# with `alpha_t = 1 - beta_t`, `abar_t = prod_{s<=t} alpha_s`, and a variance `sigma_t^2` that does *not* depend on
-# the model (diffusers' default `variance_type="fixed_small"`: the posterior variance below).
+# with `alpha_t = 1 - b_t`, `abar_t = prod_{s<=t} alpha_s`, and a variance `sigma_t^2` that does *not* depend on
+# the model (diffusers' default `variance_type="fixed_small"`: the posterior variance `b~_t` below).
 #
 # **The posterior.** Given the clean sample `x0` that produced `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, the
 # forward process can be run backwards exactly (Ho et al. Eq. (6)-(7)):
 #
 # ```
-# q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde_t I)
-# mu_tilde     = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t
-#              = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)          (substitute x0; the TRUE noise)
-# beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
+# q(x_{t-1} | x_t, x0) = N(mu_tilde, b~_t I)
+# mu_tilde     = sqrt(abar_{t-1}) b_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t
+#              = (x_t - b_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)          (substitute x0; the TRUE noise)
+# b~_t = (1 - abar_{t-1}) / (1 - abar_t) * b_t
 # ```
 #
 # So the model's mean is the posterior mean with `eps` replaced by the prediction `eps_theta`, and
 #
 # ```
-# mu_tilde - mu_theta = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) * (eps_theta - eps)
+# mu_tilde - mu_theta = b_t / (sqrt(alpha_t) sqrt(1 - abar_t)) * (eps_theta - eps)
 # ```
 #
-# **The log-ratio.** Draw the action from the posterior, `x_{t-1} = mu_tilde + sqrt(beta_tilde_t) z`. Both models
+# **The log-ratio.** Draw the action from the posterior, `x_{t-1} = mu_tilde + sqrt(b~_t) z`. Both models
 # share `sigma_t`, so their normalising constants cancel, and
 #
 # ```
 # log p_theta(x_{t-1}|x_t) - log p_ref(x_{t-1}|x_t)
 #   = -( ||x_{t-1} - mu_theta||^2 - ||x_{t-1} - mu_ref||^2 ) / (2 sigma_t^2)
 #   = -( ||mu_tilde - mu_theta||^2 - ||mu_tilde - mu_ref||^2 ) / (2 sigma_t^2)          <- what survives
-#     - sqrt(beta_tilde_t) z . (mu_ref - mu_theta) / sigma_t^2                          <- zero on average over z
-#     ( beta_tilde_t ||z||^2 appears in both squares and cancels exactly )
+#     - sqrt(b~_t) z . (mu_ref - mu_theta) / sigma_t^2                          <- zero on average over z
+#     ( b~_t ||z||^2 appears in both squares and cancels exactly )
 # ```
 #
 # Averaged over the action, with `||.||^2` a **sum** over the `D` dimensions and `err` a **mean**:
 #
 # ```
 # E_q[ log-ratio ] = -(k_t / 2) (||eps_theta - eps||^2 - ||eps_ref - eps||^2) = -(k_t D / 2) (err_theta - err_ref)
-# k_t = beta_t^2 / (sigma_t^2 alpha_t (1 - abar_t))
+# k_t = b_t^2 / (sigma_t^2 alpha_t (1 - abar_t))
 # ```
 #
 # which is `implicit_reward(err_theta, err_ref, beta = k_t * D)`. Diff-contrast (paper 002, Eq. (8) and App.
-# Eq. (11)-(12)) and DSPO (paper 004, Eq. (11) and App. B.1) derive the same thing. Diffusion-DPO then holds the
-# timestep weight constant (as Ho et al.'s "simple" loss does) and folds `k_t`, `D` and everything else into one
-# tuned `beta`. Now the numbers.
+# Eq. (11)-(12)) and DSPO (paper 004, Eq. (11) and App. B.1) derive the same thing. The section "From one step to
+# Diffusion-DPO's objective" below carries it from one step to the whole chain. Now the numbers.
 
 # %%
 import copy
@@ -83,7 +99,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import minipref
-from toy.data import DESIRABLE
+from toy.data import DESIRABLE, UNDESIRABLE
 
 QUICK = lesson.QUICK
 N_POINTS = 48 if QUICK else 128  # clean points x0, one x_t each
@@ -105,13 +121,13 @@ with torch.no_grad():
     for parameter in policy.parameters():
         parameter.add_(0.03 * torch.randn(parameter.shape, generator=generator))
 
-# The schedule in float64, from the scheduler's betas (diffusers keeps alphas_cumprod in float32, whose round-off
+# The schedule in float64, from the scheduler's betas (= the b_t of the text; diffusers keeps alphas_cumprod in float32, whose round-off
 # would hide the exact identities below behind ~1e-7 noise).
 betas = scheduler.betas.double()
 alphas = 1 - betas
 abar = torch.cumprod(alphas, dim=0)
 abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])  # abar_{t-1}, with abar_{-1} = 1
-beta_tilde = (1 - abar_prev) / (1 - abar) * betas  # the posterior variance = diffusers' "fixed_small" sigma_t^2
+beta_tilde = (1 - abar_prev) / (1 - abar) * betas  # b~_t, the posterior variance = diffusers' "fixed_small" sigma_t^2
 k = betas**2 / (beta_tilde * alphas * (1 - abar))  # k_t (inf at t = 0, where sigma_0 = 0: the last step is exact)
 D = 2  # the toy's dimension count
 print(f"T = {scheduler.config.num_train_timesteps}, abar_T = {abar[-1]:.1e}, pretraining loss {np.mean(pretrain_losses[-50:]):.4f}")
@@ -129,7 +145,7 @@ def model_eps(model, x_t: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def model_mean(eps_pred: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps_pred) / sqrt(alpha_t)."""
+    """mu_theta = (x_t - b_t / sqrt(1 - abar_t) eps_pred) / sqrt(alpha_t)."""
     return (x_t - betas[t] / (1 - abar[t]).sqrt() * eps_pred) / alphas[t].sqrt()
 
 
@@ -138,7 +154,7 @@ def model_mean(eps_pred: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tenso
 #
 # `DDPMScheduler.step` (with `clip_sample=False`, as the toy sets it) computes the step through the predicted `x0`
 # and adds `sqrt(variance) * noise`; with the same generator we can reproduce its draw from `mu_theta` and
-# `beta_tilde_t` above.
+# `b~_t` above.
 
 # %%
 x0 = DESIRABLE.sample(N_POINTS, generator).double()
@@ -154,7 +170,7 @@ for t in TIMESTEPS:
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))  # the same draw diffusers made
     ours = model_mean(eps_theta.double(), x_t, t) + beta_tilde[t].sqrt() * z.double()
     step_gaps.append((diffusers_step.double() - ours).abs().max().item())
-lesson.check("DDPMScheduler.step samples N(mu_theta, beta_tilde_t I)", max(step_gaps) < 1e-4,
+lesson.check("DDPMScheduler.step samples N(mu_theta, b~_t I)", max(step_gaps) < 1e-4,
              f"largest gap {max(step_gaps):.1e} over t = {TIMESTEPS} (float32 round-off)")
 
 # %% [markdown]
@@ -239,9 +255,109 @@ fig.suptitle("The reverse-step log-ratio, averaged over posterior draws, is a di
 lesson.save_figure(fig, "01_log_ratio_vs_implicit_reward")
 
 # %% [markdown]
+# ## From one step to Diffusion-DPO's objective
+#
+# LLM-DPO compares the log-probabilities of two whole responses. For a diffusion model the "response" is the whole
+# chain `x_{0:T}`, and DPO with KL weight `beta_KL` would read
+#
+# ```
+# L = -log sigmoid( beta_KL * [ log p_theta(x^w_{0:T}) / p_ref(x^w_{0:T})  -  log p_theta(x^l_{0:T}) / p_ref(x^l_{0:T}) ] )
+# ```
+#
+# Wallace et al. (Diffusion-DPO, Sec. 4) get from there to a loss on single noised images in four steps:
+#
+# 1. **The chain is unknown; use the forward process.** Only `x_0` is in the dataset. They average over chains
+#    `x_{1:T} ~ q(x_{1:T} | x_0)` (in place of the policy's own reverse chain, an approximation). The prior
+#    `p(x_T) = N(0, I)` is shared and cancels, so the chain's log-ratio is the **sum over steps** of the reverse-step
+#    log-ratios above; averaged over `q`, each step's term is its closed form, `implicit_reward(beta = k_t D)`:
+#
+#    ```
+#    E_q[ log p_theta(x_{0:T}) / p_ref(x_{0:T}) ] = sum_t E_{q(x_t|x_0)}[ -(k_t D / 2)(err_theta - err_ref) ]
+#    ```
+#
+# 2. **The factor `T`.** A sum over `T` steps is `T` times the mean over a uniform `t`:
+#    `sum_t f(t) = T E_{t ~ U}[f(t)]`. One random `t` per image (as in training) is an unbiased, noisier estimate.
+# 3. **Jensen's bound.** `-log sigmoid` is convex, so `-log sigmoid(E[m]) <= E[-log sigmoid(m)]`: moving the
+#    expectation over `(t, x_t)` *outside* gives an upper bound that can be minimised one `(t, x_t)` at a time:
+#
+#    ```
+#    L <= E_{t, x^w_t, x^l_t}[ -log sigmoid( -beta_KL T (k_t D / 2) [ (err^w_theta - err^w_ref) - (err^l_theta - err^l_ref) ] ) ]
+#    ```
+#
+# 4. **The timestep weight folded into `beta`.** Holding `k_t` constant (Ho et al.'s "simple" weighting) turns
+#    `beta_KL T k_t D` into one number, the `beta` of `r = -(beta / 2)(err_theta - err_ref)`. That is Diffusion-DPO
+#    (lesson 2), and `beta = beta_KL T k_t D` says what kind of number `beta` is.
+#
+# Steps 1 to 3 can be checked numerically. We draw whole forward chains (`x_t = sqrt(alpha_t) x_{t-1} + sqrt(b_t) z`,
+# all `T` steps) from `N_X0` desirable and as many undesirable points, score every reverse step `t = 1..T-1` of each
+# chain under both models (the last step, `t = 0`, has `sigma_0 = 0` in diffusers: it is the decoder term `L_0`
+# that Ho et al. treat apart), and compare. The policy here is a copy with larger weight noise (0.1) than above, so
+# that it is clearly worse than the reference and the chain's log-ratio is clearly negative.
+
+# %%
+T = scheduler.config.num_train_timesteps
+N_X0, N_CHAINS = 8, (32 if QUICK else 128)  # chains per point
+far_policy = copy.deepcopy(reference)
+with torch.no_grad():
+    for parameter in far_policy.parameters():
+        parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+x0_chain = torch.cat([DESIRABLE.sample(N_X0, generator), UNDESIRABLE.sample(N_X0, generator)]).double()
+x0_chain = x0_chain.repeat_interleave(N_CHAINS, 0)  # (2 N_X0 N_CHAINS, 2): the first half desirable
+n_chains = len(x0_chain)
+
+x_prev = alphas[0].sqrt() * x0_chain + betas[0].sqrt() * torch.randn(n_chains, 2, generator=generator, dtype=torch.float64)
+sampled_log_ratio = torch.zeros(n_chains, dtype=torch.float64)  # sum over steps of log p_theta - log p_ref, as drawn
+reward_per_step = torch.zeros(T, n_chains, dtype=torch.float64)  # implicit_reward(beta = k_t D) at each x_t
+for t in range(1, T):
+    x_t = alphas[t].sqrt() * x_prev + betas[t].sqrt() * torch.randn(n_chains, 2, generator=generator, dtype=torch.float64)
+    eps_t = (x_t - abar[t].sqrt() * x0_chain) / (1 - abar[t]).sqrt()  # the noise that takes x0 to x_t
+    eps_theta, eps_ref = model_eps(far_policy, x_t, t), model_eps(reference, x_t, t)
+    mu_theta, mu_ref = model_mean(eps_theta, x_t, t), model_mean(eps_ref, x_t, t)
+    # log N(x_prev; mu_theta, sigma_t^2) - log N(x_prev; mu_ref, sigma_t^2): the normalisers cancel
+    sampled_log_ratio += -(((x_prev - mu_theta) ** 2).sum(1) - ((x_prev - mu_ref) ** 2).sum(1)) / (2 * beta_tilde[t])
+    reward_per_step[t] = minipref.implicit_reward(minipref.per_sample_mse(eps_theta, eps_t),
+                                                  minipref.per_sample_mse(eps_ref, eps_t), beta=(k[t] * D).item())
+    x_prev = x_t
+closed_form = reward_per_step.sum(0)  # step 1: sum_t of the closed forms along the same chains
+one_t = torch.randint(1, T, (n_chains,), generator=generator)  # step 2: one uniform t per chain, times (T - 1)
+one_t_estimate = (T - 1) * reward_per_step[one_t, torch.arange(n_chains)]
+
+
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    return values.mean().item(), (values.std() / len(values) ** 0.5).item()
+
+
+(chain_mean, chain_se), (closed_mean, _) = mean_se(sampled_log_ratio), mean_se(closed_form)
+gap_mean, gap_se = mean_se(sampled_log_ratio - closed_form)
+one_t_mean, one_t_se = mean_se(one_t_estimate)
+print(f"{n_chains} chains of {T - 1} steps: sampled log-ratio {chain_mean:.2f} +- {chain_se:.2f}, "
+      f"sum of closed forms {closed_mean:.2f}, paired gap {gap_mean:.3f} +- {gap_se:.3f}; "
+      f"(T - 1) x one random step {one_t_mean:.2f} +- {one_t_se:.2f}")
+lesson.check_range("the chain's log-ratio is clearly negative (a worse policy)", chain_mean, high=-5 * chain_se)
+lesson.check_close("step 1: E_q[chain log-ratio] == sum over t of implicit_reward(beta = k_t D), within 4 SE",
+                   gap_mean, 0.0, abs_tol=4 * gap_se)
+lesson.check_close("step 2: (T - 1) x implicit_reward at one uniform t estimates the same sum, within 4 SE",
+                   one_t_mean, closed_mean, abs_tol=4 * one_t_se)
+lesson.check_range("... at the price of a much larger standard error than the full sum's",
+                   one_t_se / (closed_form.std() / n_chains**0.5).item(), 3.0)
+
+# Step 3, per (desirable, undesirable) pair of points: the chain loss against its Jensen bound. The margin of one
+# (t, x_t) draw is (T - 1) * beta_KL * (r_w - r_l); beta_KL is chosen so that the chain margins are of order 1.
+BETA_KL = 0.05
+r_w, r_l = reward_per_step[1:, : n_chains // 2], reward_per_step[1:, n_chains // 2:]  # (T - 1, N_X0 * N_CHAINS) each
+step_margin = ((T - 1) * BETA_KL * (r_w - r_l)).reshape(T - 1, N_X0, N_CHAINS)  # pair i = (desirable i, undesirable i)
+chain_loss = torch.nn.functional.softplus(-step_margin.mean(dim=(0, 2)))  # -log sigmoid(E[m]), per pair
+jensen_bound = torch.nn.functional.softplus(-step_margin).mean(dim=(0, 2))  # E[-log sigmoid(m)], per pair
+print("per pair, chain loss vs its bound: " + ", ".join(f"{a:.3f} <= {b:.3f}" for a, b in zip(chain_loss, jensen_bound)))
+lesson.check("step 3: Jensen, the per-(t, x_t) loss bounds the chain loss for every pair",
+             bool((jensen_bound >= chain_loss).all()), f"smallest gap {(jensen_bound - chain_loss).min():.3f}")
+lesson.check_range("... and the bound is loose here: on average it exceeds the chain loss by more than 0.1",
+                   (jensen_bound - chain_loss).mean().item(), 0.1)
+
+# %% [markdown]
 # ## The timestep weight `k_t`, and what `beta = 5000` means
 #
-# With `sigma_t^2 = beta_tilde_t`, `k_t = beta_t / (alpha_t (1 - abar_{t-1}))`: huge at the last steps (the model
+# With `sigma_t^2 = b~_t`, `k_t = b_t / (alpha_t (1 - abar_{t-1}))`: huge at the last steps (the model
 # mean must be right to within a tiny posterior variance) and small elsewhere. Diffusion-DPO draws `t` uniformly
 # and uses one constant, so `beta` plays the role of `k_t D` for some "typical" `t`. Which one? Below: `k_t D` for
 # the toy (`D = 2`) and for Stable Diffusion 1.5 at 512 px (`D = 4 x 64 x 64` latent elements, its
@@ -255,7 +371,7 @@ def timestep_weight(noise_scheduler: DDPMScheduler) -> torch.Tensor:
     a = 1 - b
     ab = torch.cumprod(a, dim=0)
     ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-    return b / (a * (1 - ab_prev))  # k_t with sigma_t^2 = beta_tilde_t; entry 0 is inf
+    return b / (a * (1 - ab_prev))  # k_t with sigma_t^2 = b~_t; entry 0 is inf
 
 
 sd15_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -264,7 +380,7 @@ ts = np.arange(1, 1000)
 toy_kD = (timestep_weight(scheduler)[1:] * D).numpy()
 sd_kD = (timestep_weight(sd15_scheduler)[1:] * D_SD15).numpy()
 lesson.check("k_t from the schedule equals k_t from its definition (toy)",
-             np.allclose(toy_kD, (k[1:] * D).numpy(), rtol=1e-12), "beta_t^2 / (sigma_t^2 alpha_t (1 - abar_t))")
+             np.allclose(toy_kD, (k[1:] * D).numpy(), rtol=1e-12), "b_t^2 / (sigma_t^2 alpha_t (1 - abar_t))")
 t_at_5000 = int(ts[np.argmin(np.abs(sd_kD - 5000))])
 print(f"{'':22} {'t=1':>9} {'t=10':>9} {'t=100':>9} {'t=500':>9} {'t=999':>9} {'median':>9} {'T x mean':>10}")
 for name, kd in (("toy, D = 2", toy_kD), ("SD1.5 512px, D = 16384", sd_kD)):
@@ -286,6 +402,22 @@ ax.legend(fontsize=7, loc="lower left")
 lesson.save_figure(fig, "01_timestep_weight")
 
 # %% [markdown]
+# %%
+kl_weight = 5000 / (1000 * sd_kD)  # beta / (T k_t D): the KL weight that beta = 5000 implies at each t
+toy_chain = 1000 * toy_kD
+lesson.check_close("SD1.5: k_t D at t = 1 is about 16,500", float(sd_kD[0]), 16500, rel_tol=0.02)
+lesson.check_close("SD1.5: k_t D at t = 500 is about 110", float(sd_kD[499]), 110, rel_tol=0.02)
+lesson.check("SD1.5: beta = 5000 equals k_t D at t = 3", t_at_5000 == 3, f"t = {t_at_5000}")
+lesson.check_close("SD1.5: the median of k_t D over t is about 133", float(np.median(sd_kD)), 133, rel_tol=0.02)
+lesson.check_range("SD1.5: 5000 is below T k_t D at every t", float((1000 * sd_kD).min()), 5000)
+lesson.check("SD1.5: the implied KL weight runs from ~3e-4 to ~0.05",
+             2.5e-4 < kl_weight.min() < 3.5e-4 and 0.04 < kl_weight.max() < 0.06,
+             f"{kl_weight.min():.2e} to {kl_weight.max():.3f}")
+lesson.check("toy: T k_t D runs from ~20 to ~2400, and 500 lies inside",
+             15 < toy_chain.min() < 25 and 2300 < toy_chain.max() < 2500 and toy_chain.min() < 500 < toy_chain.max(),
+             f"{toy_chain.min():.1f} to {toy_chain.max():.0f}")
+
+# %% [markdown]
 # **Reading it.** For SD1.5 the `beta` that makes `r` the exact log-ratio of *one* reverse step runs from about
 # 16,500 (t = 1) down to about 110 (t ~ 500). `beta = 5000` lies inside that band, at its small-`t` end (it is
 # `k_t D` at t ~ 3), well above the median over `t` (~133). Summed over the whole chain, the log-ratio of two models
@@ -297,8 +429,28 @@ lesson.save_figure(fig, "01_timestep_weight")
 # Diff-contrast (paper 002, App. C) found 2000 best of {2000, 5000, 7000, 10000}; docs/toy.md sweeps 100 to 5000.
 #
 # **Conventions.** Because the error is a *mean* over dimensions, `beta` does not change with the resolution.
-# The diffusers DPO script writes `beta_dpo * (ref_diff - model_diff)` without the 1/2, so its 2500 is our 5000;
-# the Diffusion-KTO code has no 1/2 either, so its 5000 is our 10000 (docs/conventions.md has the table).
+# The diffusers SD1.5 DPO script writes `beta_dpo * (ref_diff - model_diff)` without the 1/2, so its 2500 is our
+# 5000 (its SDXL script keeps the 1/2); the Diffusion-KTO code has no 1/2 either, so the paper's 5000 is our 10000
+# (docs/conventions.md has the table, with the source line of each).
+#
+# ## Takeaways
+#
+# * One reverse step of DDPM is a Gaussian policy whose variance does not depend on the model, so the log-ratio of
+#   two models, averaged over the posterior action, is a difference of denoising errors:
+#   `implicit_reward(err_theta, err_ref, beta = k_t D)`.
+# * Over the whole chain, under `q(x_{1:T} | x_0)`, the log-ratio is the sum of these terms, `T` times their mean
+#   over a uniform `t`; Jensen's inequality turns DPO on chains into an upper bound that is minimised one
+#   `(t, x_t)` at a time; holding `k_t` constant folds `beta_KL T k_t D` into Diffusion-DPO's `beta`.
+# * `beta` is therefore a KL weight times a timestep weight times a dimension count; its value is tuned, not derived.
+#
+# ## Exercises
+#
+# 1. Predict `k_t D` at `t = 1` for SD1.5 at 1024 px (SDXL's latent is `4 x 128 x 128`) before computing it with
+#    `timestep_weight`. Why does the *mean* error keep `beta` the same across resolutions?
+# 2. Change the far policy's weight noise from 0.1 to 0.03. Predict how the chain's log-ratio and its standard
+#    error change, and whether the "clearly negative" check still holds. (Hint: the reference is a minimum of the
+#    denoising loss.)
+# 3. Make `BETA_KL` ten times larger and predict what happens to the gap between the chain loss and its Jensen bound.
 #
 # Next: lesson 2 turns this reward into the Diffusion-DPO loss and trains with it.
 
@@ -306,6 +458,9 @@ lesson.save_figure(fig, "01_timestep_weight")
 lesson.save_results("01_policy", {
     "quick": QUICK, "draws": N_DRAWS, "points": N_POINTS, "timesteps": rows,
     "diffusers_step_gap": max(step_gaps), "sd15_t_where_kD_is_5000": t_at_5000,
+    "chain": {"chains": n_chains, "sampled_mean": chain_mean, "sampled_se": chain_se, "closed_form_mean": closed_mean,
+              "paired_gap": gap_mean, "paired_gap_se": gap_se, "one_t_mean": one_t_mean, "one_t_se": one_t_se,
+              "jensen_min_gap": (jensen_bound - chain_loss).min().item()},
     "sd15_kD": {"t1": float(sd_kD[0]), "t10": float(sd_kD[9]), "t100": float(sd_kD[99]), "t500": float(sd_kD[499]),
                 "median": float(np.median(sd_kD)), "T_times_mean": float(1000 * sd_kD.mean())},
 })
