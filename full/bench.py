@@ -130,7 +130,7 @@ class PeakMemory:
 def method_args(method: str):
     extra = ["--embedding_column", "unused"] if method == "contrast" else []
     return parse_args(["--pretrained_model_name_or_path", "-", "--method", method, "--output_dir", "-",
-                             "--dataset_name", "-", *extra])
+                       "--dataset_name", "-", *extra])
 
 
 def make_batch(parts, pairs: int, resolution: int, device, generator) -> dict:

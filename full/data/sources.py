@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from full.paths import missing_local_path
+
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
@@ -73,7 +75,7 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
                     yield row_id, row
                     row_id += 1
         return
-    if dataset_name.endswith(".parquet") or "/" not in dataset_name or dataset_name.startswith((".", "/", "~")):
+    if missing_local_path(dataset_name) or "/" not in dataset_name:
         raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
                          "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
     try:
@@ -244,7 +246,10 @@ def detect_format(dataset_name: str) -> str:
         return "pairs"
     import pyarrow.parquet as pq
 
-    names = set(pq.read_schema(files[0]).names)
+    try:
+        names = set(pq.read_schema(files[0]).names)
+    except Exception as error:  # not a parquet file, truncated footer, ...
+        raise ValueError(f"--dataset_name {dataset_name}: cannot read {files[0]} as parquet ({error})") from error
     if {"jpg_0", "jpg_1"} & names:
         return "pairs"
     if "image" in names:

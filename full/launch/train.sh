@@ -13,7 +13,11 @@
 #               yuvalkirstain/pickapic_v2; per-image methods may also get a binary-feedback file, e.g. from
 #               `python -m full.data convert pairs-to-feedback` or `convert red-filter`)
 #   OUTPUT_DIR  (default: runs/MODEL-METHOD-CONFIG)
+#   PYTHON      the interpreter that runs accelerate and the trainer (default: python)
 #   DRY_RUN=1   print the command instead of running it
+#
+# Runs from any directory: relative MODEL_NAME / DATASET / OUTPUT_DIR are relative to where it is called, and the
+# repository is put on PYTHONPATH, so a checkout works without `pip install -e .`.
 #
 # The presets describe ONE A100-80GB (per-device batch x accumulation). On 8 GPUs the script divides the
 # accumulation by 8 (rounding up) so the effective batch stays the preset's; where the preset accumulates
@@ -21,7 +25,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,10p' "$0" >&2
+  sed -n '2,11p' "$0" >&2
   exit 2
 fi
 METHOD=$1 MODEL=$2 CONFIG=$3
@@ -41,7 +45,7 @@ if [[ ! -f "$CONFIG_FILE" ]]; then
   exit 2
 fi
 
-cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # One Python call: the method's data kind (paired / binary / self_play / online) from the registry, the
 # preset's values, and the config's process count (pyyaml comes with accelerate).
 VARS=$("$PYTHON" - "$METHOD" "$PRESET" "$CONFIG_FILE" <<'PY'
@@ -82,7 +86,7 @@ case "$METHOD" in
   spin|spo) ENTRY=(-m "full.$METHOD" --preset "$PRESET") ;;
   *)        ENTRY=(-m full.train --method "$METHOD" --preset "$PRESET") ;;
 esac
-CMD=(accelerate launch "${LAUNCH_ARGS[@]}" "${ENTRY[@]}"
+CMD=("$PYTHON" -m accelerate.commands.launch "${LAUNCH_ARGS[@]}" "${ENTRY[@]}"
      --pretrained_model_name_or_path "${MODEL_NAME:-$DEFAULT_MODEL}"
      "${DATA_ARGS[@]}"
      --gradient_accumulation_steps "$NEW_ACCUM"

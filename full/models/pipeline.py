@@ -17,10 +17,11 @@ The reference model of every objective is the frozen starting point (SPEC sectio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from full.paths import missing_local_path
 
 FAMILIES = ("sd15", "sdxl")
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}  # the pipelines' native sizes, as the diffusers scripts use
@@ -30,16 +31,6 @@ WEIGHT_DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def missing_local_path(name: str) -> bool:
-    """True when `name` reads as a local path that does not exist: absolute, relative (`./`, `~`), more than one
-    `/`, or under a directory that exists here. Such a name is reported as missing, not looked up on the Hub."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return False
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    return looks_local or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:

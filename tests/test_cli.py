@@ -1,0 +1,213 @@
+"""The command lines of full/: every input error is one line naming the flag (exit 2, no traceback unless --debug),
+checked before any model loads; the diffusers conventions (--beta_dpo, random flip, epochs, model card, args.json,
+validation images in every tracker); train.sh from any directory; no matplotlib backend switch at import."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from full import cli
+from full.trainers import offline, spin, spo
+from tests.conftest import train_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, main, argv, prog="full.train") -> str:
+    """Run `main` as the console scripts do; the error must be exactly one line on stderr, exit status 2."""
+    assert cli.entry_point(main, argv, prog=prog) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"{prog}: error: ")
+    return err
+
+
+def parse_error(capsys, parse, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err, err  # one line, not argparse's usage block
+    return err
+
+
+# ---------------------------------------------------------------------------- parse-time checks, one per message
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--beta", "-100"], "--beta must be positive, got -100.0"),
+    (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+    (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1], got 1.5"),
+    (["--feedback_policy", "best_only"], "--feedback_policy must be one of winner_once, always_win"),
+    (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1.0"),
+    (["--hub_model_id", "me/x"], "--hub_model_id is used with --push_to_hub"),
+    (["--report_to", "neptune"], "--report_to neptune: unknown tracker 'neptune'"),
+])
+def test_offline_flag_errors_name_the_flag_and_range(capsys, tmp_path, extra, needle):
+    assert needle in parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "kto", *extra))
+
+
+def test_desirable_ratio_outside_zero_one(capsys, tmp_path):
+    err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "kto", "--desirable_ratio", "1.5"))
+    assert "--desirable_ratio must be in [0, 1], got 1.5" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_report_to_a_tracker_that_is_not_installed_fails_at_start(capsys, tmp_path):
+    err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "dpo", "--report_to", "wandb"))
+    assert 'wandb is not installed (pip install "minipref[wandb]")' in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_8bit_adam_without_bitsandbytes(capsys, tmp_path):
+    err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "dpo", "--use_8bit_adam"))
+    assert '--use_8bit_adam needs bitsandbytes' in err and 'minipref[8bit]' in err
+
+
+def test_unknown_method_lists_only_what_each_entry_point_takes(capsys, tmp_path):
+    err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "ppo"))
+    assert "full.train takes sft, csft, bce, dpo, kto, contrast, dspo" in err
+    err = parse_error(capsys, spin.parse_args, ["--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                                                "--dataset_name", "d", "--method", "dpo"])
+    assert "invalid choice: 'dpo'" in err and err.split("choose from")[1].strip(" ')(\n").startswith("spin")
+    err = parse_error(capsys, spo.parse_args, ["--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                                               "--spm_model_name_or_path", "s", "--prompts_file", "p", "--method", "kto"])
+    assert "invalid choice: 'kto'" in err and err.split("choose from")[1].strip(" ')(\n").startswith("spo")
+
+
+# ---------------------------------------------------------------------------- errors found before the model loads
+
+
+def test_missing_local_model_dir_is_not_sent_to_the_hub(capsys, pickapic_parquet, tmp_path):
+    err = one_line_error(capsys, offline.main, train_argv(str(tmp_path / "no_model"), pickapic_parquet, tmp_path, "dpo"))
+    assert f"--pretrained_model_name_or_path={str(tmp_path / 'no_model')!r}: no such local directory" in err
+
+
+def test_a_file_that_is_not_parquet_is_named(capsys, tiny_sd15, tmp_path):
+    bad = tmp_path / "data.parquet"
+    bad.write_text("caption,image\n")
+    err = one_line_error(capsys, offline.main, train_argv(tiny_sd15, str(bad), tmp_path / "out", "dpo"))
+    assert f"cannot read {bad} as parquet" in err
+
+
+def test_debug_shows_the_traceback_instead(tmp_path, pickapic_parquet):
+    argv = train_argv(str(tmp_path / "no_model"), pickapic_parquet, tmp_path, "dpo", "--debug")
+    with pytest.raises(ValueError, match="no such local directory"):
+        cli.entry_point(offline.main, argv)
+
+
+def test_spo_without_a_kept_pair_exits_non_zero(capsys, monkeypatch):
+    untrained = {"global_step": 0, "threshold": 0.99, "branch_points": 12.0, "lora_path": "out/lora.safetensors"}
+    monkeypatch.setattr(spo, "main", lambda argv=None: untrained)
+    err = one_line_error(capsys, spo.main_requiring_pairs, [], prog="full.spo")
+    assert "no SPO pair passed --threshold 0.99 in 12 branch points" in err and "untrained" in err
+    monkeypatch.setattr(spo, "main", lambda argv=None: {**untrained, "global_step": 3})
+    assert cli.entry_point(spo.main_requiring_pairs, [], prog="full.spo") == 0
+
+
+def test_the_entry_point_module_prints_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "full.train", *train_argv("m", "d.parquet", tmp_path, "dpo",
+                                                                              "--beta", "-1")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "--beta must be positive" in result.stderr
+
+
+def test_main_in_a_notebook_does_not_parse_the_kernel_arguments(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", Namespace())
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/run/kernel-1.json"])
+    err = parse_error(capsys, offline.parse_args, None)
+    assert "required" in err and "--pretrained_model_name_or_path" in err and "kernel-1.json" not in err
+
+
+# ---------------------------------------------------------------------------- diffusers conventions
+
+
+def test_beta_dpo_is_twice_our_beta(capsys, tmp_path, caplog):
+    args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "2500"))
+    assert args.beta == 5000.0 and "--beta_dpo 2500 (diffusers DPO convention) = --beta 5000" in caplog.text
+    err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "kto", "--beta_dpo", "1"))
+    assert "for --method kto use --beta" in err
+    err = parse_error(capsys, offline.parse_args,
+                      train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "1", "--beta", "2"))
+    assert "give --beta or --beta_dpo, not both" in err
+
+
+def test_random_flip_is_on_by_default_and_can_be_turned_off(tmp_path):
+    assert offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo")).random_flip is True
+    assert offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--no-random_flip")).random_flip is False
+    minimal = ["--pretrained_model_name_or_path", "m", "--method", "dpo", "--output_dir", "o", "--dataset_name", "d"]
+    assert offline.parse_args(minimal).resolution is None  # set from the model: 512 (SD1.5) / 1024 (SDXL)
+
+
+@pytest.mark.parametrize("batches,processes,accumulation,epochs,steps", [(10, 1, 1, 1, 10), (10, 2, 2, 3, 9),
+                                                                         (1, 4, 8, 2, 2)])
+def test_num_train_epochs_as_optimizer_steps(batches, processes, accumulation, epochs, steps):
+    args = Namespace(gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
+    assert offline.steps_for_epochs(args, batches, processes) == steps
+
+
+def test_a_run_writes_args_json_and_a_model_card(run_train, tiny_sd15, pickapic_parquet, tmp_path):
+    summary = run_train(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--beta_dpo", "1000", steps=1)
+    saved = json.loads((tmp_path / "args.json").read_text())
+    assert saved["beta"] == 2000.0 and saved["method"] == "dpo" and saved["pretrained_model_name_or_path"] == tiny_sd15
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nbase_model: " + tiny_sd15) and "- dpo" in card and "| `beta` | 2000.0 |" in card
+    assert f"| loss | {summary['metrics']['loss']:.4g} |" in card and "minipref" in card
+
+
+def test_validation_images_go_to_every_tracker(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from full.run import validation
+
+    class Tracker:
+        def __init__(self, name):
+            self.name, self.logged = name, []
+
+        def log_images(self, values, step, **kwargs):
+            self.logged.append((values, step, kwargs))
+
+    trackers = [Tracker("tensorboard"), Tracker("wandb")]
+    accelerator = Namespace(is_main_process=True, device="cpu", trackers=trackers)
+    images = [Image.new("RGB", (8, 8), (255, 0, 0)) for _ in range(2)]
+    monkeypatch.setattr(validation, "sample_images", lambda *a, **k: images)
+    args = Namespace(validation_prompts=["a", "b"], method="dpo", resolution=8, num_validation_images=1,
+                     num_validation_inference_steps=1, validation_guidance_scale=1.0, seed=0, output_dir=str(tmp_path),
+                     pretrained_vae_model_name_or_path=None, revision=None)
+    path = validation.log_validation(accelerator, None, args, 7, None)
+    assert path.is_file()
+    (tb_values, tb_step, tb_kwargs), = trackers[0].logged
+    assert tb_values["validation"].shape == (2, 8, 8, 3) and tb_step == 7 and tb_kwargs == {"dataformats": "NHWC"}
+    (wandb_values, wandb_step, _), = trackers[1].logged
+    assert wandb_values["validation"] == images and wandb_step == 7
+
+
+# ---------------------------------------------------------------------------- launch script and imports
+
+
+def test_train_sh_runs_from_any_directory_with_relative_paths(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "DATASET": "data/pairs.parquet",
+           "MODEL_NAME": "models/sd15", "PYTHONPATH": ""}
+    result = subprocess.run(["bash", str(REPO / "full/launch/train.sh"), "dpo", "sd15", "1gpu"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split()
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # relative paths stay relative to the caller's directory (the script no longer changes into the checkout)
+    assert "data/pairs.parquet" in command and "models/sd15" in command and "runs/sd15-dpo-1gpu" in command
+
+
+def test_importing_the_plots_does_not_switch_the_matplotlib_backend():
+    code = ("import matplotlib; matplotlib.use('svg'); import full.eval.plots; "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
