@@ -43,7 +43,7 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("kto", kto_loss, "binary", "Diffusion-KTO (paper 001 Eq. (13)-(15))"),
         Objective("spin", spin_loss, "self_play", "SPIN-Diffusion (paper 000 Sec. 3.2 (iii))"),
         Objective("contrast", contrast_loss, "paired", "Diff-contrast (paper 002 Eq. (9))"),
-        Objective("dspo", dspo_loss, "paired", "DSPO (paper 004 Eq. (13), (45), (47))"),
+        Objective("dspo", dspo_loss, "paired", "DSPO (paper 004 Eq. (13), (45), (47); the authors' SDXL code)"),
         Objective("spo", spo_loss, "online", "SPO (paper 003 Sec. 4)"),
     )
 }
