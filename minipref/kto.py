@@ -38,7 +38,7 @@ The reference point estimates the KL term of KTO, ``z_ref ~ KL(pi_theta || pi_re
   (prompt, image) pairs as in the paper and HALOs. Clamp it at 0 and detach it before passing; it is used as
   given, so that ``z_ref = r_l`` with gradient reproduces DPO exactly (SPEC identity 3).
 
-Data: each training sample is desirable with probability ``gamma`` (0.8 in the paper, Sec. 4.3), which the
+Data: each training sample is desirable with probability ``gamma`` (Sec. 4.3; 0.8 in App. A), which the
 trainer's sampler handles. Hyperparameters (App. A): SD v1.5, Adam, lr 1e-7, 1000 warmup, 10k iterations, batch 2 per
 GPU x 16, beta 5000. The authors' logit ``beta_K * (err_ref - err_model)`` has no 1/2 (SPEC section 1), so their
 beta is half of ours: the paper's App. A value 5000 is our 10000 (the presets use it), and the code's default
