@@ -107,6 +107,10 @@ def test_04_beyond_pairs(tmp_path):
     assert math.isclose(r["dspo_factors"]["beta=500, gamma=0.001"], 0.75, rel_tol=1e-9)
     assert math.isclose(r["dspo_factors"]["beta=0.001, gamma=1"], 0.9995, rel_tol=1e-9)
     assert r["spo_pairs"] > 0 and abs(r["spo_loss_at_init"] - math.log(2)) < 1e-6
+    assert max(r["spo_kept_t"]) <= 249 and r["spo_keep"]["worst_z"] < 4  # kept only where the oracle can tell
+    assert r["dspo_minimiser_gap"] < 1e-6 and abs(r["spin_target_exact_acc"] - 0.80) < 0.02
+    toy = r["toy"]
+    assert toy["dspo"]["mean"][0] < toy["sft"]["mean"][0] - 0.02  # DSPO extrapolates past the desirable mean
 
 
 def test_05_scaling_up(tmp_path):

@@ -74,8 +74,9 @@ def pair_errors(policy, ref, x_w, x_l, generator):
 # i.e. **Diffusion-DPO with winner = real data, loser = the opponent's sample, reference = the opponent**. It
 # needs only the "good" images (no human comparisons). At the start of every iteration the policy *is* the
 # opponent, so the loss restarts at `log 2`; the gradient vanishes once the model cannot tell its own samples from
-# real ones. (As in lesson 2, a single batch's loss can sit above `log 2` while the accuracy is well above 0.5:
-# the margins are noisy and the loss pays for their spread.) Paper 000 uses this single-timestep form; the SPIN-Diffusion paper itself decomposes over the chain.
+# real ones: below, the second iteration's implicit accuracy (real vs generated) ends closer to 0.5 than the first's.
+# (Lesson 2 showed why the loss and the accuracy can tell different stories: the loss sizes the margins, the
+# accuracy counts their signs.) Paper 000 uses this single-timestep form; the SPIN-Diffusion paper itself decomposes over the chain.
 
 # %%
 opponent = copy.deepcopy(reference)
@@ -89,7 +90,7 @@ lesson.check("spin_loss == dpo_loss on the same tensors", spin.loss.item() == dp
              and spin.metrics["margin"] == dpo.metrics["margin"], f"{spin.loss.item():.6f}")
 
 ITERATIONS, STEPS_PER_ITERATION = 2, (75 if QUICK else 300)  # toy/methods.py: 2 iterations over 600 steps
-spin_log = {"first_loss": [], "energy_distance": [energy_distance(pool, desirable_reference)]}
+spin_log = {"first_loss": [], "late_acc": [], "energy_distance": [energy_distance(pool, desirable_reference)]}
 policy = copy.deepcopy(reference).requires_grad_(True).train()
 optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
 schedule = cosine_schedule(optimizer, ITERATIONS * STEPS_PER_ITERATION, warmup=STEPS_PER_ITERATION // 10)  # as toy/train.py
@@ -112,11 +113,15 @@ for iteration in range(ITERATIONS):
     with torch.no_grad():
         spin_log["energy_distance"].append(energy_distance(sample(policy, sampler, 2048, generator), desirable_reference))
     loss_late, acc_late = np.mean(recent, axis=0)
+    spin_log["late_acc"].append(float(acc_late))
     print(f"iteration {iteration}: first loss {spin_log['first_loss'][-1]:.4f}; last 20 steps: loss {loss_late:.3f}, "
           f"implicit acc {acc_late:.3f} (real vs generated); "
           f"energy distance to the desirable Gaussian {spin_log['energy_distance'][-1]:.4f}")
 lesson.check("every iteration starts at log 2 (policy == opponent)",
              all(abs(v - math.log(2)) < 1e-6 for v in spin_log["first_loss"]), str([round(v, 6) for v in spin_log["first_loss"]]))
+lesson.check("the model tells its samples from real ones less well in the last iteration than in the first",
+             abs(spin_log["late_acc"][-1] - 0.5) < abs(spin_log["late_acc"][0] - 0.5),
+             "implicit acc over the last 20 steps of each iteration: " + ", ".join(f"{a:.3f}" for a in spin_log["late_acc"]))
 lesson.check("self-play moves the samples towards the real (desirable) data",
              spin_log["energy_distance"][-1] < 0.5 * spin_log["energy_distance"][0],
              f"energy distance {spin_log['energy_distance'][0]:.4f} (pretrained) -> {spin_log['energy_distance'][-1]:.4f}")
@@ -236,6 +241,53 @@ lesson.check("DPO's gradient on a winner is (beta/2B)(1 - sigmoid(margin)): DSPO
              torch.allclose(d_err_w, 500.0 / (2 * 16) * (1 - torch.sigmoid(margin.detach())), rtol=1e-12))
 
 # %% [markdown]
+# **Where DSPO's loss is minimised: an extrapolation away from the reference.** Write `g = beta * gamma *
+# (1 - sigmoid(r_w - r_l))` for the gate. The loss is the squared length of `R = (eps_theta - eps) - g (eps_theta -
+# eps_ref)`, so its smallest possible value is 0, reached where `R = 0`:
+#
+# ```
+# eps_theta* = eps + g / (1 - g) * (eps - eps_ref)
+# ```
+#
+# (with `g` evaluated at that point; the gate's own gradient does not move the minimum, because `R = 0` there). The
+# target is not the true noise `eps` (SFT's target) but a point *beyond* it, on the far side from what the reference
+# predicts: DSPO pushes the model past the data, away from the pretrained model, by `g / (1 - g)` of the distance
+# between them (at most 1, with `beta * gamma = 1/2`; 0 for a pair already separated, where the gate has closed and
+# the target is `eps` itself). Below: minimise `minipref.dspo_loss` over a free prediction
+# for 64 winners and compare with the formula. On the toy this shows as an overshoot: DSPO's samples end beyond
+# the desirable mean in `x`, further from the pretrained 0.5 than SFT's (the table at the end).
+
+# %%
+eps_w = torch.randn(64, 2, generator=g, dtype=torch.float64)
+ref_pred = eps_w + 0.3 * torch.randn(64, 2, generator=g, dtype=torch.float64)  # the reference's prediction
+err_l_fixed, ref_err_l_fixed = (0.1 + 0.01 * torch.rand(64, generator=g, dtype=torch.float64) for _ in range(2))
+free = ref_pred.clone().requires_grad_(True)  # start at the reference
+optimizer = torch.optim.LBFGS([free], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+BETA_DSPO, GAMMA_DSPO = 500.0, 1 / 1000  # the toy's: beta * gamma = 1/2
+
+
+def dspo_objective():
+    optimizer.zero_grad()
+    loss = minipref.dspo_loss(free, ref_pred, eps_w, err_l_fixed, ref_err_l_fixed, beta=BETA_DSPO, gamma=GAMMA_DSPO).loss
+    loss.backward()
+    return loss
+
+
+optimizer.step(dspo_objective)
+with torch.no_grad():
+    final = minipref.dspo_loss(free, ref_pred, eps_w, err_l_fixed, ref_err_l_fixed, beta=BETA_DSPO, gamma=GAMMA_DSPO)
+    margin_star = (minipref.implicit_reward(minipref.per_sample_mse(free, eps_w), minipref.per_sample_mse(ref_pred, eps_w), BETA_DSPO)
+                   - minipref.implicit_reward(err_l_fixed, ref_err_l_fixed, BETA_DSPO))
+    gate_star = (BETA_DSPO * GAMMA_DSPO * (1 - torch.sigmoid(margin_star)))[:, None]  # (64, 1)
+    predicted_star = eps_w + gate_star / (1 - gate_star) * (eps_w - ref_pred)
+    along = (((free - eps_w) * (eps_w - ref_pred)).sum(1) / ((eps_w - ref_pred) ** 2).sum(1))  # step beyond eps, in units of |eps - eps_ref|
+print(f"DSPO loss at the minimiser {final.loss.item():.2e}; extrapolation factor g/(1-g) from {along.min():.3f} to {along.max():.3f}")
+lesson.check_range("minimising dspo_loss over the prediction reaches (nearly) zero", final.loss.item(), high=1e-12)
+lesson.check_close("... at eps + g/(1-g)(eps - eps_ref), the formula", (free - predicted_star).abs().max().item(), 0.0, abs_tol=1e-6)
+lesson.check("... which lies beyond eps, away from the reference, or at eps where the gate has closed (0 <= g/(1-g) <= 1)",
+             bool((along > -1e-6).all() and (along <= 1 + 1e-9).all()), f"{along.min():.3f} to {along.max():.3f}")
+
+# %% [markdown]
 # ## 4. SPO: preferences between denoising steps
 #
 # SPO samples with a **stochastic DDIM step** (eta = 1): from `x_t` the next point is Gaussian,
@@ -287,6 +339,40 @@ spo_at_init = minipref.spo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta=10.
 lesson.check("every kept pair is a step with t < 750", all(t < 750 for t in counts))
 lesson.check("SPO at theta = ref: loss = log 2", abs(spo_at_init.loss.item() - math.log(2)) < 1e-6,
              f"{spo_at_init.loss.item():.6f}")
+
+# %% [markdown]
+# **Why the kept pairs sit at `t <= 249` although the window is `t < 750`.** The oracle scores a candidate with
+# the log-density ratio of the noised Gaussians at the candidate's step, which is linear in `y` with slope
+# `sqrt(abar) * 0.2 / (abar * 0.01 + 1 - abar)`. Four candidates drawn from one `x_t` differ only by the step's
+# noise, `std_t * z`, so the best-worst score gap is `slope * std_t * (range of 4 standard normals in y)`. A pair is
+# kept when `softmax([s_best, s_worst])` differs by more than 0.3, i.e. when the gap exceeds `2 atanh(0.3) = 0.62`.
+# At large `t` the noised Gaussians overlap (`abar` small, the slope ~0.2 sqrt(abar)): no gap is big enough. At the
+# last step the DDIM noise `std_t` is tiny: the candidates are nearly identical. Only in between are pairs kept. This
+# predicts the kept fraction at every step exactly (the score is linear, so where `x_t` is does not matter):
+
+# %%
+from toy.sampling import previous_timestep  # noqa: E402
+
+ranges = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+ranges = ranges.max(1).values - ranges.min(1).values  # the spread of 4 candidates' noise in y, in units of std_t
+needed_gap = 2 * math.atanh(0.3)
+predicted_keep, observed_keep = {}, {}
+for step_t in [int(v) for v in ddim.timesteps if v < 750]:
+    t_prev = previous_timestep(ddim, step_t)
+    abar_score = 1.0 if t_prev < 0 else float(scheduler.alphas_cumprod[t_prev])
+    slope = math.sqrt(abar_score) * 0.2 / (abar_score * 0.01 + 1 - abar_score)
+    _, step_std = minipref.ddim_step_gaussian(torch.zeros(1, 2), torch.zeros(1, 2), *step_alphas(ddim, step_t), eta=1.0)
+    predicted_keep[step_t] = (slope * step_std.item() * ranges > needed_gap).double().mean().item()
+    observed_keep[step_t] = counts.get(step_t, 0) / spec.batch
+print("t:         " + " ".join(f"{t:>6}" for t in predicted_keep))
+print("predicted: " + " ".join(f"{v:>6.3f}" for v in predicted_keep.values()))
+print("observed:  " + " ".join(f"{v:>6.3f}" for v in observed_keep.values()))
+worst_z = max(abs(observed_keep[t] - p) / math.sqrt(max(p * (1 - p), 1e-4) / spec.batch) for t, p in predicted_keep.items())
+lesson.check_range("observed kept fraction == predicted at every step (largest gap in binomial SEs)", worst_z, high=4.0)
+lesson.check("the prediction keeps (almost) nothing at t >= 299: expected pairs per rollout < 1 at every such step",
+             all(p * spec.batch < 1 for t, p in predicted_keep.items() if t >= 299),
+             ", ".join(f"t {t}: {p * spec.batch:.2f}" for t, p in predicted_keep.items() if t >= 299))
+lesson.check("and the rollout kept no pair at t >= 299", all(t <= 249 for t in counts), str(counts))
 
 # %% [markdown]
 # The clip is a trust region: once a step's log-ratio leaves `[log 0.9, log 1.1]`, that side of the pair gives
@@ -346,14 +432,76 @@ if lesson.IN_NOTEBOOK:
     display(Image(filename=str(lesson.OUT / "04_toy_samples.png")))
 finite = all(np.isfinite(v["energy_distance"]) for v in toy_metrics["methods"].values())
 lesson.check("every method trains to finite samples", finite)
+tm = toy_metrics["methods"]
+lesson.check("DSPO overshoots: its mean x lies beyond SFT's, further from the pretrained 0.5",
+             tm["dspo"]["mean"][0] < tm["sft"]["mean"][0] - 0.02,
+             f"DSPO {tm['dspo']['mean'][0]:.3f}, SFT {tm['sft']['mean'][0]:.3f}, desirable 0.300, pretrained {tm['reference']['mean'][0]:.3f}")
 
 # %% [markdown]
+# **SPIN's implicit accuracy.** The table's accuracy is measured against the *pretrained* model on fresh
+# (desirable, undesirable) pairs. SPIN never sees an undesirable point, and its own reward is relative to its
+# previous iterate, not to the pretrained model. What it learns is to move towards the desirable Gaussian, i.e.
+# from mean x 0.5 to 0.3, with mean y unchanged; but the desirable and undesirable Gaussians *share* x = 0.3 and
+# differ only in y. So the ranking that separates them is a side effect. Split the exact density ratio of "the
+# desirable Gaussian over the pretraining one", `log p_D - log p_pretrain`, into its x part and its y part
+# (isotropic Gaussians: the two add up): the x part, SPIN's main move, ranks fresh pairs at chance (both Gaussians
+# have the same x); only the y part, the *narrowing* from std 0.2 to 0.1 around y = 0.8, ranks them, and the sum
+# gets about 80% right (below). A learned, uniform-`t` estimate of it whose y part is weak or slightly off can
+# land anywhere around chance: docs/toy.md reports 0.39, 0.52 and 0.74 for seeds 0, 1, 2 (full runs). Below 0.5
+# means that against the pretrained model SPIN's errors happened to fall more at y = 0.6 than at y = 0.8, which
+# nothing in its loss forbids.
+
+# %%
+from toy.data import PRETRAIN, UNDESIRABLE  # noqa: E402
+
+gen = torch.Generator().manual_seed(10)
+x_w, x_l = DESIRABLE.sample(200_000, gen).double(), UNDESIRABLE.sample(200_000, gen).double()
+
+
+def part(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The ``axis`` coordinate's share of log p_D(x) - log p_pretrain(x) (isotropic Gaussians: the shares add up)."""
+    return (-(x[:, axis] - DESIRABLE.mean[axis]) ** 2 / (2 * DESIRABLE.var)
+            + (x[:, axis] - PRETRAIN.mean[axis]) ** 2 / (2 * PRETRAIN.var))
+
+
+ranked = {name: (f(x_w) > f(x_l)).double().mean().item() for name, f in
+          (("x part", lambda x: part(x, 0)), ("y part", lambda x: part(x, 1)),
+           ("whole ratio", lambda x: DESIRABLE.log_prob(x) - PRETRAIN.log_prob(x)))}
+exact_spin_target_acc = ranked["whole ratio"]
+print("fresh pairs ranked correctly by log p_D - log p_pretrain: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked.items()))
+lesson.check_close("its x part ranks fresh pairs at chance", ranked["x part"], 0.5, abs_tol=0.01)
+lesson.check_range("its y part ranks them", ranked["y part"], 0.8)
+lesson.check_close("the whole exact ratio ranks about 80% of them", exact_spin_target_acc, 0.80, abs_tol=0.02)
+lesson.check_close("SPIN keeps the pretrained mean y", tm["spin"]["mean"][1], tm["reference"]["mean"][1], abs_tol=0.05)
+lesson.check_close("... and moves its mean x to the desirable 0.3", tm["spin"]["mean"][0], 0.3, abs_tol=0.05)
+
+# %% [markdown]
+# ## Takeaways
+#
+# * SPIN is DPO whose losers are the model's own samples and whose reference is its previous iterate: it needs
+#   only good data, and it learns the good data's distribution, not a preference between good and bad.
+# * Diff-contrast's `tau` slides from DPO (each winner with its own loser) to an all-pairs average.
+# * DSPO is SFT plus a gated correction; its minimiser extrapolates beyond the data, away from the reference, and
+#   `beta * gamma` sets how far (and at `beta * gamma > 2` the first step is anti-SFT).
+# * SPO's pairs exist only where the step-aware preference can tell candidates apart: not at large `t` (the noised
+#   distributions overlap), not at the last step (the candidates coincide).
+#
+# ## Exercises
+#
+# 1. Lower SPO's threshold from 0.3 to 0.1 and predict, with the formula above, at which timesteps pairs appear.
+# 2. Set DSPO's `gamma` so that `beta * gamma = 1.5` and predict the extrapolation factor `g / (1 - g)` at
+#    `theta = ref` (gate 1/2). What happens to the minimiser when `g` reaches 1?
+# 3. Run `python -m toy --methods spin --seed 1` and `--seed 2` and compare SPIN's implicit accuracy with its mean
+#    sample: which of the two does its loss control?
+#
 # Next: lesson 5 runs the same functions on Stable Diffusion.
 
 # %%
 lesson.save_results("04_beyond_pairs", {
     "quick": QUICK, "spin": spin_log, "contrast_diag": {str(t): weights[t].diagonal().mean().item() for t in TAUS},
     "dspo_factors": factors, "spo_pairs": len(pairs["t"]), "spo_loss_at_init": spo_at_init.loss.item(),
+    "spo_keep": {"predicted": predicted_keep, "observed": observed_keep, "worst_z": worst_z}, "spo_kept_t": sorted(counts),
+    "dspo_minimiser_gap": (free - predicted_star).abs().max().item(), "spin_target_exact_acc": exact_spin_target_acc,
     "toy": {name: {k: v[k] for k in ("desirable_frac", "undesirable_frac", "energy_distance", "mean")}
             for name, v in toy_metrics["methods"].items()},
 })
