@@ -1,0 +1,81 @@
+"""The lab's sizes and settings: the full lab (`python -m full.lab`) and the quick one (`--quick`, the test).
+
+Every number that decides a result is here, next to the reason it was chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 0
+    vae_channels: tuple = (16, 32, 32)  # 3 blocks: 32 px -> 8 x 8 latents, a factor 4 (SD's 8 is overkill at 32 px)
+    unet_channels: tuple = (32, 64)  # 8 x 8 -> 4 x 4, cross-attention in both levels and the middle
+    text_width: int = 64  # = the UNet's cross-attention width
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4  # small: bounded latents, not a prior to sample from (the UNet is the prior)
+    pool_size: int = 8000  # encoded scenes the UNet trains on (~220 per caption)
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3  # tiny models take large steps; warm-up 5%, cosine to 10%
+    caption_dropout: float = 0.1  # SD1.5 trained with 10% empty prompts, for classifier-free guidance
+    ema_decay: float = 0.999
+    clip_width: int = 64  # the tiny CLIP (full/lab/clip.py) for Diff-contrast's f(y, x) and SPO's preference model
+    clip_steps: int = 300
+    clip_lr: float = 1e-3
+
+
+FULL_PRETRAIN = PretrainConfig()
+QUICK_PRETRAIN = replace(FULL_PRETRAIN, vae_steps=150, pool_size=1500, unet_steps=300, unet_batch=32, ema_decay=0.99,
+                        clip_steps=60)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference data, sampling and evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    name: str
+    pretrain: PretrainConfig
+    images_per_caption: int  # base samples per training caption; consecutive ones are paired
+    tie_rate: float = 0.1  # Pick-a-Pic has ties too; the trainers drop them (as Diffusion-DPO does)
+    label_noise: float = 0.05  # flipped labels: the rater is a crowd, not an oracle
+    sample_steps: int = 20  # DDIM steps for every sample the lab draws (data, SPIN, SPO, evaluation)
+    guidance: float = 3.0  # CFG scale: the tiny model follows captions best around 2-4 (7.5 oversaturates it)
+    eval_seeds: int = 8  # images per held-out caption and model (18 captions: the bootstrap runs over them)
+    train_scale: float = 1.0  # multiplies every method's steps (quick: fewer)
+    methods: tuple = ()  # empty: all
+
+
+FULL = LabConfig("full", FULL_PRETRAIN, images_per_caption=64)
+QUICK = LabConfig("quick", QUICK_PRETRAIN, images_per_caption=16, sample_steps=10, eval_seeds=2, train_scale=0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer settings, once per method family
+# ---------------------------------------------------------------------------------------------------------------
+
+# Flags every offline run shares. rank 8 on the attention projections as paper 000; no warm-up (a few hundred
+# steps only); checkpoints only at the end; 32 px is the lab's resolution.
+COMMON_FLAGS = {"resolution": 32, "rank": 8, "lr_warmup_steps": 0, "lr_scheduler": "constant", "seed": 0}
+
+FAMILIES = {
+    # SFT / CSFT: plain regression on the chosen images; no reference, no beta. lr 1e-3: the LoRA must move a
+    # model whose own weights were trained at 1e-3, in a few hundred steps.
+    "sft": dict(flags={"learning_rate": 1e-3, "train_batch_size": 32, "max_train_steps": 300},
+                reason="no beta; lr as the pretraining's peak so a few hundred steps can move the LoRA"),
+    # Reference-based objectives (DPO, DSPO, Diff-contrast, KTO, BCE with reference, SPIN): Diffusion-DPO's
+    # beta 5000 (minipref convention; paper 000/004 use it for SD1.5) and the same lr as SFT, so that the
+    # families differ only in their objective.
+    "reference": dict(flags={"learning_rate": 1e-3, "train_batch_size": 16, "max_train_steps": 300, "beta": 5000.0},
+                      reason="Diffusion-DPO's beta 5000 unchanged; batch 16 pairs = 32 images, as SFT's 32"),
+    # SPO: its own sampler-in-the-loop trainer; paper 003's beta 10 and clip 0.1 (full/presets/sd15-spo.json).
+    "spo": dict(flags={"learning_rate": 1e-3, "train_batch_size": 8, "beta": 10.0},
+                reason="paper 003's beta and clip; the lr of the other families"),
+}

@@ -1,0 +1,87 @@
+"""The synthetic people of the lab: a preference the pretrained model does not satisfy, and a caption check.
+
+**The preference: bigger shapes.** `Rater` scores an image by the fraction of it the shape covers
+(`full/lab/reader.py`: the largest saturated piece, sub-pixel coverage). No caption names a size and the
+pretraining data draws sizes uniformly (8-20 px), so the base model is indifferent to it: any rise is the
+preference tuning's doing. A larger shape is also easy to see in a sample grid. It can be "hacked" only by
+drawing something else (a blob that is no longer the captioned shape, colour spilling over the background);
+that is what the second scorer watches.
+
+**The caption check.** `Fidelity` scores 1 when the reader finds the caption's colour, shape *and* background in
+the image, else 0: its mean is the accuracy with which the model follows its prompts.
+
+**Labelling a pair** (`label_pairs`), as a crowd of raters would: the image with the larger score wins, except
+that the `tie_rate` of pairs that are closest in score are called ties (Pick-a-Pic keeps ties as label 0.5) and
+each remaining label is flipped with probability `label_noise` (the flip noise cDPO / robust DPO assume).
+
+Both scorers have the interface of `full/scorers.py`'s: keyword-only constructors (unknown options such as
+`device` are accepted and ignored: they run on the CPU in microseconds) and `score(images, prompts) -> list[float]`
+with one PIL image and one prompt per item, so `full.evaluate --scorers full.lab.rater:Rater` can name them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from full.lab import reader
+from full.lab.shapes import parse_caption
+
+
+def _check(images: Sequence, prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+
+
+class Rater:
+    """Higher is better: the fraction of the image the shape covers, in [0, 1]. The prompt is not used."""
+
+    name = "lab_rater"
+
+    def __init__(self, **options):
+        self.options = options  # nothing to load
+
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        _check(images, prompts)
+        return [reader.read(image).area for image in images]
+
+
+class Fidelity:
+    """1.0 when colour, shape and background read from the image are the caption's, else 0.0."""
+
+    name = "lab_fidelity"
+
+    def __init__(self, **options):
+        self.options = options
+
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        _check(images, prompts)
+        return [float(attribute_matches(image, prompt).all()) for image, prompt in zip(images, prompts)]
+
+
+def attribute_matches(image, prompt: str) -> np.ndarray:
+    """[colour, shape, background] read correctly, as a boolean array of 3."""
+    colour, shape, background = parse_caption(prompt)
+    found = reader.read(image)
+    return np.array([found.colour == colour, found.shape == shape, found.background == background])
+
+
+def label_pairs(scores_a: Sequence[float], scores_b: Sequence[float], *, tie_rate: float = 0.0,
+                label_noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """`label_0` per pair (1.0: the first image wins, 0.0: the second, 0.5: a tie), from the rater's scores."""
+    if not 0.0 <= tie_rate < 1.0:
+        raise ValueError(f"tie_rate must be in [0, 1), got {tie_rate}")
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
+    gap = np.asarray(scores_a, dtype=np.float64) - np.asarray(scores_b, dtype=np.float64)  # (P,)
+    labels = (gap > 0).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    # flip noise first, on every pair, so the noisy labels do not depend on the tie rate
+    flipped = rng.random(gap.shape) < label_noise
+    labels = np.where(flipped, 1.0 - labels, labels)
+    n_ties = int(round(tie_rate * len(gap)))
+    closest = np.argsort(np.abs(gap), kind="stable")[:n_ties]  # the pairs a person could not tell apart
+    labels[closest] = 0.5
+    labels[gap == 0] = 0.5  # identical scores: no preference to state
+    return labels
