@@ -7,16 +7,19 @@ MLP diffusion model is pretrained on one Gaussian, then one copy per objective i
 Read in this order (each file is one concept):
 
 * ``data.py``      the three Gaussians and the exact facts about them (Bayes ceilings, log-density ratios);
-* ``model.py``     the epsilon-MLP and the diffusers ``DDPMScheduler`` (T = 1000) it is trained with;
-* ``sampling.py``  DPM-Solver++ sampling, and the stochastic DDIM step with its log-density (for SPO);
+* ``schedule.py``  the DDPM noise schedule (T = 1000), DPM-Solver++ and the DDIM timesteps: diffusers' numbers,
+                   bit for bit, without importing diffusers;
+* ``model.py``     the epsilon-MLP and its timestep embedding;
+* ``sampling.py``  sampling, and the stochastic DDIM step with its log-density (for SPO);
 * ``methods.py``   each objective as a fine-tuning step around the unchanged ``minipref`` loss, with its
                    hyperparameters;
 * ``spo.py``       the online method: step-aware preference model, candidate pools, step log-probs;
 * ``train.py``     pretraining and the fine-tuning loop;
 * ``evaluate.py``  region fractions, energy distance, held-out pairwise implicit accuracy;
 * ``plots.py``     the scatter grid and the training curves;
+* ``parallel.py``  the methods' independent fine-tunings in worker processes (same numbers in any process);
 * ``run.py``       the whole comparison and its output files; ``cli.py`` the command line (``python -m toy``);
-* ``bench.py``     wall time of the whole comparison and of each phase (``python -m toy.bench``).
+* ``bench.py``     the process wall time in calibration units, and each phase (``python -m toy.bench``).
 """
 
 from .methods import METHODS

@@ -1,53 +1,116 @@
-"""``python -m toy.bench``: wall time of the whole toy comparison and of each phase, full and ``--quick``.
+"""``python -m toy.bench``: how long ``python -m toy`` takes, in seconds and in calibration units.
 
-A benchmark, not a test: it prints figures and asserts nothing. Targets (issue 3): all methods with pretraining in
-<= 60 s, ``--quick`` in <= 15 s, on a 2-core CPU. The times include everything ``python -m toy`` does after its
-imports (pretraining, 11 fine-tunings, sampling, evaluation, figures); ``import_s`` is the import of torch,
-diffusers and matplotlib, paid once per process.
+Absolute times do not transfer between machines, so the targets (issue 14) are ratios: the wall time of the whole
+``python -m toy`` *process* (interpreter start, imports, everything, exit) divided by the seconds of the fixed CPU
+workload ``calib.py`` (``../shared/bench/``), measured back to back on the same machine:
+
+    python -m toy --quick    <= 1.5 calibration units
+    python -m toy            <= 4   calibration units
+
+A benchmark, not a test: it prints figures and asserts nothing. For each configuration it runs calib.py, then
+the real command in a fresh process, and prints both times, the ratio, the phases the run reports in
+``metrics.json`` (summed over the worker processes: CPU-side seconds, not wall), and the machine's load average
+(other jobs on the machine inflate the job more than calib.py, which keeps its fastest of three repeats).
 
     python -m toy.bench                 # quick, then full
     python -m toy.bench --only quick    # or: --only full
+    python -m toy.bench --check         # also compare metrics.json with the recorded seed-0 numbers
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-_start = time.perf_counter()
-import torch  # noqa: E402
-
-from .run import RunConfig, run  # noqa: E402
-
-IMPORT_S = time.perf_counter() - _start
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"quick": 1.5, "full": 4.0}
+GOLDEN = REPO / "tests" / "toy_golden_seed0.json"  # metrics.json of seed 0 before any speed-up (timings removed)
 
 
-def report(label: str, output: dict) -> None:
-    phases = output["phases_s"]
+def find_calib() -> Path | None:
+    """calib.py from ``$MINIPREF_CALIB``, ``../shared/bench`` next to the repository, or ``/work/shared/bench``."""
+    candidates = [os.environ.get("MINIPREF_CALIB"), REPO.parent / "shared" / "bench" / "calib.py",
+                  Path("/work/shared/bench/calib.py")]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    """Wall seconds of ``command`` in a fresh process (from the repository root), and its stdout."""
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"toy.bench: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return seconds, result.stdout
+
+
+def calibrate(calib: Path) -> float:
+    return float(timed([sys.executable, str(calib)])[1].split()[-1])
+
+
+def without_timings(metrics: dict) -> dict:
+    """The numbers that must not change with speed: every method's metrics except ``train_s``."""
+    return {name: {k: v for k, v in m.items() if k != "train_s"} for name, m in metrics["methods"].items()}
+
+
+def report(label: str, process_s: float, calib_s: float, metrics: dict) -> None:
+    ratio = process_s / calib_s
+    target = TARGETS[label]
+    print(f"\n{'python -m toy' + (' --quick' if label == 'quick' else '')}: {process_s:.1f} s process wall, "
+          f"calib {calib_s:.2f} s -> {ratio:.2f} calibration units (target <= {target}: "
+          f"{'met' if ratio <= target else 'NOT met'})")
+    print(f"  inside the run (metrics.json wall_s) {metrics['wall_s']:6.2f} s; start-up, imports and exit "
+          f"{process_s - metrics['wall_s']:.2f} s")
+    phases = metrics["phases_s"]
     finetune = {k.split("/", 1)[1]: v for k, v in phases.items() if k.startswith("finetune/")}
-    print(f"\n{label}: {output['wall_s']:.1f} s wall (+ {IMPORT_S:.1f} s imports), torch threads {torch.get_num_threads()}")
-    for name in ("pretrain", "sample", "evaluate", "figures"):
-        print(f"  {name:<24} {phases.get(name, 0.0):6.2f} s")
-    print(f"  {'fine-tuning (all)':<24} {sum(finetune.values()):6.2f} s")
+    for name in ("pretrain", "methods (wall)", "sample", "evaluate", "figures"):
+        print(f"  {name:<26} {phases.get(name, 0.0):6.2f} s")
+    print(f"  {'fine-tuning (sum)':<26} {sum(finetune.values()):6.2f} s")
     for name, seconds in finetune.items():
-        print(f"    {name:<22} {seconds:6.2f} s")
+        print(f"    {name:<24} {seconds:6.2f} s")
+
+
+def check(label: str, metrics: dict) -> None:
+    if not GOLDEN.is_file():
+        print(f"  (no {GOLDEN.relative_to(REPO)}: nothing to compare with)")
+        return
+    golden = json.loads(GOLDEN.read_text())
+    same = without_timings(metrics) == golden[label]["methods"]
+    print(f"  metrics.json {'identical to' if same else 'DIFFERS from'} the recorded seed-0 numbers "
+          f"(recorded with torch {golden['torch']}, CPU {golden['cpu_capability']})")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m toy.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("quick", "full"), help="run one configuration only")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as python -m toy)")
+    parser.add_argument("--check", action="store_true", help="compare metrics.json with the recorded seed-0 numbers")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    calib = find_calib()
+    if calib is None:
+        sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository (../shared/bench/calib.py) "
+                 "or set MINIPREF_CALIB=/path/to/calib.py")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
+    start_s, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
+    print(f"interpreter start + toy imports: {start_s:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
-        for quick in (True, False):
-            label = "quick" if quick else "full"
+        for label in ("quick", "full"):
             if args.only not in (None, label):
                 continue
-            output = run(RunConfig(out=Path(tmp) / label, quick=quick, progress=False))
-            report(f"python -m toy{' --quick' if quick else ''}", output)
+            calib_s = calibrate(calib)
+            out = Path(tmp) / label
+            command = [sys.executable, "-m", "toy", "--out", str(out), "--no-progress"] + (["--quick"] if label == "quick" else [])
+            process_s, _ = timed(command)
+            metrics = json.loads((out / "metrics.json").read_text())
+            report(label, process_s, calib_s, metrics)
+            if args.check:
+                check(label, metrics)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end (1-minute average; it includes these runs)")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=positive(int), default=3500, help="samples per method (default 3500)")
     parser.add_argument("--threads", type=positive(int), default=1,
                         help="torch CPU threads (default 1: fastest for these tiny MLPs, and robust on a busy machine)")
+    parser.add_argument("--workers", type=positive(int),
+                        help="processes for the methods' fine-tunings (default: 2 on a machine with 2+ cores; 1: no "
+                        "worker processes). Any count gives the same numbers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = RunConfig(
         out=args.out, seed=args.seed, methods=args.methods, quick=args.quick, steps=args.steps, beta=args.beta, lr=args.lr,
         tau=args.tau, spin_iterations=args.spin_iterations, spo_oracle=args.spo_oracle, n_samples=args.samples,
-        progress=not args.no_progress,
+        progress=not args.no_progress, workers=args.workers,
     )
     if args.seeds is not None:
         summary = run_seeds(config, args.seeds)

@@ -1,7 +1,7 @@
 """The toy's diffusion model: a small MLP epsilon-predictor and the diffusers noise schedule it is trained with.
 
 Diffusion-KTO (paper 001) Sec. 7 only says "a small diffusion model using a MLP". Ours, in the spirit of
-tiny-diffusion: a sinusoidal timestep embedding (diffusers' ``Timesteps``) concatenated to the 2D point, an input
+tiny-diffusion: a sinusoidal timestep embedding (diffusers' ``Timesteps``, toy/schedule.py) concatenated to the 2D point, an input
 layer, a few residual SiLU blocks, a linear read-out of the predicted noise.
 
 Conditioning (for CSFT, paper 001 Sec. 5.1.2, where prompts get a "good image" / "bad image" prefix): the toy has
@@ -13,22 +13,36 @@ layer gets no gradient and stays zero: every fine-tuned copy, CSFT included, sta
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
-from diffusers.models.embeddings import Timesteps
 from torch import Tensor, nn
 
 from minipref import per_sample_mse
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .schedule import NUM_TRAIN_TIMESTEPS, NoiseSchedule, embedding_frequencies, sinusoidal_embedding
+
 CONDITIONS = ("good", "bad")  # one-hot positions; the null (unconditional) input is all zeros
 
 
-def make_noise_scheduler() -> DDPMScheduler:
+def make_noise_scheduler():
     """diffusers ``DDPMScheduler``, T = 1000, default linear betas 1e-4..0.02, so ``abar_T ~ 4e-5`` (~pure noise).
 
     ``clip_sample=False``: the default clips predicted ``x0`` to [-1, 1], but pretraining data reaches ``y ~ 1.4``.
+    ``python -m toy`` uses ``toy.schedule.NoiseSchedule``, the same numbers without importing diffusers; this one is
+    for code that wants the scheduler's other methods (its ``step``).
     """
+    from diffusers import DDPMScheduler  # imported here: diffusers costs seconds at start-up (toy/schedule.py)
+
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, clip_sample=False)
+
+
+class TimestepEmbedding(nn.Module):
+    """``t`` ``(B,)`` -> ``[cos(t f), sin(t f)]`` ``(B, dim)``; no parameters (diffusers' ``Timesteps(dim, True, 0)``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("frequencies", embedding_frequencies(dim), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return sinusoidal_embedding(t, self.frequencies)
 
 
 def condition(name: str | None, n: int) -> Tensor | None:
@@ -47,7 +61,7 @@ class EpsMLP(nn.Module):
         super().__init__()
         if hidden < 1 or depth < 0 or time_dim < 2 or time_dim % 2:
             raise ValueError(f"need hidden >= 1, depth >= 0, even time_dim >= 2; got {hidden}, {depth}, {time_dim}")
-        self.time_embedding = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(time_dim)
         self.input = nn.Linear(2 + time_dim, hidden)
         self.condition = nn.Linear(len(CONDITIONS), hidden, bias=False)
         nn.init.zeros_(self.condition.weight)  # null condition == pretrained model, see the module docstring
@@ -71,9 +85,9 @@ class EpsMLP(nn.Module):
 
 
 def denoising_error(
-    model: nn.Module, scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor, cond: Tensor | None = None
+    model: nn.Module, scheduler: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, cond: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Noise ``x0`` to step ``t`` with ``noise`` (diffusers ``add_noise``) and return ``(err (B,), eps_pred (B, 2))``.
+    """Noise ``x0`` to step ``t`` with ``noise`` (``add_noise``, ours or diffusers') and return ``(err (B,), eps_pred (B, 2))``.
 
     ``err`` is minipref's ``per_sample_mse(eps_pred, noise)``: the quantity every objective is built from.
     """

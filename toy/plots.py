@@ -1,6 +1,8 @@
 """The toy's two figures: a grid of sample scatter plots, and the training curves.
 
-Matplotlib with the non-interactive Agg backend, so it runs on a headless machine.
+Figures are built with ``matplotlib.figure.Figure`` and written with ``savefig`` (the Agg renderer behind PNG),
+without pyplot: nothing here selects a backend, so importing the toy in a notebook leaves inline plots working,
+and it runs on a headless machine.
 """
 
 from __future__ import annotations
@@ -8,14 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Circle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
-
-from .data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings  # noqa: E402
+from .data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings
 
 CONTOUR_STYLE = {PRETRAIN.name: "0.45", DESIRABLE.name: "tab:green", UNDESIRABLE.name: "tab:red"}
 LIMITS = ((-0.2, 1.2), (0.1, 2.0))  # x, y: the pretraining Gaussian +- 3 std, and room above for DPO's drift
@@ -33,7 +33,8 @@ def plot_samples(samples: dict, results: dict, path: Path, cols: int = 4) -> Non
     """One panel per method: its samples, the three Gaussians, and its headline numbers in the title."""
     names = list(samples)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 4.0 * rows), sharex=True, sharey=True, squeeze=False)
+    fig = Figure(figsize=(2.9 * cols, 4.0 * rows))
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
     for ax, name in zip(axes.flat, names):
         points = np.asarray(samples[name])
         ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.35, color="tab:blue", linewidths=0, rasterized=True)
@@ -56,13 +57,12 @@ def plot_samples(samples: dict, results: dict, path: Path, cols: int = 4) -> Non
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=c, label=n) for n, c in CONTOUR_STYLE.items()]
+    handles = [Line2D([], [], color=c, label=n) for n, c in CONTOUR_STYLE.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False,
                title="contours: Mahalanobis 1 (solid) and 2 (dashed)", title_fontsize=8)
     # Fixed margins: tight_layout would cost ~0.5 s per figure, a tenth of a --quick run.
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.93, wspace=0.12, hspace=0.28)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -77,7 +77,8 @@ def plot_curves(histories: dict, path: Path, cols: int = 4) -> None:
     """Per method: training loss (left axis, smoothed) and held-out pairwise implicit accuracy (right axis)."""
     names = list(histories)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.4 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     ceiling = bayes_ceilings()[1]
     for ax, name in zip(axes.flat, names):
         h = histories[name]
@@ -101,4 +102,3 @@ def plot_curves(histories: dict, path: Path, cols: int = 4) -> None:
                  f"dotted: 0.5 and the Bayes ceiling {ceiling:.3f}", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.95, bottom=0.07, top=0.92, wspace=0.55, hspace=0.55)
     fig.savefig(path, dpi=100)
-    plt.close(fig)

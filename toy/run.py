@@ -11,7 +11,8 @@
 
 Determinism: every random draw comes from a ``torch.Generator`` seeded from ``(seed, phase name)``; a method's
 generator depends only on the seed and the method's name, so ``--methods dpo`` reproduces the ``dpo`` numbers of
-a full run. Same seed, same ``metrics.json`` (timings aside).
+a full run, and ``method_job`` (one method's fine-tuning, sampling and evaluation) gives the same result in a
+worker process as in this one (toy/parallel.py). Same seed, same ``metrics.json`` (timings aside).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from tqdm.auto import tqdm
 from .data import DESIRABLE, PreferenceData, bayes_ceilings
 from .evaluate import HeldOutPairs, implicit_accuracy, mean_within, sample_metrics
 from .methods import MethodSpec, resolve
-from .model import condition, make_noise_scheduler
-from .sampling import make_ddim, make_sampler, sample
+from .model import condition
+from .parallel import default_workers, run_jobs
+from .sampling import SPO_CHAIN_STEPS, make_sampler, sample
+from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 from .train import PretrainConfig, finetune, pretrain
 
 REFERENCE = "reference"  # the pretrained model's key in metrics.json
@@ -57,6 +60,7 @@ class RunConfig:
     eval_draws: int = 32
     progress: bool = True
     figures: bool = True
+    workers: int | None = None  # processes for the methods' jobs (None: 2 where there are 2 cores; 1: this process)
 
     def method_specs(self) -> list[MethodSpec]:
         """The selected methods with this run's overrides applied."""
@@ -92,9 +96,69 @@ class Timer:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class Shared:
+    """What every method's job reads: built once after pretraining (worker processes inherit it)."""
+
+    config: RunConfig
+    reference: torch.nn.Module
+    data: PreferenceData
+    scheduler: NoiseSchedule
+    sampler: DPMSolver
+    ddim: DDIMSteps
+    heldout: HeldOutPairs  # the evaluation pairs
+    curve_pairs: HeldOutPairs  # the smaller set the training curves are measured on
+    desirable_reference: torch.Tensor  # a fixed desirable sample: the energy distance compares against it
+    reference_within: float  # its within-sample term, computed once
+    n_samples: int
+
+
+def method_job(shared: Shared, spec: MethodSpec | None) -> dict:
+    """One method from start to finish: fine-tune a copy of the reference, sample it, evaluate it.
+
+    ``spec=None`` is the reference itself (sampled and evaluated, not trained). The result depends only on the
+    seed and the method's name, so it is the same in any process and any order (toy/parallel.py).
+    """
+    config, seconds = shared.config, {}
+    name, model, history = REFERENCE, shared.reference, None
+    if spec is not None:
+        start = time.perf_counter()
+        torch.manual_seed(zlib.crc32(f"{config.seed}/{spec.name}".encode()))  # weights a method creates (SPO's SPM)
+        model, history = finetune(
+            spec, shared.reference, shared.data, shared.scheduler, shared.sampler, shared.ddim,
+            generator_for(config.seed, spec.name), shared.curve_pairs, progress=config.progress and config.workers == 1,
+        )
+        name, seconds[f"finetune/{spec.name}"] = spec.name, time.perf_counter() - start
+    cond = condition(None if spec is None else spec.sample_condition, 1)  # (1, 2) or None
+    start = time.perf_counter()
+    batch_cond = None if cond is None else cond.expand(shared.n_samples, -1)
+    samples = sample(model, shared.sampler, shared.n_samples, generator_for(config.seed, f"samples/{name}"), batch_cond)
+    seconds["sample"], start = time.perf_counter() - start, time.perf_counter()
+    metrics = sample_metrics(samples, shared.desirable_reference, shared.reference_within)
+    metrics.update(implicit_accuracy(model, shared.scheduler, shared.heldout, cond))
+    seconds["evaluate"] = time.perf_counter() - start
+    metrics["train_s"] = seconds.get(f"finetune/{name}", 0.0)
+    metrics["diverged_at_step"] = None if history is None else history.diverged_at_step
+    return {"name": name, "metrics": metrics, "samples": samples,
+            "history": None if history is None else history.as_dict(), "seconds": seconds}
+
+
+def figure_job(outputs: tuple, filename: str) -> None:
+    """Draw one figure into the output directory (matplotlib is imported only when drawing)."""
+    from .plots import plot_curves, plot_samples
+
+    samples, results, histories, out = outputs
+    if filename == "samples.png":
+        plot_samples(samples, results, out / filename)
+    else:
+        plot_curves(histories, out / filename)
+
+
 def run(config: RunConfig) -> dict:
     """Run the comparison described by ``config``; returns the ``metrics.json`` dictionary."""
     started = time.perf_counter()
+    if config.workers is None:
+        config = replace(config, workers=default_workers())
     specs = config.method_specs()
     quick = config.quick
     n_samples = min(config.n_samples, 1000) if quick else config.n_samples
@@ -103,8 +167,8 @@ def run(config: RunConfig) -> dict:
     timer = Timer()
     overall = tqdm(total=len(specs) + 2, desc="toy", unit="phase", disable=not config.progress)
 
-    scheduler = make_noise_scheduler()
-    sampler, ddim = make_sampler(scheduler), make_ddim(scheduler)
+    scheduler = NoiseSchedule()  # diffusers' DDPMScheduler numbers, without importing diffusers (toy/schedule.py)
+    sampler, ddim = make_sampler(scheduler), DDIMSteps(scheduler, SPO_CHAIN_STEPS)
 
     with timer.phase("pretrain"):
         overall.set_postfix_str("pretrain")
@@ -113,41 +177,30 @@ def run(config: RunConfig) -> dict:
     overall.update()
 
     with timer.phase("evaluate"):
-        data = PreferenceData.draw(config.n_train, generator_for(config.seed, "preference data"))
-        heldout = HeldOutPairs.draw(reference, scheduler, eval_pairs, eval_draws, generator_for(config.seed, "held-out pairs"))
-        curve_pairs = HeldOutPairs.draw(reference, scheduler, 256, 8, generator_for(config.seed, "curve pairs"))
-        desirable_reference = DESIRABLE.sample(n_samples, generator_for(config.seed, "desirable reference"))
-        reference_within = mean_within(desirable_reference)  # the energy distance's fixed term, computed once
+        shared = Shared(
+            config, reference, PreferenceData.draw(config.n_train, generator_for(config.seed, "preference data")),
+            scheduler, sampler, ddim,
+            HeldOutPairs.draw(reference, scheduler, eval_pairs, eval_draws, generator_for(config.seed, "held-out pairs")),
+            HeldOutPairs.draw(reference, scheduler, 256, 8, generator_for(config.seed, "curve pairs")),
+            DESIRABLE.sample(n_samples, generator_for(config.seed, "desirable reference")), 0.0, n_samples,
+        )
+        shared.reference_within = mean_within(shared.desirable_reference)  # the energy distance's fixed term
 
-    models, conditions, histories, train_seconds = {REFERENCE: reference}, {REFERENCE: None}, {}, {REFERENCE: 0.0}
-    for spec in specs:
-        overall.set_postfix_str(spec.name)
-        with timer.phase(f"finetune/{spec.name}"):
-            start = time.perf_counter()
-            torch.manual_seed(zlib.crc32(f"{config.seed}/{spec.name}".encode()))  # weights a method creates (SPO's SPM)
-            model, history = finetune(
-                spec, reference, data, scheduler, sampler, ddim, generator_for(config.seed, spec.name),
-                curve_pairs, progress=config.progress,
-            )
-            train_seconds[spec.name] = time.perf_counter() - start
-        models[spec.name], conditions[spec.name], histories[spec.name] = model, spec.sample_condition, history.as_dict()
-        overall.update()
-
-    overall.set_postfix_str("sample + evaluate")
-    results, samples = {}, {}
-    for name, model in models.items():
-        cond = condition(conditions[name], 1)  # (1, 2) or None
-        with timer.phase("sample"):
-            batch_cond = None if cond is None else cond.expand(n_samples, -1)
-            samples[name] = sample(model, sampler, n_samples, generator_for(config.seed, f"samples/{name}"), batch_cond)
-        with timer.phase("evaluate"):
-            metrics = sample_metrics(samples[name], desirable_reference, reference_within)
-            metrics.update(implicit_accuracy(model, scheduler, heldout, cond))
-        metrics["train_s"] = train_seconds[name]
-        metrics["diverged_at_step"] = histories[name]["diverged_at_step"] if name in histories else None
-        results[name] = metrics
-    overall.update()
+    # The longest job first, so that the other worker fills the remaining time with the short ones.
+    jobs = sorted(specs, key=lambda spec: spec.objective != "spo") + [None]
+    done = {}
+    overall.set_postfix_str(f"fine-tune, sample, evaluate ({config.workers} workers)")
+    with timer.phase("methods (wall)"):
+        for result in run_jobs(method_job, shared, jobs, config.workers):
+            done[result["name"]] = result
+            for phase, seconds in result["seconds"].items():
+                timer.phases[phase] = timer.phases.get(phase, 0.0) + seconds
+            overall.update()
     overall.close()
+    order = [REFERENCE] + [spec.name for spec in specs]  # metrics.json keeps the table's order
+    results = {name: done[name]["metrics"] for name in order}
+    samples = {name: done[name]["samples"] for name in order}
+    histories = {name: done[name]["history"] for name in order[1:]}
 
     output = {
         "wall_s": 0.0,
@@ -167,12 +220,9 @@ def run(config: RunConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.figures:
-        with timer.phase("figures"):
-            from .plots import plot_curves, plot_samples  # matplotlib is imported only when drawing
-
-            plot_samples(samples, results, out / "samples.png")
-            if histories:
-                plot_curves(histories, out / "curves.png")
+        with timer.phase("figures"):  # each figure in its own worker: matplotlib is slow at laying out axes
+            figures = ["samples.png"] + (["curves.png"] if histories else [])
+            list(run_jobs(figure_job, (samples, results, histories, out), figures, config.workers))
     np.savez_compressed(out / "samples.npz", **{k: v.numpy() for k, v in samples.items()})
     output["phases_s"] = timer.phases
     output["wall_s"] = time.perf_counter() - started

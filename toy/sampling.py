@@ -1,9 +1,9 @@
-"""Sampling the toy model with diffusers schedulers, and the stochastic DDIM step (with its log-density) of SPO.
+"""Sampling the toy model, and the stochastic DDIM step (with its log-density) of SPO.
 
 Two uses:
 
-* ``sample``: draw points from a model (3500 per method for the figure and metrics) with diffusers'
-  ``DPMSolverMultistepScheduler`` (DPM-Solver++(2M), Lu et al. 2022) on steps uniform in log-SNR
+* ``sample``: draw points from a model (3500 per method for the figure and metrics) with DPM-Solver++(2M)
+  (Lu et al. 2022; diffusers' ``DPMSolverMultistepScheduler`` numbers, toy/schedule.py) on steps uniform in log-SNR
   (``use_lu_lambdas``). Why not plain DDIM: our data has a std of 0.1-0.2 against unit noise, so everything that
   shapes it happens at small ``t`` (``1 - abar_t ~ 0.01`` is ``t ~ 50`` on the linear schedule), where uniformly
   spaced DDIM steps are sparse. Even with the *exact* epsilon of the desirable Gaussian, 50 DDIM steps return a
@@ -19,36 +19,34 @@ Two uses:
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 import minipref
 from minipref import gaussian_step_log_prob
 
+from .schedule import DDIMSteps, DPMSolver, timestep_count
+
 SAMPLING_STEPS = 25  # DPM-Solver++ steps for the evaluation samples
 SPO_CHAIN_STEPS = 20  # stochastic DDIM steps of an SPO rollout
 
 
-def check_steps(noise_scheduler: DDPMScheduler, num_inference_steps: int) -> None:
-    if not 1 <= num_inference_steps <= noise_scheduler.config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, T], got {num_inference_steps}")
+def make_sampler(noise_scheduler, num_inference_steps: int = SAMPLING_STEPS) -> DPMSolver:
+    """DPM-Solver++(2M) on the training schedule (ours or diffusers'), steps uniform in log-SNR, ``num_inference_steps``
+    of them: the numbers of diffusers' ``DPMSolverMultistepScheduler(use_lu_lambdas=True)`` (toy/schedule.py)."""
+    return DPMSolver(noise_scheduler, num_inference_steps)
 
 
-def make_sampler(noise_scheduler: DDPMScheduler, num_inference_steps: int = SAMPLING_STEPS) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) on the training schedule, steps uniform in log-SNR, ``num_inference_steps`` of them."""
-    check_steps(noise_scheduler, num_inference_steps)
-    sampler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, use_lu_lambdas=True)
-    sampler.set_timesteps(num_inference_steps)
-    return sampler
-
-
-def make_ddim(noise_scheduler: DDPMScheduler, num_inference_steps: int = SPO_CHAIN_STEPS) -> DDIMScheduler:
-    """A ``DDIMScheduler`` on the training schedule, ``trailing`` spacing so the chain starts at ``t = T - 1``.
+def make_ddim(noise_scheduler, num_inference_steps: int = SPO_CHAIN_STEPS):
+    """A diffusers ``DDIMScheduler`` on the training schedule, ``trailing`` spacing so the chain starts at ``t = T - 1``.
 
     ``set_alpha_to_one=False`` (as in SD1.5's scheduler config) makes the last step land on ``abar_0`` rather than
-    1, so it keeps a small nonzero variance and every step of an SPO chain has a log-density.
+    1, so it keeps a small nonzero variance and every step of an SPO chain has a log-density. ``python -m toy`` uses
+    ``toy.schedule.DDIMSteps`` (the same timesteps and alphas, without importing diffusers); this one also has
+    diffusers' ``step``.
     """
-    check_steps(noise_scheduler, num_inference_steps)
+    from diffusers import DDIMScheduler  # imported here: diffusers costs seconds at start-up (toy/schedule.py)
+
+    DDIMSteps(noise_scheduler, num_inference_steps)  # the same range check as ours
     sampler = DDIMScheduler.from_config(
         noise_scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
     )
@@ -56,26 +54,33 @@ def make_ddim(noise_scheduler: DDPMScheduler, num_inference_steps: int = SPO_CHA
     return sampler
 
 
-def previous_timestep(scheduler: DDIMScheduler, timestep: int) -> int:
+def previous_timestep(scheduler, timestep: int) -> int:
     """The step DDIM jumps to from ``timestep`` (negative means "the clean sample"), exactly as ``step`` computes it."""
-    return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return timestep - timestep_count(scheduler) // scheduler.num_inference_steps
 
 
-def step_alphas(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
+def step_alphas(scheduler, timestep: int) -> tuple[float, float]:
     """``(abar_t, abar_prev)`` of the DDIM step from ``timestep``, with the scheduler's own final alpha."""
     prev = previous_timestep(scheduler, timestep)
     abar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
     return float(scheduler.alphas_cumprod[timestep]), float(abar_prev)
 
 
-def ddim_step_std(scheduler: DDIMScheduler, timestep: int, eta: float = 1.0) -> float:
+def step_alphas_per_row(scheduler, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(abar_t, abar_prev)`` ``(B,)`` for a batch of DDIM timesteps ``t`` ``(B,)``: ``step_alphas`` row by row."""
+    prev = t - timestep_count(scheduler) // scheduler.num_inference_steps
+    abar_prev = torch.where(prev >= 0, scheduler.alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    return scheduler.alphas_cumprod[t], abar_prev
+
+
+def ddim_step_std(scheduler, timestep: int, eta: float = 1.0) -> float:
     """``sigma_t(eta)``, DDIM Eq. (16); with ``eta = 1`` the DDPM posterior std of the (possibly strided) step."""
     _, std = ddim_step_gaussian(scheduler, torch.zeros(1, 1), timestep, torch.zeros(1, 1), eta)
     return std
 
 
 def ddim_step_gaussian(
-    scheduler: DDIMScheduler, eps_pred: Tensor, timestep: int, x_t: Tensor, eta: float = 1.0
+    scheduler, eps_pred: Tensor, timestep: int, x_t: Tensor, eta: float = 1.0
 ) -> tuple[Tensor, float]:
     """The Gaussian ``N(mean, std^2 I)`` that a stochastic DDIM step ``x_t -> x_{t-1}`` samples from.
 
@@ -89,7 +94,7 @@ def ddim_step_gaussian(
 
 
 def ddim_step_with_log_prob(
-    scheduler: DDIMScheduler,
+    scheduler,
     eps_pred: Tensor,
     timestep: int,
     x_t: Tensor,
@@ -112,18 +117,12 @@ def ddim_step_with_log_prob(
     return prev_sample, gaussian_step_log_prob(prev_sample, mean, std)
 
 
-@torch.no_grad()
 def sample(
     model: nn.Module,
-    sampler: DPMSolverMultistepScheduler,
+    sampler: DPMSolver,
     n: int,
     generator: torch.Generator,
     cond: Tensor | None = None,
 ) -> Tensor:
     """``n`` points ``(n, 2)`` from ``model``: ``x_T ~ N(0, I)``, then ``sampler``'s (deterministic) steps."""
-    sampler.set_timesteps(sampler.num_inference_steps)  # multistep solvers keep a history: start it afresh
-    x = torch.randn(n, 2, generator=generator) * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        eps = model(x, t.expand(n), cond)
-        x = sampler.step(eps, t, x).prev_sample
-    return x
+    return sampler.sample(model, torch.randn(n, 2, generator=generator), cond)

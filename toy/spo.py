@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import Timesteps
 from torch import Tensor, nn
 
+import minipref
 from minipref import LossOutput, gaussian_step_log_prob, get_objective
 
 from .data import PreferenceData, log_density_ratio
-from .model import draw_t_and_noise
-from .sampling import ddim_step_gaussian, previous_timestep
+from .model import TimestepEmbedding, draw_t_and_noise
+from .sampling import ddim_step_gaussian, previous_timestep, step_alphas_per_row
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import FineTuneContext
@@ -45,7 +45,7 @@ class StepAwarePreferenceModel(nn.Module):
 
     def __init__(self, hidden: int = 64, time_dim: int = 16):
         super().__init__()
-        self.time_embedding = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(time_dim)
         self.net = nn.Sequential(
             nn.Linear(2 + time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
         )
@@ -66,7 +66,7 @@ def train_preference_model(
 ) -> tuple[StepAwarePreferenceModel, list[float]]:
     """Fit the SPM on noised training pairs denoised by the frozen reference; returns (model, loss history)."""
     spm = StepAwarePreferenceModel()
-    optimizer = torch.optim.Adam(spm.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(spm.parameters(), lr=lr, foreach=True)
     losses = []
     for _ in range(steps):
         x_w = data.batch(batch, generator, desirable=True)
@@ -103,7 +103,7 @@ def score_candidates(ctx: "FineTuneContext", x_prev: Tensor, t_prev: int) -> Ten
 def rollout(ctx: "FineTuneContext") -> dict[str, Tensor]:
     """One batch of SPO chains; returns the kept pairs: ``x_t`` ``(P, 2)``, ``t`` ``(P,)``, ``x_w``, ``x_l`` ``(P, 2)``.
 
-    Rows come grouped by timestep, in chain order (``step_log_probs`` relies on it).
+    Rows come grouped by timestep, in chain order.
     """
     opts, ddim, g = ctx.spec.options, ctx.ddim, ctx.generator
     b, k = ctx.spec.batch, opts["candidates"]
@@ -129,21 +129,11 @@ def rollout(ctx: "FineTuneContext") -> dict[str, Tensor]:
 
 
 def step_log_probs(ctx: "FineTuneContext", model: nn.Module, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``log pi(x_w | x_t)`` and ``log pi(x_l | x_t)`` ``(P,)`` under ``model`` (one forward over all pairs).
-
-    The DDIM step takes one timestep at a time, so the step's Gaussian is built per timestep group (winner and
-    loser share it: same ``x_t``), then both log-densities are taken over all rows at once.
-    """
+    """``log pi(x_w | x_t)`` and ``log pi(x_l | x_t)`` ``(P,)`` under ``model``: one forward and one step Gaussian for
+    all pairs (winner and loser share it: same ``x_t``), each row with the alphas of its own timestep."""
     eps = model(pairs["x_t"], pairs["t"])
-    means, stds = [], []
-    start = 0
-    for t, count in zip(*torch.unique_consecutive(pairs["t"], return_counts=True)):
-        rows = slice(start, start + int(count))
-        start += int(count)
-        mean, std = ddim_step_gaussian(ctx.ddim, eps[rows], int(t), pairs["x_t"][rows])
-        means.append(mean)
-        stds.append(torch.full((int(count), 1), std))
-    mean, std = torch.cat(means), torch.cat(stds)  # (P, 2), (P, 1): std broadcasts over the two coordinates
+    abar_t, abar_prev = step_alphas_per_row(ctx.ddim, pairs["t"])
+    mean, std = minipref.ddim_step_gaussian(eps, pairs["x_t"], abar_t, abar_prev, eta=1.0)  # (P, 2), (P, 1)
     return gaussian_step_log_prob(pairs["x_w"], mean, std), gaussian_step_log_prob(pairs["x_l"], mean, std)
 
 

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,6 +21,7 @@ from .data import PRETRAIN, PreferenceData
 from .evaluate import HeldOutPairs, implicit_accuracy
 from .methods import MethodSpec
 from .model import EpsMLP, condition, denoising_error, draw_t_and_noise
+from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 
 
 MAX_GRAD_NORM = 1.0  # as the Diffusion-DPO / Diffusion-KTO training scripts (max_grad_norm = 1.0)
@@ -49,12 +49,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -
 
 
 def pretrain(
-    config: PretrainConfig, scheduler: DDPMScheduler, generator: torch.Generator, progress: bool = True
+    config: PretrainConfig, scheduler: NoiseSchedule, generator: torch.Generator, progress: bool = True
 ) -> tuple[EpsMLP, list[float]]:
     """Train an ``EpsMLP`` on the pretraining Gaussian; returns the frozen model and its loss per step."""
     model = EpsMLP(hidden=config.hidden, depth=config.depth)
     data = PRETRAIN.sample(config.n_data, generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)  # foreach: same numbers, faster
     lr_schedule = cosine_schedule(optimizer, config.steps, warmup=config.steps // 20)
     losses = []
     for _ in tqdm(range(config.steps), desc="pretrain", disable=not progress, leave=False):
@@ -77,9 +77,9 @@ class FineTuneContext:
     spec: MethodSpec
     policy: nn.Module
     reference: nn.Module
-    scheduler: DDPMScheduler
-    sampler: DPMSolverMultistepScheduler
-    ddim: DDIMScheduler
+    scheduler: NoiseSchedule
+    sampler: DPMSolver
+    ddim: DDIMSteps
     data: PreferenceData
     generator: torch.Generator
     state: dict = field(default_factory=dict)
@@ -111,9 +111,9 @@ def finetune(
     spec: MethodSpec,
     reference: nn.Module,
     data: PreferenceData,
-    scheduler: DDPMScheduler,
-    sampler: DPMSolverMultistepScheduler,
-    ddim: DDIMScheduler,
+    scheduler: NoiseSchedule,
+    sampler: DPMSolver,
+    ddim: DDIMSteps,
     generator: torch.Generator,
     curve_pairs: HeldOutPairs,
     curve_points: int = 20,
@@ -122,7 +122,7 @@ def finetune(
     """Fine-tune a copy of ``reference`` with ``spec``; returns the frozen fine-tuned model and its history."""
     policy = copy.deepcopy(reference).requires_grad_(True).train()
     ctx = FineTuneContext(spec, policy, reference, scheduler, sampler, ddim, data, generator)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=spec.lr)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=spec.lr, foreach=True)  # foreach: same numbers, faster
     lr_schedule = cosine_schedule(optimizer, spec.steps, warmup=max(1, spec.steps // 20))
     cond = condition(spec.sample_condition, 1)
     curve_every = max(1, spec.steps // curve_points)
