@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from diffusers.models.embeddings import Timesteps
 from filelock import FileLock  # a diffusers dependency
 
 from minipref import gaussian_step_log_prob
-from toy.cli import main
+from toy.cli import build_parser, main, parse_args
 from toy.data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings, log_density_ratio
 from toy.evaluate import ceiling_margin, energy_distance
 from toy.methods import METHODS, resolve
@@ -170,6 +171,60 @@ def test_bad_flags_exit_with_a_message(tmp_path, capsys, argv, complaint):
         main(["--out", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_snake_case_flags_and_the_hidden_old_spellings_mean_the_same(tmp_path, capsys):
+    new = parse_args(["--out", str(tmp_path), "--spin_iterations", "3", "--spo_oracle", "--no_progress"])
+    old = parse_args(["--out", str(tmp_path), "--spin-iterations", "3", "--spo-oracle", "--no-progress"])
+    assert vars(new) == vars(old) and new.spin_iterations == 3 and new.spo_oracle and new.no_progress
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--spin-iterations", "0"])  # the alias is validated as well
+    assert "--spin-iterations: must be > 0" in capsys.readouterr().err
+    help_text = build_parser().format_help()
+    assert "--spin_iterations" in help_text and "--no_progress" in help_text
+    assert "--spin-iterations" not in help_text and "--no-progress" not in help_text
+
+
+def test_main_in_a_notebook_does_not_read_the_kernels_argv(monkeypatch, tmp_path, capsys):
+    # In a Jupyter kernel sys.argv is the kernel's; main() must parse nothing, and so ask for --out.
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "--out", str(tmp_path), "--quick"])
+    assert parse_args().out == tmp_path  # a plain script: the command line is ours
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    with pytest.raises(SystemExit):
+        parse_args()
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_an_out_path_that_is_a_file_fails_before_training(tmp_path, capsys):
+    path = tmp_path / "metrics.json"
+    path.write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(path), "--quick"])
+    assert exit_info.value.code == 2
+    assert f"argument --out: {path} exists and is not a directory" in capsys.readouterr().err
+
+
+def test_drawing_selects_no_backend():
+    # A notebook user's inline backend must survive the toy: no matplotlib.use, no pyplot (issue 10).
+    code = (
+        "import sys, matplotlib, numpy as np\n"
+        "def refuse(*a, **k): raise AssertionError('matplotlib.use called')\n"
+        "matplotlib.use = refuse\n"
+        "from toy.plots import plot_samples\n"
+        "from toy.methods import METHODS\n"
+        "names = ['reference', *METHODS]\n"
+        "pts = {n: np.random.default_rng(0).normal([0.5, 0.8], 0.2, (50, 2)) for n in names}\n"
+        "m = {n: {'desirable_frac': 0.1, 'undesirable_frac': 0.1, 'energy_distance': 0.1, 'mean': [0.5, 0.8],"
+        " 'pairwise_implicit_acc': 0.5} for n in names}\n"
+        "plot_samples(pts, m, sys.argv[1])\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        out = Path(tmp) / "s.png"
+        result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_out_is_an_error(capsys):

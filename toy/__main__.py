@@ -1,3 +1,5 @@
+import sys
+
 from .cli import main
 
-main()
+main(sys.argv[1:])

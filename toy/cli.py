@@ -5,7 +5,11 @@
     python -m toy --out runs/toy --methods dpo,kto_kahneman_tversky --beta 2000
     python -m toy --out runs/toy_seeds --seeds 0,1,2    # one run per seed + summary.md (mean +- std)
 
-Bad input (an unknown method, a malformed list, a non-positive number) exits with a one-line message from argparse.
+Flags are snake_case, as in the diffusers training scripts (``--spin_iterations``, ``--no_progress``); the older
+kebab-case spellings (``--spin-iterations``) still work and are not shown in ``--help``. Bad input (an unknown
+method, a malformed list, a non-positive number, an output path that is a file) exits with a one-line message from
+argparse before anything is trained. From a notebook, call ``main(["--out", "runs/toy", "--quick"])``: ``main()``
+without a list reads ``sys.argv`` only outside a Jupyter kernel (a kernel's ``-f kernel.json`` is not ours).
 """
 
 from __future__ import annotations
@@ -82,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=positive(float), help="beta for every method that has one (default: per method)")
     parser.add_argument("--lr", type=positive(float), help="learning rate for every method (default: per method)")
     parser.add_argument("--tau", type=positive(float), help="Diff-contrast temperature (default 0.5)")
-    parser.add_argument("--spin-iterations", type=positive(int), help="SPIN self-play iterations (default 2)")
-    parser.add_argument("--spo-oracle", action="store_true",
+    parser.add_argument("--spin_iterations", type=positive(int), help="SPIN self-play iterations (default 2)")
+    parser.add_argument("--spo_oracle", action="store_true",
                         help="SPO scores candidates with the exact log-density ratio instead of a learned model")
     parser.add_argument("--samples", type=positive(int), default=3500, help="samples per method (default 3500)")
     parser.add_argument("--threads", type=positive(int), default=1,
@@ -91,15 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=positive(int),
                         help="processes for the methods' fine-tunings (default: 2 on a machine with 2+ cores; 1: no "
                         "worker processes). Any count gives the same numbers")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    # The kebab-case spellings of earlier versions, kept working but hidden from --help.
+    parser.add_argument("--spin-iterations", dest="spin_iterations", type=positive(int), help=argparse.SUPPRESS)
+    parser.add_argument("--spo-oracle", dest="spo_oracle", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
+def in_jupyter_kernel() -> bool:
+    """True inside an IPython/Jupyter kernel, whose ``sys.argv`` (``-f kernel.json``) belongs to the kernel."""
+    return "ipykernel" in sys.modules
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, or the command line when ``argv`` is None (but never a Jupyter kernel's arguments)."""
     parser = build_parser()
+    if argv is None:
+        argv = [] if in_jupyter_kernel() else sys.argv[1:]
     args = parser.parse_args(argv)
     if args.samples < 2:
         parser.error("argument --samples: need at least 2 samples (the energy distance compares pairs)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} exists and is not a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # now, rather than after a minute of training
+    except OSError as error:
+        parser.error(f"argument --out: cannot create {args.out}: {error.strerror}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m toy``; from Python or a notebook, ``main(["--out", "runs/toy", "--quick"])``."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from .run import RunConfig, run, run_seeds  # after parsing, so --help and bad flags answer fast
 
