@@ -9,7 +9,7 @@ The figures of *Aligning Text-to-Image Diffusion Models using RL from Human Util
   Diffusion-KTO Table 1, drawn);
 * `plot_image_grid`: one prompt's images, a column per model and a row per seed (its Fig. 3).
 
-Every function takes plain data (the `summarize` output of `full/stats.py`, the score dict, file paths),
+Every function takes plain data (the `summarize` output of `full/eval/stats.py`, the score dict, file paths),
 writes one file and returns its path.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch full/train.py (or full/spin.py, full/spo.py) with a published preset on 1 GPU, 8 GPUs (DDP) or 8 GPUs (DeepSpeed ZeRO-2).
+# Launch full.train (or full.spin, full.spo) with a published preset on 1 GPU, 8 GPUs (DDP) or 8 GPUs (DeepSpeed ZeRO-2).
 #
 #   full/launch/train.sh METHOD MODEL CONFIG [extra train.py flags...]
 #
@@ -81,7 +81,7 @@ fi
 
 LAUNCH_ARGS=(--config_file "$CONFIG_FILE" --mixed_precision "$PRECISION")
 [[ "$CONFIG" == *zero2* ]] && LAUNCH_ARGS+=(--gradient_accumulation_steps "$NEW_ACCUM")
-# Offline methods go through full/train.py; SPIN and SPO have their own entry points (they sample during training).
+# Offline methods go through full.train; SPIN and SPO have their own entry points (they sample during training).
 case "$METHOD" in
   spin|spo) ENTRY=(-m "full.$METHOD" --preset "$PRESET") ;;
   *)        ENTRY=(-m full.train --method "$METHOD" --preset "$PRESET") ;;

@@ -8,7 +8,7 @@ samples, so the scorer takes ``(image, prompt, t)``:
 
 * ``x0_hat`` is not the noisy sample itself: "we estimate x0 from the noisy sample directly, following DDIM"
   (Sec. 4.2). In the authors' code that is the diffusion model's ``pred_original_sample`` (one DDIM x0 prediction,
-  CFG 5) decoded by the VAE, both when the SPM is trained (``full/train_spm.py``) and when SPO ranks candidates
+  CFG 5) decoded by the VAE, both when the SPM is trained (``full/trainers/spm.py``) and when SPO ranks candidates
   (each candidate ``x_{t-1}`` is scored through *its own* x0 prediction, at its own timestep). The helpers in
   `full/online/preference.py` (:func:`predicted_x0`, :func:`decode_latents`, :func:`clip_pixel_values`) do those steps.
 * ``E_img`` is CLIP's vision transformer with DiT's time-conditional adaptive LayerNorm (Supp. Sec. 2, Fig. 10): a

@@ -8,9 +8,9 @@ One JSON file per preset, ``full/presets/<model_family>-<method>.json``:
      "paper_full_finetune": "...",    # optional: what the method's own paper ran, when it tuned all weights
      "notes": [...]}
 
-The keys of ``flags`` are ``full/train.py`` flag names (``PRESET_KEYS``); ``--preset NAME`` sets them as
-defaults and any flag given on the command line wins. A value that no paper gives says so in its source,
-starting with "NOT in the paper", and names what was chosen and why.
+The keys of ``flags`` are the offline trainer's flag names (``PRESET_KEYS``, ``full/trainers/offline.py``);
+``--preset NAME`` sets them as defaults and any flag given on the command line wins. A value that no paper
+gives says so in its source, starting with "NOT in the paper", and names what was chosen and why.
 
 How the values were picked. Every preset trains LoRA. Paper 000 is the LoRA study of BCE / DPO / KTO /
 SPIN on SD1.5, so its recipe (rank 8, AdamW 1e-4, 500 warm-up steps, 10k steps) is the optimiser setting
@@ -34,7 +34,7 @@ from pathlib import Path
 PRESET_DIR = Path(__file__).resolve().parent
 MODEL_FAMILIES = ("sd15", "sdxl")
 
-# The trainer flags a preset may set (full/train.py argparse destinations).
+# The trainer flags a preset may set (argparse destinations of full/trainers/offline.py and full/cli.py).
 PRESET_KEYS = (
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
     "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
@@ -45,7 +45,7 @@ PRESET_KEYS = (
     "utility",          # KTO utility: kahneman_tversky | loss_averse | risk_seeking
     "desirable_ratio",  # gamma of Diffusion-KTO's sampler: P(draw a desirable image) (paper 001: 0.8)
     "tau",              # Diff-contrast temperature
-    "dspo_variant",     # dspo | dspo_e | dspo_ref
+    "dspo_variant",     # dspo | dspo_e | dspo_ref | dspo_sdxl
     "dspo_gamma",       # gamma of DSPO Eq. (13) (paper 004: 1)
 )
 _TYPES = {"learning_rate": float, "beta": float, "desirable_ratio": float, "dspo_gamma": float, "tau": float,

@@ -52,27 +52,53 @@ def start_accelerator(args):
     return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
-class TrainingRun:
-    """One run: the prepared UNet, optimizer, schedule (and loader), the progress counters, trackers and bar."""
+class LoraWeights:
+    """What a LoRA run trains and saves: the UNet's adapter, in diffusers format (checkpoints hold only it)."""
 
-    def __init__(self, args, accelerator, parts, family: str, weight_dtype, *, loader=None, desc: str = ""):
+    def __init__(self, unet, family: str):
+        self.module, self.family, self.weight_name = unet, family, lora.LORA_WEIGHT_NAME
+
+    def parameters(self) -> list:
+        return lora.lora_parameters(self.module)
+
+    def register(self, accelerator) -> None:
+        checkpoints.register_lora_hooks(accelerator, self.family)
+
+    def after_load(self, prepared) -> None:
         from diffusers.training_utils import cast_training_params
+
+        cast_training_params(prepared, dtype=torch.float32)
+
+    def save(self, model, output_dir) -> Path:
+        return lora.save_lora(self.family, model, output_dir)
+
+
+class TrainingRun:
+    """One run: the prepared model, optimizer, schedule (and loader), the progress counters, trackers and bar.
+
+    `trained` says what is trained and saved: by default the LoRA on `parts.unet` (`LoraWeights`); the SPM trainer
+    passes its whole model. `parts` (the pipeline) is what validation samples with; None for a run without one."""
+
+    def __init__(self, args, accelerator, parts, family: str | None, weight_dtype, *, loader=None, desc: str = "",
+                 trained=None):
         from tqdm.auto import tqdm
 
         self.args, self.accelerator, self.parts, self.family = args, accelerator, parts, family
         self.weight_dtype, self.output_dir = weight_dtype, Path(args.output_dir)
-        self.params = lora.lora_parameters(parts.unet)
+        self.trained = trained or LoraWeights(parts.unet, family)
+        self.params = list(self.trained.parameters())
         optimizer, lr_scheduler = make_optimizer(args, self.params, accelerator)
         if loader is None:
-            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
+            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.trained.module, optimizer,
+                                                                               lr_scheduler)
             self.loader = None
         else:
             self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
-                parts.unet, optimizer, loader, lr_scheduler)
+                self.trained.module, optimizer, loader, lr_scheduler)
         self.model = accelerator.unwrap_model(self.unet)  # the same weights: the reference, sampling, saving
 
         # What a checkpoint holds, then the trackers, then (with --resume_from_checkpoint) the state.
-        checkpoints.register_lora_hooks(accelerator, family)
+        self.trained.register(accelerator)
         self.progress = checkpoints.TrainingProgress()
         accelerator.register_for_checkpointing(self.progress)  # before load_state, which restores it
         if accelerator.is_main_process and accelerator.log_with:
@@ -81,7 +107,7 @@ class TrainingRun:
         checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
-            cast_training_params(self.unet, dtype=torch.float32)
+            self.trained.after_load(self.unet)
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
         elif args.resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from step 0", self.output_dir)
@@ -109,14 +135,18 @@ class TrainingRun:
         next one; a caller that breaks out early stays in this epoch."""
         accelerator, progress, loader = self.accelerator, self.progress, self.loader
         loader.set_epoch(progress.epoch)
-        resumed = progress.batch_in_epoch
+        resumed, usable = progress.batch_in_epoch, 0
         for batch in accelerator.skip_first_batches(loader, resumed) if resumed else loader:
             progress.batch_in_epoch += 1
             progress.micro_step += 1
             if bool(accelerator.gather(torch.tensor([batch is None], device=accelerator.device)).any()):
                 logger.warning("micro-batch %d: no decodable image on some process; skipped", progress.micro_step)
                 continue
+            usable += 1
             yield batch
+        if not usable and not resumed:  # else the caller would loop over empty epochs forever
+            raise ValueError(f"a whole pass over --dataset_name {self.args.dataset_name} gave no usable batch: "
+                             "every image failed to decode")
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 
     # ---- the step
@@ -174,7 +204,7 @@ class TrainingRun:
                                            self.args.checkpoints_total_limit)
 
     def validate_if_due(self) -> None:
-        if self.args.validation_prompts and self.global_step % self.args.validation_steps == 0:
+        if self.parts is not None and self.args.validation_prompts and self.global_step % self.args.validation_steps == 0:
             log_validation(self.accelerator, self.parts, self.args, self.global_step, self.weight_dtype,
                            unet=self.model)
 
@@ -203,14 +233,15 @@ class TrainingRun:
         self.bar.close()
         accelerator, args = self.accelerator, self.args
         accelerator.wait_for_everyone()
-        lora_path = self.output_dir / lora.LORA_WEIGHT_NAME
+        lora_path = self.output_dir / self.trained.weight_name
         if accelerator.is_main_process:
-            lora.save_lora(self.family, self.model, args.output_dir)
-            logger.info("LoRA saved to %s (load with pipe.load_lora_weights(%r))", lora_path, str(args.output_dir))
-            if args.validation_prompts:
+            self.trained.save(self.model, args.output_dir)
+            logger.info("saved %s", lora_path)
+            if args.validation_prompts and self.parts is not None:
                 log_validation(accelerator, self.parts, args, self.global_step, self.weight_dtype,
                                lora_dir=args.output_dir)
-            outputs.write_run_outputs(args, self.family, self.global_step, self.logs)
+            outputs.write_run_outputs(args, self.family, self.global_step, self.logs,
+                                      **getattr(self.trained, "card", {}))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"family": self.family, "global_step": self.global_step, "lora_path": str(lora_path),

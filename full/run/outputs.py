@@ -37,35 +37,40 @@ def save_args(args, output_dir) -> Path:
     return path
 
 
-def model_card(args, family: str, global_step: int, metrics: dict) -> str:
+def lora_usage(base: str, where: str) -> list[str]:
+    return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+            f'pipe.load_lora_weights("{where}")']
+
+
+def model_card(args, family: str | None, global_step: int, metrics: dict, *, base: str | None = None,
+               what: str = "LoRA", usage: list[str] | None = None) -> str:
     """A README.md in the format of the diffusers training scripts' model cards (YAML front matter + text)."""
-    base = args.pretrained_model_name_or_path
+    base = base or args.pretrained_model_name_or_path
+    where = getattr(args, "hub_model_id", None) or args.output_dir
     dataset = getattr(args, "dataset_name", None) or getattr(args, "prompts_file", None) or "-"
     hyper = [f"| `{k}` | {getattr(args, k)} |" for k in HYPERPARAMETERS if getattr(args, k, None) is not None]
     final = [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
-    tags = ["stable-diffusion" if family == "sd15" else "stable-diffusion-xl", "text-to-image", "diffusers", "lora",
-            "minipref", args.method]
+    tags = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}.get(family, []) + [
+        "text-to-image", "diffusers", "lora" if what == "LoRA" else "reward-model", "minipref", args.method]
     return "\n".join([
         "---", f"base_model: {base}", "library_name: diffusers", "license: other", "tags:",
         *(f"- {tag}" for tag in tags), "---", "",
-        f"# {args.method} LoRA for {base}", "",
-        f"LoRA weights fine-tuned from `{base}` with the `{args.method}` objective of minipref "
+        f"# {args.method} {what} for {base}", "",
+        f"{what} weights fine-tuned from `{base}` with the `{args.method}` objective of minipref "
         f"{minipref_version()}, for {global_step} optimizer steps on `{dataset}`.", "",
-        "```python", "from diffusers import DiffusionPipeline", "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{getattr(args, "hub_model_id", None) or args.output_dir}")', "```", "",
+        "```python", *(usage or lora_usage(base, where)), "```", "",
         "## Hyperparameters", "", "| flag | value |", "|---|---|", *hyper, "",
         f"Every flag of the run is in `{ARGS_NAME}`.", "",
         "## Final training metrics", "", "| metric | value |", "|---|---|", *(final or ["| - | - |"]), "",
     ])
 
 
-def write_run_outputs(args, family: str, global_step: int, metrics: dict) -> Path:
+def write_run_outputs(args, family: str | None, global_step: int, metrics: dict, **card_fields) -> Path:
     """args.json and README.md in --output_dir (main process), then the optional push to the Hub."""
     output_dir = Path(args.output_dir)
     save_args(args, output_dir)
     card = output_dir / "README.md"
-    card.write_text(model_card(args, family, global_step, metrics))
+    card.write_text(model_card(args, family, global_step, metrics, **card_fields))
     if getattr(args, "push_to_hub", False):
         push_to_hub(output_dir, args.hub_model_id or output_dir.resolve().name, getattr(args, "hub_token", None))
     return card

@@ -27,8 +27,9 @@ v1; the authors' evaluation timesteps are 0, 251, 501, 701, 951 (our ``--validat
         --dataset_name yuvalkirstain/pickapic_v1 --output_dir runs/spm_sd15 --learning_rate 3e-6 \\
         --processor_name_or_path laion/CLIP-ViT-H-14-laion2B-s32B-b79K
 
-Writes the SPM to ``--output_dir`` (load it with ``full.online.spm.load_spm``) and ``metrics.json`` (train losses, and the
-validation loss / accuracy per timestep before and after training).
+The run loop is `full/run/loop.py` (checkpoints, ``--resume_from_checkpoint``, ``--report_to``, NaN stop), with
+the whole scorer as what is trained. Writes the SPM to ``--output_dir`` (load it with ``full.online.spm.load_spm``)
+and ``metrics.json`` (train metrics, and the validation loss / accuracy per timestep before and after training).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from full import cli
+from full.data.images import PairDataset, collate_skip_none
+from full.data.samplers import EpochShuffleSampler
+from full.data.sources import load_pair_rows
 from full.online.preference import decode_latents, pair_preference_loss, predicted_x0
-from full.online.spm import PICKSCORE_MODEL, StepAwarePreferenceModel
+from full.online.spm import PICKSCORE_MODEL, SPM_CONFIG_NAME, StepAwarePreferenceModel
+from full.run.loop import TrainingRun, run_and_reset, start_accelerator
+from minipref import LossOutput
 
 logger = logging.getLogger(__name__)
 AUTHORS_EVAL_TIMESTEPS = "0,251,501,701,951"
@@ -54,51 +59,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = cli.cli_argv(argv)
     p = cli.Parser(prog="full.train_spm", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--spm_model_name_or_path", default=PICKSCORE_MODEL, help="CLIP checkpoint to start from")
-    p.add_argument("--processor_name_or_path", default=None, help="CLIP processor (default: the model's; "
-                   "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for PickScore)")
-    p.add_argument("--no_time_conditioning", action="store_true", help="plain scorer: the 'SPM w/o step' ablation")
-    p.add_argument("--pretrained_model_name_or_path", default=None, help="diffusers SD1.5/SDXL pipeline (VAE, "
-                   "UNet, text encoders, scheduler); not needed with --pixel_space")
-    p.add_argument("--x0_estimate", choices=("model", "noisy"), default="model",
-                   help="model: DDIM x0 prediction of the frozen diffusion model (paper); noisy: the noisy sample")
-    p.add_argument("--pixel_space", action="store_true", help="noise the pixels instead of VAE latents "
-                   "(requires --x0_estimate noisy)")
-    p.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of the x0 prediction (authors: 5)")
-    p.add_argument("--dataset_name", required=True, help="parquet file/dir or hub dataset, Pick-a-Pic schema")
-    p.add_argument("--split", default="train")
-    p.add_argument("--validation_split", default=None, help="split for validation (default: the first "
-                   "--num_validation_pairs training pairs)")
-    p.add_argument("--num_validation_pairs", type=int, default=64)
-    p.add_argument("--validation_timesteps", default=AUTHORS_EVAL_TIMESTEPS)
-    p.add_argument("--max_train_samples", type=int, default=None, help="rows read from the source")
-    p.add_argument("--keep_ties", action="store_true", help="train on ties with a 0.5 / 0.5 target")
-    p.add_argument("--resolution", type=int, default=None, help="image side for the diffusion model (default: "
-                   "the UNet's native size; with --pixel_space the CLIP crop size)")
-    p.add_argument("--train_batch_size", type=int, default=4, help="pairs per device per step")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=1000)
-    p.add_argument("--learning_rate", type=float, default=3e-6)
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="precision of the frozen diffusion model (the SPM itself trains in fp32)")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--checkpointing_steps", type=int, default=0, help="save every N steps (0: only at the end)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
+    a = p.add_argument_group("preference model").add_argument
+    a("--spm_model_name_or_path", default=PICKSCORE_MODEL, help="CLIP checkpoint to start from")
+    a("--processor_name_or_path", default=None, help="CLIP processor (default: the model's; "
+      "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for PickScore)")
+    a("--no_time_conditioning", action="store_true", help="plain scorer: the 'SPM w/o step' ablation")
+    a("--pretrained_model_name_or_path", default=None, help="diffusers SD1.5/SDXL pipeline (VAE, UNet, text "
+      "encoders, scheduler); not needed with --pixel_space")
+    a("--x0_estimate", choices=("model", "noisy"), default="model",
+      help="model: DDIM x0 prediction of the frozen diffusion model (paper); noisy: the noisy sample")
+    a("--pixel_space", action="store_true", help="noise the pixels instead of VAE latents (requires --x0_estimate "
+      "noisy)")
+    a("--guidance_scale", type=float, default=5.0, help="CFG of the x0 prediction (authors: 5)")
+    a("--debug", action="store_true", help="show the traceback of an input error instead of one line")
+    a = p.add_argument_group("data").add_argument
+    a("--dataset_name", required=True, help="parquet file/dir or hub dataset, Pick-a-Pic schema")
+    a("--split", default="train")
+    a("--validation_split", default=None, help="split for validation (default: the first --num_validation_pairs "
+      "training pairs)")
+    a("--num_validation_pairs", type=int, default=64)
+    a("--validation_timesteps", default=AUTHORS_EVAL_TIMESTEPS)
+    a("--max_train_samples", type=int, default=None, help="rows read from the source")
+    a("--keep_ties", action="store_true", help="train on ties with a 0.5 / 0.5 target")
+    a("--resolution", type=int, default=None, help="image side for the diffusion model (default: the UNet's native "
+      "size; with --pixel_space the CLIP crop size)")
+    a("--dataloader_num_workers", type=int, default=0)
+    cli.add_training_arguments(p)  # the run loop's flags, with the paper's SPM settings as defaults
+    p.set_defaults(method="spm", learning_rate=3e-6, lr_warmup_steps=0, adam_weight_decay=0.0, max_train_steps=1000,
+                   mixed_precision="no", validation_prompts=None)
     args = p.parse_args(argv)
     if args.pixel_space and args.x0_estimate == "model":
         p.error("--pixel_space has no diffusion model to predict x0 with: add --x0_estimate noisy")
     if not args.pixel_space and not args.pretrained_model_name_or_path:
         p.error("--pretrained_model_name_or_path is required (latent space), or pass --pixel_space")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_validation_pairs"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.learning_rate <= 0 or args.guidance_scale < 0:
-        p.error("--learning_rate must be > 0 and --guidance_scale >= 0")
+    cli.check_training_arguments(p, args)
+    cli.check_positive(p, args, ("num_validation_pairs", "max_train_samples"))
+    cli.check_resolution(p, args)
+    if args.guidance_scale < 0:
+        p.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     try:
         args.validation_timesteps = [int(t) for t in args.validation_timesteps.split(",") if t.strip()]
     except ValueError:
@@ -225,20 +223,39 @@ def evaluate(spm, unwrapped, noiser, batches, timesteps, seed, tie_of) -> dict:
     return result
 
 
+class SpmWeights:
+    """What this run trains and saves: the whole scorer (CLIP + time modulation) in `save_pretrained` format;
+    checkpoints hold its full state (accelerate's default)."""
+
+    weight_name = SPM_CONFIG_NAME
+
+    def __init__(self, spm, args):
+        self.module = spm
+        self.card = {"base": args.spm_model_name_or_path, "what": "step-aware preference model",
+                     "usage": ["from full.online.spm import load_spm", "", f'spm = load_spm("{args.output_dir}")']}
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def register(self, accelerator) -> None:
+        pass
+
+    def after_load(self, prepared) -> None:
+        pass
+
+    def save(self, model, output_dir) -> str:
+        return model.save_pretrained(output_dir)
+
+
 def main(argv=None) -> dict:
-    from accelerate import Accelerator
+    return run_and_reset(train, parse_args(argv))
+
+
+def train(args) -> dict:
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
-    from full.data.images import PairDataset, collate_skip_none
-    from full.data.sources import load_pair_rows
-
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator, weight_dtype = start_accelerator(args)  # weight_dtype: the frozen diffusion model's
     set_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-
     noiser = NoisyPairImages(args, accelerator.device, weight_dtype)
     spm = StepAwarePreferenceModel.from_pretrained(args.spm_model_name_or_path, args.processor_name_or_path,
                                                    time_conditioned=not args.no_time_conditioning,
@@ -252,62 +269,34 @@ def main(argv=None) -> dict:
     # row ids restart per split, so train and validation keep separate lookups
     tie_of, val_tie_of = ({r["row_id"]: r["tie"] for r in rs} for rs in (rows, val_rows))
     dataset = PairDataset(rows, resolution, center_crop=True, random_flip=False, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                         collate_fn=collate_skip_none, num_workers=args.dataloader_num_workers,
-                                         drop_last=len(dataset) >= args.train_batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_skip_none,
+                                         sampler=EpochShuffleSampler(len(dataset), args.seed),
+                                         num_workers=args.dataloader_num_workers)
     val_loader = torch.utils.data.DataLoader(PairDataset(val_rows, resolution, seed=args.seed),
                                              batch_size=args.train_batch_size, collate_fn=collate_skip_none)
     val_batches = [b for b in val_loader if b is not None]
 
-    optimizer = torch.optim.AdamW(spm.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
-    spm, optimizer, loader, lr_scheduler = accelerator.prepare(spm, optimizer, loader, lr_scheduler)
-    unwrapped = accelerator.unwrap_model(spm)
-
-    metrics = {"args": {k: v for k, v in vars(args).items()}, "resolution": resolution, "train": []}
-    metrics["validation_before"] = evaluate(spm, unwrapped, noiser, val_batches, args.validation_timesteps,
+    run = TrainingRun(args, accelerator, None, None, weight_dtype, loader=loader, desc="SPM",
+                      trained=SpmWeights(spm, args))
+    unwrapped = run.model
+    metrics = {"args": {k: v for k, v in vars(args).items()}, "resolution": resolution, "train": run.history}
+    metrics["validation_before"] = evaluate(run.unet, unwrapped, noiser, val_batches, args.validation_timesteps,
                                             args.seed, val_tie_of)
     logger.info("validation before: %s", metrics["validation_before"])
 
-    step, progress = 0, tqdm(total=args.max_train_steps, desc="SPM", disable=not accelerator.is_local_main_process)
-    spm.train()
-    while step < args.max_train_steps:
-        usable = 0
-        for batch in loader:
-            if batch is None:  # every image of the batch failed to decode (reported by full.data)
-                continue
-            usable += 1
-            with accelerator.accumulate(spm):
-                t = torch.randint(0, noiser.num_train_timesteps, (len(batch["captions"]),), device=accelerator.device)
-                images, t2 = noiser(batch, t)
-                out = _pair_loss(spm, unwrapped, images, t2, batch, tie_of)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(spm.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{out.metrics['loss']:.4f}", acc=f"{out.metrics['accuracy']:.2f}")
-                metrics["train"].append({"step": step, **out.metrics})
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                    unwrapped.save_pretrained(Path(args.output_dir) / f"checkpoint-{step}")
-                if step >= args.max_train_steps:
-                    break
-        if not usable:
-            raise ValueError(f"a whole pass over {args.dataset_name} gave no usable batch: every image failed to decode")
-    progress.close()
+    def step_loss(batch: dict, generator) -> LossOutput:
+        # one t and one eps per pair, from the micro-batch's own stream (the same after a resume)
+        t = torch.randint(0, noiser.num_train_timesteps, (len(batch["captions"]),), generator=generator,
+                          device=accelerator.device)
+        images, noised_t = noiser(batch, t, generator)
+        return _pair_loss(run.unet, unwrapped, images, noised_t, batch, tie_of)
 
-    metrics["validation_after"] = evaluate(spm, unwrapped, noiser, val_batches, args.validation_timesteps,
+    run.unet.train()
+    run.train_until(args.max_train_steps, step_loss)
+    metrics["validation_after"] = evaluate(run.unet, unwrapped, noiser, val_batches, args.validation_timesteps,
                                            args.seed, val_tie_of)
     logger.info("validation after: %s", metrics["validation_after"])
-    accelerator.wait_for_everyone()
+    run.finish()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir)
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
-    accelerator.end_training()
     return metrics
-

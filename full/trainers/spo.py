@@ -84,7 +84,7 @@ def build_parser():
                    lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=None, adam_weight_decay=1e-4)
     a = p.add_argument_group("SPO").add_argument
     a("--spm_model_name_or_path", required=True,
-      help="a step-aware preference model from full/train_spm.py, or a plain CLIP/PickScore checkpoint (step-unaware)")
+      help="a step-aware preference model from full.train_spm, or a plain CLIP/PickScore checkpoint (step-unaware)")
     a("--spm_processor_name_or_path", default=None, help="for a plain CLIP checkpoint without a processor")
     a("--beta", type=float, default=10.0)
     a("--clip", type=float, default=0.1, help="the ratio pi/pi_ref is clipped to [1 - clip, 1 + clip]")
