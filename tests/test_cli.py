@@ -25,9 +25,11 @@ def one_line_error(capsys, main, argv, prog="full.train") -> str:
     """Run `main` as the console scripts do; the error must be exactly one line on stderr, exit status 2."""
     assert cli.entry_point(main, argv, prog=prog) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"{prog}: error: ")
-    return err
+    assert "Traceback" not in err, err
+    # progress bars of the loading may come first (each ends its own line); the error is the one last line
+    errors = [line for line in err.splitlines() if f"{prog}: error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{prog}: error: ") and err.endswith(errors[0] + "\n"), err
+    return errors[0]
 
 
 def parse_error(capsys, parse, argv) -> str:
@@ -96,6 +98,21 @@ def test_a_file_that_is_not_parquet_is_named(capsys, tiny_sd15, tmp_path):
     bad.write_text("caption,image\n")
     err = one_line_error(capsys, offline.main, train_argv(tiny_sd15, str(bad), tmp_path / "out", "dpo"))
     assert f"cannot read {bad} as parquet" in err
+
+
+def test_data_whose_every_image_fails_to_decode_stops_instead_of_looping(capsys, tiny_sd15, tmp_path):
+    from tests import tiny_models
+
+    bad = tiny_models.make_pickapic_parquet(tmp_path / "bad.parquet", 4, truncated_rows=range(4))
+    err = one_line_error(capsys, offline.main, train_argv(tiny_sd15, str(bad), tmp_path / "out", "dpo"))
+    assert f"a whole pass over --dataset_name {bad} gave no usable batch" in err
+
+
+def test_cache_flags_are_checked_at_parse_time(capsys, tmp_path):
+    from full.data import cache
+
+    argv = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--method", "dpo", "--output_dir", "o"]
+    assert "--shard_size must be positive, got 0" in parse_error(capsys, cache.parse_args, argv + ["--shard_size", "0"])
 
 
 def test_debug_shows_the_traceback_instead(tmp_path, pickapic_parquet):

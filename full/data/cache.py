@@ -135,7 +135,10 @@ def collate_cached(items: Sequence[dict]) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from full import cli
+    from full.data.converters import FEEDBACK_POLICIES
+
+    p = cli.Parser(prog="full.cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", required=True)
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
@@ -158,7 +161,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of the frozen encoders while caching")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
+    args = p.parse_args(cli.cli_argv(argv))
+    cli.check_positive(p, args, ("shard_size", "batch_size", "max_train_samples"))
+    cli.check_resolution(p, args)
+    if args.feedback_policy not in FEEDBACK_POLICIES:
+        p.error(f"--feedback_policy must be one of {', '.join(FEEDBACK_POLICIES)}, got {args.feedback_policy!r}")
+    return args
 
 
 def build_cache(argv=None) -> Path:

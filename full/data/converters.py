@@ -213,9 +213,9 @@ def _summary(rows: Sequence[dict], label: str = "label") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+    from full import cli
 
-    parser = argparse.ArgumentParser(prog="python -m full.data", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="full.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="load a dataset as the trainer would and print what is usable")
     check.add_argument("dataset_name")
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("--input_schema", choices=("feedback", "pairs"), default="pairs",
                      help="take the images of a Pick-a-Pic file (both of each pair) or of a feedback file")
     sub.add_argument("--strength", type=float, default=0.5)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(cli.cli_argv(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     try:
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = red_filter_feedback(images, args.strength)
         path = write_parquet(out, args.output)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"full.data: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out)))
     return 0

@@ -42,6 +42,10 @@ def run_and_reset(run, args) -> dict:
     finally:
         from accelerate.state import AcceleratorState, GradientState
 
+        if TrainingRun.current is not None:  # a run stopped by an error: end its progress line before the message
+            TrainingRun.current.bar.close()
+            TrainingRun.current = None
+
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
@@ -78,6 +82,8 @@ class TrainingRun:
 
     `trained` says what is trained and saved: by default the LoRA on `parts.unet` (`LoraWeights`); the SPM trainer
     passes its whole model. `parts` (the pipeline) is what validation samples with; None for a run without one."""
+
+    current: "TrainingRun | None" = None  # the run in progress in this process (closed by `run_and_reset`)
 
     def __init__(self, args, accelerator, parts, family: str | None, weight_dtype, *, loader=None, desc: str = "",
                  trained=None):
@@ -116,6 +122,7 @@ class TrainingRun:
         self.history: list[dict] = []
         self.bar = tqdm(total=args.max_train_steps or None, initial=self.progress.global_step,
                         desc=desc or f"{args.method} ({family})", disable=not accelerator.is_main_process)
+        TrainingRun.current = self
 
     @property
     def global_step(self) -> int:
