@@ -29,6 +29,11 @@ if str(ROOT) not in sys.path:  # `toy`, `full` and `tests.tiny_models` live at t
     sys.path.insert(0, str(ROOT))
 
 IN_NOTEBOOK = "ipykernel" in sys.modules
+# Progress bars would bury a lesson's printed checks (and lesson 5's trainer, pipelines and model writers all draw
+# them). tqdm >= 4.66 reads its defaults from TQDM_* variables when it is first imported, so this must come before
+# anything imports tqdm; the Hub client has its own switch. Set TQDM_DISABLE=0 to see them.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 QUICK = os.environ.get("MINIPREF_QUICK", "") not in ("", "0") or "--quick" in sys.argv
 OUT = Path(os.environ.get("MINIPREF_TUTORIAL_OUT") or TUTORIALS / "out")
 OUT.mkdir(parents=True, exist_ok=True)
