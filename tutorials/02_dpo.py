@@ -25,7 +25,7 @@
 # This lesson trains it on the 2D toy (paper 001 Sec. 7: desirable winners from `N((0.3, 0.8), 0.01 I)`,
 # undesirable losers from `N((0.3, 0.6), 0.01 I)`), and looks at the three things every DPO user asks about: what the
 # loss is at the start, what its gradient does there, and why a loss that sits near 0.693 is not a dead run.
-# The loss is `minipref.dpo_loss`, the function the full-scale trainer calls (`full/train.py`, `compute_loss`).
+# The loss is `minipref.dpo_loss`, the function the full-scale trainer calls (`python -m full.train`; its `compute_loss`).
 
 # %%
 import copy
@@ -115,7 +115,7 @@ lesson.check("grad L_DPO == (beta/4)(grad err_w - grad err_l) at init", gap <= 1
 # %% [markdown]
 # ## Training, and what the curves do
 #
-# The loop below is the whole of DPO fine-tuning (`toy/methods.py`'s `dpo_step` and `full/train.py` do exactly
+# The loop below is the whole of DPO fine-tuning (`toy/methods.py`'s `dpo_step` and `python -m full.train` do exactly
 # this): Adam, a cosine learning-rate schedule, gradient norm clipped at 1.0 as the Diffusion-DPO scripts do. We log
 # the per-batch loss, implicit accuracy and mean margin, and every few steps the **held-out** accuracy on fresh
 # pairs (8 shared `(t, eps)` draws each, so one pair's margin is a less noisy estimate; its ceiling is the Bayes
@@ -210,7 +210,7 @@ for name, log in logs.items():
 # **signs** are right. The implicit accuracy only counts signs. With tiny steps (lr 1e-7 above; in a real SD run
 # the learning rate is small, `beta * d_err` is small and labels are noisy) the signs are right almost at once
 # while the margins stay tiny, so the loss barely leaves 0.693: it stays above 0.6 for the whole run while the
-# held-out accuracy sits at the ceiling from the first evaluation on. Read `implicit_acc` and `margin` (full/train.py
+# held-out accuracy sits at the ceiling from the first evaluation on. Read `implicit_acc` and `margin` (`python -m full.train`
 # logs both to TensorBoard as `train/implicit_acc`, `train/margin`), not the loss, in the first thousands of steps.
 #
 # In that regime the Taylor value is the loss to three decimals; at the end of the default run the margins are

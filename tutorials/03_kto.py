@@ -162,7 +162,7 @@ lesson.check("loss-averse: labelled both ways is NOT constant",
 # %% [markdown]
 # ## The KTO training loop
 #
-# Here is the whole of Diffusion-KTO fine-tuning on the toy (`toy/methods.py`'s `kto_step` and `full/train.py` do
+# Here is the whole of Diffusion-KTO fine-tuning on the toy (`toy/methods.py`'s `kto_step` and `python -m full.train` do
 # the same). Each step draws 256 *unpaired* points, each desirable with probability `gamma = 0.8` (paper 001
 # Sec. 4.3), noises them with one `(t, eps)` each, runs the policy (with gradient) and the frozen reference (without),
 # and calls `kto_loss` with the authors' reference point, `z_ref = clamp(mean r over the batch, min=0)`, detached.

@@ -129,7 +129,7 @@ lesson.check("self-play moves the samples towards the real (desirable) data",
 # %% [markdown]
 # ## 2. Diff-contrast: every winner against every loser, weighted
 #
-# With embeddings `f(y, x)` of each (image, prompt) (CLIP at full scale, `full/models.py` `ClipPairEncoder`):
+# With embeddings `f(y, x)` of each (image, prompt) (CLIP at full scale: `ClipPairEncoder` in `full/`):
 #
 # ```
 # W~_ij = exp(-(1 - cos(f_w_i, f_l_j)) / tau),   W = W~ / row sums (detached),   L = mean_i sum_j W_ij softplus(-(r_w_i - r_l_j))
@@ -158,10 +158,15 @@ fig.colorbar(image, ax=axes, shrink=0.8)
 fig.suptitle("Diff-contrast weights W (rows sum to 1); pairs 0-3, 4-7, 8-11 share a prompt", fontsize=10)
 lesson.save_figure(fig, "04_contrast_weights")
 
+same_prompt = {}
 for tau in TAUS:
     w = weights[tau]
-    same_prompt = sum(w[i, 4 * (i // 4): 4 * (i // 4) + 4].sum() for i in range(12)).item() / 12
-    print(f"tau {tau:>5}: mean weight on own loser {w.diagonal().mean():.3f}, on the same prompt's losers {same_prompt:.3f}")
+    same_prompt[tau] = sum(w[i, 4 * (i // 4): 4 * (i // 4) + 4].sum() for i in range(12)).item() / 12
+    print(f"tau {tau:>5}: mean weight on own loser {w.diagonal().mean():.3f}, on the same prompt's losers {same_prompt[tau]:.3f}")
+lesson.check("tau 0.1: the weight leaves the own loser but stays within the prompt",
+             weights[0.1].diagonal().mean() < 0.95 and same_prompt[0.1] > 0.95,
+             f"own {weights[0.1].diagonal().mean():.3f}, same prompt {same_prompt[0.1]:.3f}")
+lesson.check_range("tau 5: it spreads over all prompts (same-prompt weight near the uniform 4/12)", same_prompt[5.0], high=0.5)
 lesson.check("rows sum to 1 for every tau", all(torch.allclose(w.sum(1), torch.ones(12)) for w in weights.values()))
 lesson.check("tau -> 0: W -> I (each winner keeps its own, most similar, loser)", weights[0.01].diagonal().min() > 0.99)
 uniform = minipref.contrast_weights(emb_w, emb_l, tau=1e4)
@@ -413,9 +418,10 @@ lesson.save_figure(fig, "04_spo_clip")
 # ## All four on the toy
 #
 # The same toy comparison as lesson 3 (`python -m toy --methods sft,dpo,spin,contrast,dspo,spo`), quick mode
-# in CI. docs/toy.md discusses the full run: SPIN and DSPO behave like SFT (self-play has no "undesirable" data; DSPO
-# is SFT plus a small correction), Diff-contrast like a weaker DPO, and SPO follows its preference model, which
-# ranks by height just as the pairs do.
+# in CI. docs/toy.md discusses the full run. SPIN and DSPO move the samples towards the desirable Gaussian as SFT
+# does (mean x from 0.5 to about 0.3, mean y unchanged: self-play has no "undesirable" data; DSPO is SFT plus a
+# correction); Diff-contrast drifts up like a weaker DPO; SPO follows its preference model, which ranks by height
+# just as the pairs do, so its samples move up too. Checked below the table.
 
 # %%
 from toy.run import RunConfig, run  # noqa: E402
@@ -433,6 +439,12 @@ if lesson.IN_NOTEBOOK:
 finite = all(np.isfinite(v["energy_distance"]) for v in toy_metrics["methods"].values())
 lesson.check("every method trains to finite samples", finite)
 tm = toy_metrics["methods"]
+for name in ("sft", "spin", "dspo"):
+    lesson.check(f"{name}: mean near the desirable (0.3, 0.8)", abs(tm[name]["mean"][0] - 0.3) < 0.06
+                 and abs(tm[name]["mean"][1] - 0.8) < 0.05, f"({tm[name]['mean'][0]:.3f}, {tm[name]['mean'][1]:.3f})")
+lesson.check("contrast drifts up, less than DPO", tm["reference"]["mean"][1] + 0.03 < tm["contrast"]["mean"][1] < tm["dpo"]["mean"][1],
+             f"mean y: reference {tm['reference']['mean'][1]:.3f}, contrast {tm['contrast']['mean'][1]:.3f}, DPO {tm['dpo']['mean'][1]:.3f}")
+lesson.check_range("SPO's samples move up", tm["spo"]["mean"][1] - tm["reference"]["mean"][1], 0.03)
 lesson.check("DSPO overshoots: its mean x lies beyond SFT's, further from the pretrained 0.5",
              tm["dspo"]["mean"][0] < tm["sft"]["mean"][0] - 0.02,
              f"DSPO {tm['dspo']['mean'][0]:.3f}, SFT {tm['sft']['mean'][0]:.3f}, desirable 0.300, pretrained {tm['reference']['mean'][0]:.3f}")
