@@ -228,3 +228,29 @@ def test_importing_the_plots_does_not_switch_the_matplotlib_backend():
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_num_train_epochs_sets_the_number_of_steps(run_train, tiny_sd15, pickapic_parquet, tmp_path):
+    from full.data import load_pair_rows
+
+    pairs = len(load_pair_rows(pickapic_parquet, max_rows=6))  # ties dropped
+    summary = run_train(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--num_train_epochs", "2",
+                        "--max_train_samples", "6", steps=1)  # --max_train_steps 1 gives way to the epochs
+    assert summary["global_step"] == 2 * -(-pairs // 2) > 1  # batch 2, no accumulation, 2 epochs
+
+
+def test_push_to_hub_uploads_the_output_dir_without_checkpoints(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from full.run import outputs
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok, token: calls.setdefault("repo", Namespace(repo_id=f"me/{repo_id}")))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
+    args = Namespace(pretrained_model_name_or_path="base/model", method="dpo", output_dir=str(tmp_path / "run-1"),
+                     dataset_name="pairs.parquet", beta=5000.0, push_to_hub=True, hub_model_id=None, hub_token=None)
+    outputs.write_run_outputs(args, "sd15", 10, {"loss": 0.5})
+    assert calls["repo"].repo_id == "me/run-1"  # --hub_model_id defaults to the output dir's name
+    assert calls["upload"]["folder_path"] == args.output_dir and "checkpoint-*" in calls["upload"]["ignore_patterns"]
+    assert {"README.md", "args.json"} <= {p.name for p in (tmp_path / "run-1").iterdir()}
