@@ -158,6 +158,10 @@ lesson.check("Kahneman-Tversky: labelled both ways is constant 1 with zero gradi
              all(abs(v - 1) < 1e-12 and abs(d) < 1e-9 for v, d in kt))
 lesson.check("loss-averse: labelled both ways is NOT constant",
              max(v for v, _ in both_ways["loss_averse"]) - min(v for v, _ in both_ways["loss_averse"]) > 1)
+la, rsk = both_ways["loss_averse"], both_ways["risk_seeking"]
+lesson.check("... it is lowest at u = 0 for loss-averse (pulls towards it) and highest there for risk-seeking (pushes away)",
+             la[1][0] < min(la[0][0], la[2][0]) and rsk[1][0] > max(rsk[0][0], rsk[2][0]),
+             f"loss-averse {la[0][0]:.2f} / {la[1][0]:.2f} / {la[2][0]:.2f}, risk-seeking {rsk[0][0]:.2f} / {rsk[1][0]:.2f} / {rsk[2][0]:.2f}")
 
 # %% [markdown]
 # ## The KTO training loop
@@ -413,6 +417,11 @@ tilted_mean = (weights[:, None] * pre).sum(0)
 lesson.check_close("p_ref exp(rho / beta') with beta' = 2 has mean y 0.8 + 0.8 / 2 = 1.2", tilted_mean[1].item(), 1.2, abs_tol=0.01)
 lesson.check_close("... and the same mean x as the pretrained model, 0.5", tilted_mean[0].item(), 0.5, abs_tol=0.01)
 lesson.check_close("DPO's samples keep the pretrained mean x", m["dpo"]["mean"][0], m["reference"]["mean"][0], abs_tol=0.05)
+gap_to_sft = {u: abs(m[f"kto_{u}"]["desirable_frac"] - m["sft"]["desirable_frac"])
+              for u in ("risk_seeking_bounded", "kahneman_tversky", "loss_averse")}
+lesson.check("the authors' bounded risk-seeking form is the KTO utility closest to SFT in the desirable disc",
+             gap_to_sft["risk_seeking_bounded"] < min(gap_to_sft["kahneman_tversky"], gap_to_sft["loss_averse"]),
+             ", ".join(f"{u} {v:.3f} from SFT" for u, v in gap_to_sft.items()))
 rs = m["kto_risk_seeking"]
 lesson.check("SPEC's risk-seeking utility diverges", rs["energy_distance"] > 10 or rs["diverged_at_step"] is not None
              or rs["nonfinite_frac"] > 0, f"energy distance to desirable {rs['energy_distance']:.3g}, mean {rs['mean']}")

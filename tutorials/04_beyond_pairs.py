@@ -304,7 +304,7 @@ lesson.check("... which lies beyond eps, away from the reference, or at eps wher
 #
 # ```
 # log rho = clamp(log pi_theta(x_{t-1}|x_t) - log pi_ref(x_{t-1}|x_t), log(1 - clip), log(1 + clip))
-# L_SPO = mean softplus(-beta * (log rho_w - log rho_l))                        beta 10, clip 0.1 (paper 003)
+# L_SPO = mean softplus(-beta * (log rho_w - log rho_l))          beta 10, clip 0.1 (the SPO authors' config)
 # ```
 #
 # First, the Gaussian is what diffusers' `DDIMScheduler.step(..., eta=1)` samples:
