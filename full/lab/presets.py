@@ -30,7 +30,7 @@ class PretrainConfig:
 
 
 FULL_PRETRAIN = PretrainConfig()
-QUICK_PRETRAIN = replace(FULL_PRETRAIN, vae_steps=150, pool_size=1500, unet_steps=300, unet_batch=32, ema_decay=0.99,
+QUICK_PRETRAIN = replace(FULL_PRETRAIN, vae_steps=250, pool_size=1500, unet_steps=300, unet_batch=32, ema_decay=0.99,
                         clip_steps=60)
 
 

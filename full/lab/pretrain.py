@@ -90,6 +90,8 @@ def build_parts(config: PretrainConfig) -> dict:
         in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=8)
+    with torch.no_grad():  # posterior log-variance starts at -6 (std 0.05): SD's VAE is nearly deterministic too,
+        vae.quant_conv.bias[4:] = -6.0  # and the trainers *sample* z, so its noise must stay small next to z's spread
     latent_size = shapes.RESOLUTION // 2 ** (len(config.vae_channels) - 1)  # 32 / 4 = 8
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4,

@@ -1,0 +1,48 @@
+"""`python -m full.lab --out runs/lab` (`make lab`): every objective aligns the lab's tiny text-to-image model.
+
+    python -m full.lab --out runs/lab            # the full lab: pretraining cached in runs/lab/model
+    python -m full.lab --out runs/lab-quick --quick
+    python -m full.lab --out runs/lab --methods dpo,sft,dpo_swapped
+
+See full/lab/run.py for what it writes and docs/lab.md for the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from full.lab.methods import all_methods
+from full.lab.presets import FULL, QUICK
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/lab", help="output directory (the pretrained model is cached there)")
+    parser.add_argument("--quick", action="store_true", help="the test-sized lab (minutes, weaker model)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names (default: all)")
+    parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate",
+                        help="accelerate: each trainer as `accelerate launch -m ...`; inprocess: its main(argv)")
+    args = parser.parse_args(argv)
+    lab = QUICK if args.quick else FULL
+    if args.methods:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        known = [m.name for m in all_methods()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {','.join(known)}")
+        lab = replace(lab, methods=tuple(names))
+    from full.lab.run import run_lab
+
+    results = run_lab(args.out, lab, launcher=args.launcher)
+    print(f"\n{'method':24s} {'win rate':>8s} {'95% CI':>15s} {'Wilcoxon p':>10s} {'fidelity':>8s}")
+    print(f"{'base':24s} {'':8s} {'':15s} {'':10s} {results['base']['fidelity']:8.2f}")
+    for name, r in results["methods"].items():
+        print(f"{name:24s} {r['win_rate']:8.2f} [{r['ci'][0]:5.2f}, {r['ci'][1]:5.2f}] {r['wilcoxon_p']:10.2g} "
+              f"{r['fidelity']:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

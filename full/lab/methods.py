@@ -1,0 +1,118 @@
+"""Every objective of the repository, as the command line that trains it on the lab's model and data.
+
+The lab never calls a trainer's internals: each method is an argv for one of the entry points users launch,
+
+    accelerate launch -m full.train     --method sft | csft | bce | dpo | kto | contrast | dspo
+    accelerate launch -m full.spin      (SPIN-Diffusion)
+    python -m full.train_spm            (SPO's step-aware preference model), then
+    accelerate launch -m full.spo       (SPO)
+
+run either as that subprocess (`make lab`) or as `module.main(argv)` in this process (the test, which saves the
+interpreter start-ups). A method's NAME is what it was trained as: `dpo`, `kto_kahneman_tversky`, `dspo_e`, ...
+and `dpo_swapped`, Diffusion-DPO on the pairs with winner and loser exchanged: the deliberately broken run,
+which must move the rater's score the other way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from minipref.dspo import VARIANTS as DSPO_VARIANTS
+from minipref.kto import UTILITY_NAMES
+
+from full.lab.presets import COMMON_FLAGS, FAMILIES, LabConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    entry: str  # the module users launch: full.train, full.spin, full.spo
+    family: str  # which preset of presets.FAMILIES
+    flags: dict  # method-specific flags
+    data: str  # "pairs", "feedback" or "pairs_swapped": which file of the preference data
+
+
+def all_methods() -> list[Method]:
+    methods = [Method("sft", "full.train", "sft", {"method": "sft"}, "feedback"),
+               Method("csft", "full.train", "sft", {"method": "csft"}, "feedback"),
+               # BCE with the implicit reward as its logit: the reference form of paper 000 Eq. (3)
+               Method("bce", "full.train", "reference", {"method": "bce", "bce_reference": True}, "feedback"),
+               Method("dpo", "full.train", "reference", {"method": "dpo"}, "pairs"),
+               Method("dpo_swapped", "full.train", "reference", {"method": "dpo"}, "pairs_swapped")]
+    methods += [Method(f"kto_{u}", "full.train", "reference", {"method": "kto", "utility": u}, "feedback")
+                for u in UTILITY_NAMES]
+    methods.append(Method("contrast", "full.train", "reference", {"method": "contrast"}, "pairs"))
+    # dspo_sdxl is the authors' switch for SDXL (full/presets/sdxl-dspo.json); the lab's model is SD1.5-shaped
+    methods += [Method(v, "full.train", "reference", {"method": "dspo", "dspo_variant": v}, "pairs")
+                for v in DSPO_VARIANTS if v != "dspo_sdxl"]
+    methods.append(Method("spin", "full.spin", "reference", {"num_iterations": 2}, "pairs"))
+    methods.append(Method("spo", "full.spo", "spo", {}, "prompts"))
+    return methods
+
+
+def flag_list(flags: dict) -> list[str]:
+    """{"learning_rate": 1e-3, "bce_reference": True} -> ["--learning_rate", "0.001", "--bce_reference"]."""
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value not in (None, False):
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: Path, data: dict, out: Path) -> list[str]:
+    family = FAMILIES[method.family]["flags"]
+    steps = max(2, round(family.get("max_train_steps", 0) * lab.train_scale))
+    flags = {"pretrained_model_name_or_path": model, "output_dir": out, "report_to": "tensorboard",
+             "checkpointing_steps": 100_000, **COMMON_FLAGS, **family, "max_train_steps": steps, **method.flags}
+    if method.entry == "full.train":
+        flags["dataset_name"] = data[method.data]
+        if method.flags["method"] == "contrast":
+            flags["clip_model_name_or_path"] = clip
+    elif method.entry == "full.spin":  # samples its own losers with the lab's sampler settings
+        flags.update(dataset_name=data[method.data], generation_steps=lab.sample_steps,
+                     generation_guidance_scale=lab.guidance, generation_batch_size=64)
+    elif method.entry == "full.spo":  # samples its own pairs for the 18 training captions; steps follow from epochs
+        flags.pop("max_train_steps")
+        flags.update(prompts_file=data["prompts"], spm_model_name_or_path=spm, num_inference_steps=lab.sample_steps,
+                     guidance_scale=lab.guidance, sample_batch_size=9, num_epochs=max(1, round(4 * lab.train_scale)),
+                     threshold=0.1)
+    return flag_list(flags)
+
+
+def spm_argv(lab: LabConfig, model: Path, clip: Path, pairs: Path, out: Path) -> list[str]:
+    """SPO's step-aware preference model, from the lab's CLIP, on the lab's pairs (paper 003, Sec. 4.2)."""
+    return flag_list({"spm_model_name_or_path": clip, "pretrained_model_name_or_path": model, "dataset_name": pairs,
+                      "output_dir": out, "guidance_scale": lab.guidance, "learning_rate": 1e-4,
+                      "train_batch_size": 16, "max_train_steps": max(2, round(300 * lab.train_scale)),
+                      "num_validation_pairs": 32, "seed": 0})
+
+
+def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path) -> float:
+    """Run one entry point; returns wall seconds. `launcher`: "accelerate" (a subprocess, as users do) or "inprocess"."""
+    start = time.perf_counter()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if launcher == "inprocess":
+        module = importlib.import_module(entry)
+        # full.spo exposes main_requiring_pairs (an SPO run that kept no pair is an error)
+        main = getattr(module, "main", None) or getattr(module, "main_requiring_pairs")
+        main(argv)
+        return time.perf_counter() - start
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = ([sys.executable, "-m", entry] if entry == "full.train_spm" else [*launch, "-m", entry]) + argv
+    with open(log_file, "w") as log:
+        log.write(" ".join(command) + "\n\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        tail = log_file.read_text()[-1500:]
+        raise RuntimeError(f"{entry} failed with exit status {done.returncode}; see {log_file}:\n{tail}")
+    return time.perf_counter() - start

@@ -1,0 +1,235 @@
+"""The lab, stage by stage: pretrain (cached), preference data, every method, evaluation, results.json + figure.
+
+    out/model/          the pretrained pipeline (save_pretrained) + pretrain.json     } cached: reused while
+    out/clip/           the tiny CLIP (Diff-contrast's f, SPO's preference model init) } the config is unchanged
+    out/data/           pairs.parquet, pairs_swapped.parquet, feedback.parquet, data.json
+    out/train/NAME/     each method's LoRA (pytorch_lora_weights.safetensors), logs/ for TensorBoard
+    out/logs/NAME.log   the command line and output of each subprocess
+    out/eval/           full.evaluate's manifest, images, scores, its own results.json / results.md
+    out/results.json    per method: win rate over the base model with CI and Wilcoxon p, caption fidelity, ...
+    out/lab.png         sample grid per method (same prompts and seeds) and the win-rate bars
+
+Evaluation is `full.evaluate` on the 18 held-out captions (`shapes.HELD_OUT_CAPTIONS`), seeds 0.. (the preference
+data used seeds from 10000 on), every LoRA loaded with `pipe.load_lora_weights` by full.evaluate itself.
+The two lab scorers are `full.lab.rater:Rater` and `full.lab.rater:Fidelity`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from full.lab import methods as methods_lib
+from full.lab import preferences, rater
+from full.lab.presets import FAMILIES, LabConfig
+from full.lab.shapes import HELD_OUT_CAPTIONS
+
+# The lab's two scorers, as full.evaluate names them (`--scorers module:Class`). While full.evaluate cannot load
+# them by name yet, the lab scores the manifest's images with the same classes and writes scores.jsonl itself
+# (`score_manifest`); when it can, set SCORE_THROUGH_EVALUATE = True and nothing else changes.
+SCORERS = {"rater": "full.lab.rater:Rater", "fidelity": "full.lab.rater:Fidelity"}
+SCORE_THROUGH_EVALUATE = False
+
+
+class Progress:
+    """One line per finished stage, with its wall time and the lab's running total."""
+
+    def __init__(self, quiet: bool = False):
+        self.start, self.quiet, self.times = time.perf_counter(), quiet, {}
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[lab {time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.times[name] = round(seconds, 1)
+        self(f"{name}: done in {seconds:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Pretraining, cached
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cached(path: Path, marker: str, config: dict) -> bool:
+    """True when `path/marker` exists and was written with the same config."""
+    file = path / marker
+    return file.is_file() and json.loads(file.read_text()).get("config") == json.loads(json.dumps(config))
+
+
+def ensure_pretrained(out: Path, lab: LabConfig, progress: Progress) -> tuple[Path, Path]:
+    from full.lab.clip import pretrain_clip
+    from full.lab.pretrain import pretrain
+
+    config = asdict(lab.pretrain)
+    model, clip = out / "model", out / "clip"
+    bar = StepLog(progress)
+    if cached(model, "pretrain.json", config):
+        progress(f"pretrained model: cached in {model}")
+    else:
+        shutil.rmtree(model, ignore_errors=True)
+        report = pretrain(model, lab.pretrain, bar)
+        progress.timed("pretrain", report["seconds"])
+    if cached(clip, "clip.json", config):
+        progress(f"CLIP: cached in {clip}")
+    else:
+        shutil.rmtree(clip, ignore_errors=True)
+        report = pretrain_clip(clip, lab.pretrain, bar)
+        report["config"] = config
+        (clip / "clip.json").write_text(json.dumps(report, indent=1))
+        progress.timed("clip", report["clip_seconds"])
+    return model, clip
+
+
+class StepLog:
+    """The pretraining's progress: a line every 10% of a stage."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def __call__(self, stage: str, step: int, total: int, **metrics) -> None:
+        if step == total or step % max(1, total // 10) == 0:
+            values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.progress(f"{stage} {step}/{total}: {values}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-3. Data and training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *, launcher: str,
+              progress: Progress) -> dict[str, dict]:
+    """Train every selected method; returns {name: {"lora": dir, "seconds": s, "argv": [...]}}."""
+    selected = [m for m in methods_lib.all_methods() if not lab.methods or m.name in lab.methods]
+    trained, spm = {}, out / "train" / "spm"
+    for method in selected:
+        if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():
+            argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
+            seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, log_file=out / "logs" / "spm.log")
+            progress.timed("train_spm", seconds)
+        target = out / "train" / method.name
+        shutil.rmtree(target, ignore_errors=True)
+        argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
+        seconds = methods_lib.run_entry(method.entry, argv, launcher=launcher,
+                                        log_file=out / "logs" / f"{method.name}.log")
+        trained[method.name] = {"lora": str(target), "seconds": round(seconds, 1), "family": method.family,
+                                "command": f"{method.entry} " + " ".join(argv)}
+        progress.timed(f"train {method.name}", seconds)
+    return trained
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Evaluation through full.evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict) -> dict:
+    """full.evaluate on the held-out captions: generate (every LoRA loaded by it), score, report."""
+    from full import evaluate as evaluate_entry
+
+    eval_dir = out / "eval"
+    shutil.rmtree(eval_dir, ignore_errors=True)  # a stale image of a retrained LoRA must not be reused
+    eval_dir.mkdir(parents=True)
+    prompts = eval_dir / "held_out_prompts.txt"
+    prompts.write_text("".join(f"p{i:02d}\t{c}\n" for i, c in enumerate(HELD_OUT_CAPTIONS)))
+    common = ["--out", str(eval_dir), "--base_model", str(model), "--prompts", str(prompts),
+              "--seeds", str(lab.eval_seeds), "--steps", str(lab.sample_steps), "--guidance", str(lab.guidance),
+              "--batch_size", "64", "--device", "cpu", "--grid_prompts", "0"]
+    common += [arg for name, entry in trained.items() for arg in ("--lora", f"{name}={entry['lora']}")]
+    if SCORE_THROUGH_EVALUATE:
+        return evaluate_entry.main(common + ["--scorers", ",".join(SCORERS.values())])
+    evaluate_entry.main(common + ["--stages", "generate"])
+    score_manifest(eval_dir)
+    return evaluate_entry.main(common + ["--stages", "report"])
+
+
+def score_manifest(eval_dir: Path) -> None:
+    """What `full.evaluate --stages score --scorers full.lab.rater:Rater,...` will do: one row per image and scorer."""
+    from PIL import Image
+
+    manifest = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    images = [Image.open(eval_dir / row["path"]).convert("RGB") for row in manifest]
+    prompts = [row["prompt"] for row in manifest]
+    rows = []
+    for name, scorer in (("rater", rater.Rater()), ("fidelity", rater.Fidelity())):
+        for row, value in zip(manifest, scorer.score(images, prompts)):
+            rows.append({"model": row["model"], "prompt_id": row["prompt_id"], "seed": row["seed"],
+                         "scorer": SCORERS[name], "score": float(value)})
+    (eval_dir / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def lab_results(summary: dict, trained: dict, base_name: str = "base") -> dict:
+    """results.json's shape: {"methods": {NAME: {win_rate, ci, wilcoxon_p, fidelity, ...}}, "base": {...}}."""
+    reward, fidelity = SCORERS["rater"], SCORERS["fidelity"]
+    means = summary["means"]
+    versus_base = {c["model"]: c for c in summary["win_rates"][reward] if c["baseline"] == base_name}
+    fidelity_versus_base = {c["model"]: c for c in summary["win_rates"][fidelity] if c["baseline"] == base_name}
+    methods = {}
+    for name, entry in trained.items():
+        comparison = versus_base[name]
+        methods[name] = {
+            "win_rate": comparison["win_rate"], "ci": [comparison["ci_low"], comparison["ci_high"]],
+            "wilcoxon_p": comparison["wilcoxon"]["p_value"],
+            "fidelity": means[fidelity][name]["mean"],
+            "fidelity_win_rate": fidelity_versus_base[name]["win_rate"],
+            "mean_score": means[reward][name]["mean"], "score_std": means[reward][name]["std"],
+            "train_seconds": entry["seconds"], "family": entry["family"],
+            "preset": FAMILIES[entry["family"]]["reason"], "command": entry["command"],
+        }
+    base = {"fidelity": means[fidelity][base_name]["mean"], "mean_score": means[reward][base_name]["mean"],
+            "score_std": means[reward][base_name]["std"], "n_images": means[reward][base_name]["n_images"],
+            "n_prompts": means[reward][base_name]["n_prompts"]}
+    return {"methods": methods, "base": base}
+
+
+def attribute_accuracy(eval_dir: Path, model_name: str = "base") -> dict:
+    """Per attribute, how often the reader finds the caption's colour, shape and background (base samples)."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["model"] == model_name]
+    hits = np.array([rater.attribute_matches(Image.open(eval_dir / r["path"]), r["prompt"]) for r in rows])
+    return {"colour": float(hits[:, 0].mean()), "shape": float(hits[:, 1].mean()),
+            "background": float(hits[:, 2].mean()), "all": float(hits.all(axis=1).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Everything
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_lab(out, lab: LabConfig, *, launcher: str = "accelerate", quiet: bool = False) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(quiet)
+    progress(f"lab '{lab.name}' in {out} (launcher: {launcher})")
+    model, clip = ensure_pretrained(out, lab, progress)
+    start = time.perf_counter()
+    data = preferences.make_preference_data(model, out / "data", images_per_caption=lab.images_per_caption,
+                                            steps=lab.sample_steps, guidance=lab.guidance, tie_rate=lab.tie_rate,
+                                            label_noise=lab.label_noise, log=progress)
+    progress.timed("preference data", time.perf_counter() - start)
+    trained = train_all(out, lab, model, clip, data, launcher=launcher, progress=progress)
+    start = time.perf_counter()
+    summary = evaluate(out, lab, model, trained)
+    progress.timed("evaluate", time.perf_counter() - start)
+    results = lab_results(summary, trained)
+    results["base"]["attributes"] = attribute_accuracy(out / "eval")
+    results["base"]["pretrain"] = json.loads((model / "pretrain.json").read_text())
+    results["base"]["clip"] = json.loads((clip / "clip.json").read_text())
+    results["data"] = data
+    results["lab"] = {k: v for k, v in asdict(lab).items() if k != "pretrain"}
+    results["stage_seconds"] = progress.times
+    results["wall_s"] = round(time.perf_counter() - progress.start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    from full.lab.figure import lab_figure
+
+    lab_figure(out / "eval", results, out / "lab.png")
+    progress(f"wrote {out / 'results.json'} and {out / 'lab.png'} ({results['wall_s']:.0f}s)")
+    return results
