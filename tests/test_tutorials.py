@@ -142,3 +142,33 @@ def test_readme_lists_every_lesson():
         assert f"{name}.py" in readme
         for figure in figures:
             assert f"{figure}.png" in readme
+
+
+def test_every_lesson_ends_with_takeaways_and_exercises():
+    jupytext = pytest.importorskip("jupytext")
+    for name in LESSONS:
+        markdown = [c.source for c in jupytext.read(TUTORIALS / f"{name}.py").cells if c.cell_type == "markdown"]
+        headings = [line for cell in markdown for line in cell.splitlines() if line.startswith("## ")]
+        assert "## Takeaways" in headings and "## Exercises" in headings, name
+        exercises = next(cell for cell in markdown if "## Exercises" in cell)
+        assert 2 <= sum(line.startswith(("1. ", "2. ", "3. ", "4. ")) for line in exercises.splitlines()) <= 3, name
+
+
+def test_lesson_checks_fail_on_a_false_claim(tmp_path):
+    """check_close and check_range pass a true claim and stop the lesson on a false one, naming the numbers."""
+    script = (
+        "import lesson\n"
+        "lesson.check_close('close', 1.0005, 1.0, abs_tol=1e-3)\n"
+        "lesson.check_range('in range', 0.5, 0.0, 1.0)\n"
+        "for call in (lambda: lesson.check_close('far', 1.1, 1.0, rel_tol=0.05), lambda: lesson.check_range('above', 2.0, high=1.0)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except AssertionError as error:\n"
+        "        print('raised:', error)\n"
+    )
+    env = {**os.environ, "MINIPREF_TUTORIAL_OUT": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=TUTORIALS, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("[ok]") == 2 and result.stdout.count("[FAILED]") == 2
+    assert "raised: far: 1.1 vs 1 (gap 0.1, tolerance 0.05)" in result.stdout
+    assert "raised: above: -inf < 2 < 1" in result.stdout
