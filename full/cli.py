@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # a bug's KeyError keeps its traceback
 
 
 class UsageError(ValueError):
@@ -50,8 +50,7 @@ def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | N
     except INPUT_ERRORS as error:
         if debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

@@ -254,3 +254,12 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(monkeypatch, tmp
     assert calls["repo"].repo_id == "me/run-1"  # --hub_model_id defaults to the output dir's name
     assert calls["upload"]["folder_path"] == args.output_dir and "checkpoint-*" in calls["upload"]["ignore_patterns"]
     assert {"README.md", "args.json"} <= {p.name for p in (tmp_path / "run-1").iterdir()}
+
+
+def test_evaluate_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    from full.eval import evaluate
+
+    with pytest.raises(SystemExit, match="^full.evaluate: error: --stages: unknown"):
+        evaluate.main(["--out", str(tmp_path), "--stages", "paint"])
+    with pytest.raises(ValueError, match="--stages: unknown"):
+        evaluate.main(["--out", str(tmp_path), "--stages", "paint", "--debug"])

@@ -222,6 +222,7 @@ def build_parser() -> cli.Parser:
     r.add_argument("--confidence", type=float, default=stats.DEFAULT_CONFIDENCE)
     r.add_argument("--zero_method", "--zero-method", choices=stats.ZERO_METHODS, default="wilcox", help="scipy.stats.wilcoxon zero_method")
     r.add_argument("--grid_prompts", "--grid-prompts", type=int, default=4, help="image grids for the first N prompts")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     return p
 
 
@@ -286,5 +287,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(cli.cli_argv(argv))
     try:
         return run(args)
-    except ValueError as error:  # bad input: one clear line, not a stack trace
+    except ValueError as error:  # bad input: one clear line, not a stack trace (unless --debug)
+        if args.debug:
+            raise
         raise SystemExit(f"full.evaluate: error: {error}") from error
