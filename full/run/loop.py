@@ -1,4 +1,4 @@
-"""`TrainingRun`: the one training loop of every LoRA trainer (offline methods, SPIN, SPO).
+"""`TrainingRun`: the one training loop of every trainer (offline methods, SPIN, SPO, and the SPM of SPO).
 
 A trainer builds its model parts and its data, then hands the run a function that computes the loss of one
 micro-batch; the run owns everything else, in this order per micro-batch::
@@ -11,8 +11,8 @@ micro-batch; the run owns everything else, in this order per micro-batch::
     a checkpoint every --checkpointing_steps, a validation grid every --validation_steps
 
 `epoch_batches` is the resumable data loop of the trainers that read a DataLoader; `train_until` is that loop and
-the step together. At the end `finish` saves the LoRA, runs a last validation from the saved file and writes the
-model card and `args.json`.
+the step together. At the end `finish` saves what was trained (the LoRA, or the SPM), runs a last validation from
+the saved LoRA and writes the model card and `args.json`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run_and_reset(run, args) -> dict:
 
 
 def start_accelerator(args):
-    """The Accelerator and the weight dtype of its mixed precision; seeds the LoRA init identically everywhere."""
+    """The Accelerator and the dtype of the frozen weights under its mixed precision."""
     accelerator = make_accelerator(args)
     return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
 
