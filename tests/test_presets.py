@@ -58,7 +58,7 @@ def test_transcribed_paper_values():
     assert (sd15["spo"]["rank"], sd15["spo"]["learning_rate"], sd15["spo"]["beta"]) == (4, 6e-5, 10.0)
     sdxl = {m: presets.load_preset("sdxl", m) for m in minipref.OBJECTIVES}
     assert (sdxl["contrast"]["beta"], sdxl["contrast"]["tau"]) == (5000.0, 0.5)
-    assert sdxl["dspo"]["dspo_variant"] == "dspo_ref"
+    assert (sdxl["dspo"]["beta"], sdxl["dspo"]["dspo_variant"]) == (5000.0, "dspo_sdxl")  # huaishengzhu/DSPO launchers/sdxl.sh
     assert (sdxl["spo"]["rank"], sdxl["spo"]["learning_rate"], sdxl["spo"]["gradient_accumulation_steps"]) == (64, 1e-5, 2)
     spo_settings = presets.preset_details("sdxl-spo")["method_settings"]
     assert (spo_settings["threshold"]["value"], spo_settings["clip"]["value"]) == (0.4, 0.1)
