@@ -5,7 +5,8 @@ exited cleanly, printed no `[FAILED]`, wrote the figures its text points to, and
 (`<lesson>.json`) say what the lesson's text says. A lesson that rots (an API it calls changed, a claim no longer
 holds) fails this test.
 
-Budget: ~50 s for the five on 2 cores, serially (lesson 5 builds a tiny SD1.5 pipeline and trains it for 4 steps).
+Budget: about 93 CPU seconds for the five, serially (tutorials/README.md has the measured table; lesson 5 builds a
+tiny SD1.5 pipeline and trains it for 8 steps).
 """
 
 from __future__ import annotations
