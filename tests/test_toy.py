@@ -423,3 +423,54 @@ def test_bench_finds_calib_or_says_where_to_put_it(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         toy.bench.main(["--only", "quick"])
     assert "calib.py not found" in str(exit_info.value.code) and "MINIPREF_CALIB" in str(exit_info.value.code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO in one file, and the claims map
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_in_one_file_gives_the_dpo_row_of_python_m_toy(quick_run, capsys):
+    from toy.train_dpo import main as train_dpo
+
+    threads = torch.get_num_threads()
+    try:
+        ours = train_dpo(quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    theirs = quick_run[1]["methods"]["dpo"]
+    assert ours == {k: theirs[k] for k in ours}  # every number, exactly
+    assert "step  149" in capsys.readouterr().out
+
+
+def test_claim_rules_decide_on_the_numbers_they_name():
+    from toy.sweep import CLAIMS, decide
+
+    base = {"desirable_frac": 0.3, "undesirable_frac": 0.2, "energy_distance": 0.1, "pairwise_implicit_acc": 0.5,
+            "diverged_at_step": None, "nonfinite_frac": 0.0, "mean": [0.5, 0.8]}
+    table = {n: dict(base) for n in ("reference", "sft", "dpo", "kto_kahneman_tversky", "kto_loss_averse",
+                                     "kto_risk_seeking", "kto_risk_seeking_bounded")}
+    table["sft"].update(desirable_frac=0.8, undesirable_frac=0.4)
+    table["dpo"].update(energy_distance=1.0, pairwise_implicit_acc=0.92)
+    table["kto_kahneman_tversky"].update(desirable_frac=0.7, undesirable_frac=0.25)
+    table["kto_risk_seeking"].update(desirable_frac=0.75, diverged_at_step=3)
+    table["kto_risk_seeking_bounded"].update(desirable_frac=0.75)
+    holds = {claim: bool(rule(table)) for claim, rule in CLAIMS.items()}
+    assert list(holds.values()) == [True, False, True, True, True, False]
+    point = ("default", None)
+    assert decide([point], [{("default", None, n): m for n, m in table.items()}])[next(iter(CLAIMS))] == {point: 1}
+
+
+def test_sweep_tiny_variant_reruns_python_m_toy_at_its_default(quick_run, tmp_path):
+    from toy.sweep import main as sweep
+
+    holds = sweep(["--out", str(tmp_path), "--axes", "reference_point", "--seeds", "0", "--quick"])
+    assert all(set(by_point) == {("default", None), ("reference_point", "zero")} for by_point in holds.values())
+    for name in ("claims.md", "claims.png", "sweep.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    by_key = {(r["axis"], r["method"]): r for r in runs}
+    for name in ("sft", "dpo", "kto_kahneman_tversky"):  # the default column is python -m toy --quick, exactly
+        assert by_key[("default", name)]["mean"] == quick_run[1]["methods"][name]["mean"], name
+    assert by_key[("reference_point", "kto_loss_averse")]["mean"] != by_key[("default", "kto_loss_averse")]["mean"]
+    assert ("reference_point", "dpo") not in by_key  # the axis applies to the KTO utilities only

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     calib = find_calib()
     if calib is None:
-        sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository (../shared/bench/calib.py) "
+        sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository "
+                 "(../shared/bench/calib.py) "
                  "or set MINIPREF_CALIB=/path/to/calib.py")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
     start_s, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             calib_s = calibrate(calib)
             out = Path(tmp) / label
-            command = [sys.executable, "-m", "toy", "--out", str(out), "--no-progress"] + (["--quick"] if label == "quick" else [])
+            command = [sys.executable, "-m", "toy", "--out", str(out), "--no_progress"]
+            command += ["--quick"] if label == "quick" else []
             process_s, _ = timed(command)
             metrics = json.loads((out / "metrics.json").read_text())
             report(label, process_s, calib_s, metrics)

@@ -142,5 +142,5 @@ def main(argv: list[str] | None = None) -> dict:
         return summary
     output = run(config)
     print((args.out / "metrics.md").read_text())
-    print(f"wrote {args.out}/samples.png, curves.png, metrics.json, metrics.md", file=sys.stderr)
+    print(f"wrote {args.out}/samples.png, samples_all.png, curves.png, metrics.json, metrics.md", file=sys.stderr)
     return output

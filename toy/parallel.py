@@ -35,13 +35,16 @@ def _call(job_and_item):
     return job(_shared, item)
 
 
-def run_jobs(job: Callable, shared, items: Iterable, workers: int) -> Iterator:
+def run_jobs(job: Callable, shared, items: Iterable, workers: int, while_waiting: Callable | None = None) -> Iterator:
     """``job(shared, item)`` for every item, in ``workers`` processes (in this one if ``workers == 1``).
 
     Yields the results as they finish (not in ``items`` order); ``job`` must be a module-level function.
+    ``while_waiting()`` runs in this process once the workers have started (before the first job without them).
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
+        if while_waiting is not None:
+            while_waiting()
         for item in items:
             yield job(shared, item)
         return
@@ -49,4 +52,7 @@ def run_jobs(job: Callable, shared, items: Iterable, workers: int) -> Iterator:
     method = "fork" if sys.platform.startswith("linux") and threads == 1 else "spawn"
     context = multiprocessing.get_context(method)
     with context.Pool(min(workers, len(items)), initializer=_start_worker, initargs=(shared, threads)) as pool:
-        yield from pool.imap_unordered(_call, [(job, item) for item in items], chunksize=1)
+        results = pool.imap_unordered(_call, [(job, item) for item in items], chunksize=1)
+        if while_waiting is not None:  # the workers are forked already: this process's work is not copied
+            while_waiting()
+        yield from results

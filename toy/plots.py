@@ -1,13 +1,20 @@
-"""The toy's two figures: a grid of sample scatter plots, and the training curves.
+"""The toy's figures: the five-panel hero, the full grid by family, the training curves, the claims map.
+
+* ``plot_hero``    (``samples.png``): paper 001 Fig. 7's comparison: reference, SFT, DPO, KTO Kahneman-Tversky, KTO
+  risk-seeking (bounded); each panel shows where the samples went and an arrow from the reference's mean to the
+  method's; samples above the cropped y-axis are counted and drawn as an arrow at the top edge.
+* ``plot_samples`` (``samples_all.png``): every method, one row per family.
+* ``plot_curves``  (``curves.png``): held-out implicit accuracy, the sample mean y (the drift) and the normalised
+  loss against training progress, every method in each panel.
+* ``plot_claims``  (``claims.png``, ``python -m toy.sweep``): where each claim of paper 001 Sec. 7 holds.
 
 Figures are built with ``matplotlib.figure.Figure`` and written with ``savefig`` (the Agg renderer behind PNG),
 without pyplot: nothing here selects a backend, so importing the toy in a notebook leaves inline plots working,
-and it runs on a headless machine.
+and it runs on a headless machine. Ticks are fixed: matplotlib's automatic ticks cost most of the drawing time.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,51 +25,115 @@ from matplotlib.patches import Circle
 from .data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings
 
 CONTOUR_STYLE = {PRETRAIN.name: "0.45", DESIRABLE.name: "tab:green", UNDESIRABLE.name: "tab:red"}
-LIMITS = ((-0.2, 1.2), (0.1, 2.0))  # x, y: the pretraining Gaussian +- 3 std, and room above for DPO's drift
+LIMITS = ((-0.15, 1.15), (0.2, 1.5))  # x, y: the pretraining Gaussian +- 3 std; higher samples become an arrow
+TITLES = {
+    "reference": "pretrained (reference)", "sft": "SFT", "csft": "CSFT (sampled 'good')", "bce": "BCE (no reference)",
+    "dpo": "Diffusion-DPO", "kto_kahneman_tversky": "KTO, Kahneman-Tversky", "kto_loss_averse": "KTO, loss-averse",
+    "kto_risk_seeking": "KTO, risk-seeking (SPEC)", "kto_risk_seeking_bounded": "KTO, risk-seeking (bounded)",
+    "spin": "SPIN-Diffusion", "contrast": "Diff-contrast", "dspo": "DSPO", "spo": "SPO",
+}
+FAMILIES = {  # the grid's rows, and the curves' colours
+    "supervised": (["reference", "sft", "csft"], "tab:gray"),
+    "paired preferences": (["dpo", "contrast", "dspo"], "tab:blue"),
+    "binary feedback": (["bce", "kto_kahneman_tversky", "kto_loss_averse", "kto_risk_seeking",
+                         "kto_risk_seeking_bounded"], "tab:orange"),
+    "self-play and online": (["spin", "spo"], "tab:purple"),
+}
+HERO = ["reference", "sft", "dpo", "kto_kahneman_tversky", "kto_risk_seeking_bounded"]
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+EXACT_DESIRABLE = "exact desirable samples: in D 0.87 | in U 0.40 | ED 0 | mean (0.30, 0.80)"
+
+
+def style_of(name: str) -> tuple[str, object]:
+    """A method's colour (its family's) and line style (its place in the family)."""
+    for members, colour in FAMILIES.values():
+        if name in members:
+            return colour, LINESTYLES[members.index(name) % len(LINESTYLES)]
+    return "k", "-"
 
 
 def draw_gaussians(ax) -> None:
     """Mahalanobis 1 and 2 contours of the three Gaussians (circles: they are isotropic)."""
     for gaussian in (PRETRAIN, DESIRABLE, UNDESIRABLE):
         for radius, style in ((1, "-"), (2, "--")):
-            ax.add_patch(Circle(gaussian.mean, radius * gaussian.std, fill=False, lw=1.2, ls=style,
+            ax.add_patch(Circle(gaussian.mean, radius * gaussian.std, fill=False, lw=1.1, ls=style,
                                 color=CONTOUR_STYLE[gaussian.name], zorder=3))
 
 
-def plot_samples(samples: dict, results: dict, path: Path, cols: int = 4) -> None:
-    """One panel per method: its samples, the three Gaussians, and its headline numbers in the title."""
-    names = list(samples)
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(2.9 * cols, 4.0 * rows))
-    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        points = np.asarray(samples[name])
-        ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.35, color="tab:blue", linewidths=0, rasterized=True)
-        draw_gaussians(ax)
-        m = results[name]
-        shown = ((points[:, 0] >= LIMITS[0][0]) & (points[:, 0] <= LIMITS[0][1])
-                 & (points[:, 1] >= LIMITS[1][0]) & (points[:, 1] <= LIMITS[1][1])).mean()
-        outside = f" | {1 - shown:.0%} off-plot" if shown < 0.99 else ""
-        ax.set_title(
-            f"{name}\nin D {m['desirable_frac']:.2f} | in U {m['undesirable_frac']:.2f}{outside}\n"
-            f"ED {m['energy_distance']:.3g} | impl. acc {m['pairwise_implicit_acc']:.2f}",
-            fontsize=9,
-        )
-        if shown < 0.5:  # say where the samples went rather than leave an empty panel unexplained
-            ax.text(0.5, 0.9, f"diverged:\nsample mean\n({m['mean'][0]:.3g}, {m['mean'][1]:.3g})", transform=ax.transAxes,
-                    ha="center", va="top", fontsize=9, color="0.2")
-        ax.set_xlim(*LIMITS[0])
-        ax.set_ylim(*LIMITS[1])
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=7)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
+def draw_method(ax, name: str, points: np.ndarray, m: dict, reference_mean) -> None:
+    """One panel: the samples inside the crop, the escapees as an arrow, the mean shift as an arrow, the numbers."""
+    (x_low, x_high), (y_low, y_high) = LIMITS
+    ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.35, color="tab:blue", linewidths=0, rasterized=True)
+    draw_gaussians(ax)
+    finite = np.isfinite(points).all(axis=1)
+    above = finite & (points[:, 1] > y_high)
+    outside = ~finite | (points[:, 0] < x_low) | (points[:, 0] > x_high) | (points[:, 1] < y_low) | above
+    if above.mean() > 0.01:  # DPO's escape: where the samples went, instead of an empty panel
+        ax.annotate(f"{above.mean():.0%} above\n(y up to {np.percentile(points[above, 1], 95):.1f})",
+                    xy=(0.85, y_high), xytext=(0.85, y_high - 0.3), ha="center", fontsize=7, color="tab:blue",
+                    arrowprops={"arrowstyle": "->", "color": "tab:blue", "lw": 1.5}, zorder=5)
+    mean = np.asarray(m["mean"], dtype=float)
+    if name != "reference" and np.isfinite(mean).all():
+        inside = x_low <= mean[0] <= x_high and y_low <= mean[1] <= y_high
+        tip = mean if inside else np.clip(mean, [x_low, y_low], [x_high, y_high])
+        ax.annotate("", xy=tip, xytext=reference_mean, zorder=6,
+                    arrowprops={"arrowstyle": "->", "color": "k", "lw": 1.3, "shrinkA": 0, "shrinkB": 0})
+    ax.plot(*reference_mean, "k+", ms=7, zorder=6)
+    if outside.mean() > 0.5 and above.mean() <= 0.5:
+        ax.text(0.5, 0.5, f"diverged: {outside.mean():.0%} off the plot\nmean ({mean[0]:.3g}, {mean[1]:.3g})",
+                transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.2", zorder=7)
+    ax.set_title(f"{TITLES.get(name, name)}\nin D {m['desirable_frac']:.2f} | in U {m['undesirable_frac']:.2f} | "
+                 f"ED {m['energy_distance']:.3g}\nimpl. acc {m['pairwise_implicit_acc']:.2f} (ranking only)", fontsize=8)
+    ax.set_xlim(x_low, x_high)
+    ax.set_ylim(y_low, y_high)
+    ax.set_aspect("equal")
+    ax.set_xticks([0.0, 0.5, 1.0])
+    ax.set_yticks([0.4, 0.8, 1.2])
+    ax.tick_params(labelsize=7)
+
+
+def contour_legend(fig, y: float) -> None:
     handles = [Line2D([], [], color=c, label=n) for n, c in CONTOUR_STYLE.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False,
-               title="contours: Mahalanobis 1 (solid) and 2 (dashed)", title_fontsize=8)
-    # Fixed margins: tight_layout would cost ~0.5 s per figure, a tenth of a --quick run.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.93, wspace=0.12, hspace=0.28)
+    handles.append(Line2D([], [], color="k", marker="+", ls="-", label="mean shift from the reference"))
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, y), ncol=4, fontsize=8, frameon=False,
+               title=f"contours: Mahalanobis 1 (solid) and 2 (dashed). For scale, {EXACT_DESIRABLE}",
+               title_fontsize=8)
+
+
+def plot_hero(samples: dict, results: dict, path: Path) -> None:
+    """``samples.png``: the five methods of the paper's Fig. 7, side by side."""
+    names = [n for n in HERO if n in samples]
+    fig = Figure(figsize=(2.75 * len(names), 3.9))
+    reference_mean = np.asarray(results["reference"]["mean"], dtype=float)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        draw_method(ax, name, np.asarray(samples[name]), results[name], reference_mean)
+        if i:
+            ax.tick_params(labelleft=False)
+    contour_legend(fig, 0.0)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.2, top=0.83, wspace=0.08)
     fig.savefig(path, dpi=100)
+
+
+def plot_samples(samples: dict, results: dict, path: Path) -> None:
+    """``samples_all.png``: every method, one row per family (rows: ``FAMILIES``)."""
+    rows = [(family, [n for n in members if n in samples]) for family, (members, _) in FAMILIES.items()]
+    rows = [(family, names) for family, names in rows if names]
+    cols = max(len(names) for _, names in rows)
+    fig = Figure(figsize=(2.6 * cols + 0.4, 3.5 * len(rows) + 0.6))
+    reference_mean = np.asarray(results["reference"]["mean"], dtype=float)
+    for r, (family, names) in enumerate(rows):
+        for c, name in enumerate(names):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+            draw_method(ax, name, np.asarray(samples[name]), results[name], reference_mean)
+            if c == 0:
+                ax.set_ylabel(family, fontsize=10, fontweight="bold")
+            else:
+                ax.tick_params(labelleft=False)
+    contour_legend(fig, 0.0)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.6 / (3.5 * len(rows) + 0.6) + 0.02, top=0.96,
+                        wspace=0.1, hspace=0.45)
+    fig.savefig(path, dpi=90)
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -73,32 +144,61 @@ def smooth(values, window: int) -> np.ndarray:
     return np.convolve(finite, np.ones(window) / window, mode="valid")
 
 
-def plot_curves(histories: dict, path: Path, cols: int = 4) -> None:
-    """Per method: training loss (left axis, smoothed) and held-out pairwise implicit accuracy (right axis)."""
-    names = list(histories)
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(3.4 * cols, 2.6 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
+def plot_curves(histories: dict, path: Path) -> None:
+    """``curves.png``: three panels against the fraction of training done, every method in each."""
     ceiling = bayes_ceilings()[1]
-    for ax, name in zip(axes.flat, names):
-        h = histories[name]
+    fig = Figure(figsize=(15, 4.6))
+    acc, drift, loss = (fig.add_subplot(1, 3, i + 1) for i in range(3))
+    for name, h in histories.items():
+        colour, style = style_of(name)
+        kw = {"color": colour, "ls": style, "lw": 1.4, "label": TITLES.get(name, name)}
+        steps = max(1, len(h["loss"]))
+        progress = np.asarray(h["heldout_step"], dtype=float) / steps
+        acc.plot(progress, h["heldout_implicit_acc"], **kw)
+        if h.get("sample_mean_y"):
+            drift.plot(progress, np.clip(h["sample_mean_y"], -0.5, 2.5), **kw)
         window = max(1, len(h["loss"]) // 30)
-        loss = smooth(h["loss"], window)
-        ax.plot(np.arange(len(loss)) + window // 2, loss, color="tab:blue", lw=1)
-        ax.set_title(name, fontsize=9)
+        values = smooth(h["loss"], window)
+        if len(values):
+            start = abs(values[0]) if values[0] else 1.0
+            loss.plot((np.arange(len(values)) + window // 2) / steps, np.clip(values / start, -1.0, 2.0), **kw)
+    acc.axhline(ceiling, color="0.4", ls=":", lw=1)
+    acc.text(0.01, ceiling + 0.01, f"Bayes ceiling {ceiling:.3f}", fontsize=7, color="0.3")
+    acc.axhline(0.5, color="0.7", ls=":", lw=1)
+    acc.set(ylim=(0.2, 1.0), yticks=[0.2, 0.4, 0.6, 0.8, 1.0],
+            title="held-out pairwise implicit accuracy (ranking only)")
+    for gaussian, colour in ((DESIRABLE, "tab:green"), (PRETRAIN, "0.45")):
+        drift.axhline(gaussian.mean[1], color=colour, ls=":", lw=1)
+    drift.set(ylim=(0.4, 2.0), yticks=[0.4, 0.8, 1.2, 1.6, 2.0],
+              title="sample mean y (256 samples per point): the drift\n(dotted: desirable = pretraining mean y 0.8)")
+    loss.axhline(1.0, color="0.7", ls=":", lw=1)
+    loss.set(ylim=(-1.0, 2.0), yticks=[-1, 0, 1, 2], title="training loss / its first value (smoothed, clipped)")
+    for ax in (acc, drift, loss):
+        ax.set_xlim(0, 1)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xlabel("fraction of training", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_xlabel("step", fontsize=7)
-        ax.set_ylabel("loss", fontsize=7, color="tab:blue")
-        acc = ax.twinx()
-        acc.plot(h["heldout_step"], h["heldout_implicit_acc"], color="tab:orange", lw=1.5, marker=".", ms=3)
-        acc.axhline(ceiling, color="0.5", ls=":", lw=1)
-        acc.axhline(0.5, color="0.8", ls=":", lw=1)
-        acc.set_ylim(0.3, 1.0)
-        acc.tick_params(labelsize=7)
-        acc.set_ylabel("held-out impl. acc", fontsize=7, color="tab:orange")
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
-    fig.suptitle(f"training loss (blue) and held-out pairwise implicit accuracy (orange); "
-                 f"dotted: 0.5 and the Bayes ceiling {ceiling:.3f}", fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.07, top=0.92, wspace=0.55, hspace=0.55)
+        ax.title.set_fontsize(9)
+    handles, labels = acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7.5, frameon=False)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.25, top=0.92, wspace=0.18)
     fig.savefig(path, dpi=100)
+
+
+def plot_claims(holds: dict, columns: list[str], n_seeds: int, path: Path) -> None:
+    """The claims map: one row per claim, one column per setting, each cell the seeds where the claim holds."""
+    grid = np.array([[by_point[p] for p in by_point] for by_point in holds.values()], dtype=float) / n_seeds
+    fig = Figure(figsize=(0.55 * len(columns) + 4.2, 0.5 * len(holds) + 1.6))
+    ax = fig.add_axes((0.34, 0.28, 0.64, 0.62))
+    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (row, col), value in np.ndenumerate(grid):
+        ax.text(col, row, f"{round(value * n_seeds)}/{n_seeds}", ha="center", va="center", fontsize=7)
+    axis_of = [c.split(" ")[0] for c in columns]
+    for col in range(1, len(columns)):
+        if axis_of[col] != axis_of[col - 1]:  # a line between the hyperparameters
+            ax.axvline(col - 0.5, color="k", lw=1.2)
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(holds)), list(holds), fontsize=7)
+    ax.set_title(f"where each claim of paper 001 Sec. 7 holds (seeds out of {n_seeds}; one hyperparameter moved at a "
+                 "time from the default)", fontsize=8)
+    fig.savefig(path, dpi=110)

@@ -2,8 +2,10 @@
 
 ``run(RunConfig(...))`` is what ``python -m toy`` and ``python -m toy.bench`` call. Outputs in ``config.out``:
 
-* ``samples.png``: the grid of scatter plots (one panel per method, the three Gaussians drawn as contours);
-* ``curves.png``: training loss and held-out implicit accuracy per method (``curves.json``: the numbers);
+* ``samples.png``: the five methods of paper 001's Fig. 7 (reference, SFT, DPO, KTO Kahneman-Tversky and
+  risk-seeking bounded) as scatter plots; ``samples_all.png``: every method, one row per family;
+* ``curves.png``: held-out implicit accuracy, sample mean y and normalised loss against training progress, every
+  method in each panel (``curves.json``: the numbers);
 * ``metrics.json`` and ``metrics.md``: the numbers (other tools read ``metrics.json``: keep its shape);
 * ``samples.npz``: the samples themselves, one array per method.
 
@@ -17,6 +19,7 @@ worker process as in this one (toy/parallel.py). Same seed, same ``metrics.json`
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -145,13 +148,38 @@ def method_job(shared: Shared, spec: MethodSpec | None) -> dict:
 
 def figure_job(outputs: tuple, filename: str) -> None:
     """Draw one figure into the output directory (matplotlib is imported only when drawing)."""
-    from .plots import plot_curves, plot_samples
+    from .plots import plot_curves, plot_hero, plot_samples
 
     samples, results, histories, out = outputs
     if filename == "samples.png":
+        plot_hero(samples, results, out / filename)
+    elif filename == "samples_all.png":
         plot_samples(samples, results, out / filename)
     else:
         plot_curves(histories, out / filename)
+
+
+def prepare(config: RunConfig, timer: Timer) -> tuple[Shared, list[float]]:
+    """Pretrain the reference and draw everything the methods share; returns it and the pretraining losses."""
+    n_samples = min(config.n_samples, 1000) if config.quick else config.n_samples
+    eval_pairs, eval_draws = (500, 16) if config.quick else (config.eval_pairs, config.eval_draws)
+    scheduler = NoiseSchedule()  # diffusers' DDPMScheduler numbers, without importing diffusers (toy/schedule.py)
+    with timer.phase("pretrain"):
+        torch.manual_seed(config.seed)  # the model's initial weights
+        pre_config = PretrainConfig(steps=600) if config.quick else PretrainConfig()
+        reference, pretrain_losses = pretrain(pre_config, scheduler, generator_for(config.seed, "pretrain"),
+                                              config.progress)
+    with timer.phase("evaluate"):
+        desirable_reference = DESIRABLE.sample(n_samples, generator_for(config.seed, "desirable reference"))
+        shared = Shared(
+            config, reference, PreferenceData.draw(config.n_train, generator_for(config.seed, "preference data")),
+            scheduler, make_sampler(scheduler), DDIMSteps(scheduler, SPO_CHAIN_STEPS),
+            HeldOutPairs.draw(reference, scheduler, eval_pairs, eval_draws,
+                              generator_for(config.seed, "held-out pairs")),
+            HeldOutPairs.draw(reference, scheduler, 256, 8, generator_for(config.seed, "curve pairs")),
+            desirable_reference, mean_within(desirable_reference), n_samples,  # the energy distance's fixed term
+        )
+    return shared, pretrain_losses
 
 
 def run(config: RunConfig) -> dict:
@@ -160,38 +188,23 @@ def run(config: RunConfig) -> dict:
     if config.workers is None:
         config = replace(config, workers=default_workers())
     specs = config.method_specs()
-    quick = config.quick
-    n_samples = min(config.n_samples, 1000) if quick else config.n_samples
-    eval_pairs, eval_draws = (500, 16) if quick else (config.eval_pairs, config.eval_draws)
-    pre_config = PretrainConfig(steps=600) if quick else PretrainConfig()
     timer = Timer()
     overall = tqdm(total=len(specs) + 2, desc="toy", unit="phase", disable=not config.progress)
-
-    scheduler = NoiseSchedule()  # diffusers' DDPMScheduler numbers, without importing diffusers (toy/schedule.py)
-    sampler, ddim = make_sampler(scheduler), DDIMSteps(scheduler, SPO_CHAIN_STEPS)
-
-    with timer.phase("pretrain"):
-        overall.set_postfix_str("pretrain")
-        torch.manual_seed(config.seed)  # the model's initial weights
-        reference, pretrain_losses = pretrain(pre_config, scheduler, generator_for(config.seed, "pretrain"), config.progress)
+    overall.set_postfix_str("pretrain")
+    shared, pretrain_losses = prepare(config, timer)
+    quick, n_samples = config.quick, shared.n_samples
+    eval_pairs, eval_draws = shared.heldout.n_pairs, shared.heldout.draws
+    pre_steps = len(pretrain_losses)
     overall.update()
-
-    with timer.phase("evaluate"):
-        shared = Shared(
-            config, reference, PreferenceData.draw(config.n_train, generator_for(config.seed, "preference data")),
-            scheduler, sampler, ddim,
-            HeldOutPairs.draw(reference, scheduler, eval_pairs, eval_draws, generator_for(config.seed, "held-out pairs")),
-            HeldOutPairs.draw(reference, scheduler, 256, 8, generator_for(config.seed, "curve pairs")),
-            DESIRABLE.sample(n_samples, generator_for(config.seed, "desirable reference")), 0.0, n_samples,
-        )
-        shared.reference_within = mean_within(shared.desirable_reference)  # the energy distance's fixed term
 
     # The longest job first, so that the other worker fills the remaining time with the short ones.
     jobs = sorted(specs, key=lambda spec: spec.objective != "spo") + [None]
     done = {}
     overall.set_postfix_str(f"fine-tune, sample, evaluate ({config.workers} workers)")
     with timer.phase("methods (wall)"):
-        for result in run_jobs(method_job, shared, jobs, config.workers):
+        # Meanwhile this process imports matplotlib, so the figure workers forked later start with it.
+        import_plots = (lambda: importlib.import_module(".plots", __package__)) if config.figures else None
+        for result in run_jobs(method_job, shared, jobs, config.workers, while_waiting=import_plots):
             done[result["name"]] = result
             for phase, seconds in result["seconds"].items():
                 timer.phases[phase] = timer.phases.get(phase, 0.0) + seconds
@@ -215,13 +228,13 @@ def run(config: RunConfig) -> dict:
                         "batch": spec.batch, **spec.options}
             for spec in specs
         },
-        "pretrain": {"steps": pre_config.steps, "final_loss": float(np.mean(pretrain_losses[-50:]))},
+        "pretrain": {"steps": pre_steps, "final_loss": float(np.mean(pretrain_losses[-50:]))},
     }
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.figures:
         with timer.phase("figures"):  # each figure in its own worker: matplotlib is slow at laying out axes
-            figures = ["samples.png"] + (["curves.png"] if histories else [])
+            figures = ["samples_all.png", "samples.png"] + (["curves.png"] if histories else [])
             list(run_jobs(figure_job, (samples, results, histories, out), figures, config.workers))
     np.savez_compressed(out / "samples.npz", **{k: v.numpy() for k, v in samples.items()})
     output["phases_s"] = timer.phases

@@ -25,6 +25,7 @@ from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 
 
 MAX_GRAD_NORM = 1.0  # as the Diffusion-DPO / Diffusion-KTO training scripts (max_grad_norm = 1.0)
+CURVE_SAMPLES = 256  # samples drawn at each curve point to follow the sample mean (the drift) during training
 
 
 @dataclass
@@ -93,6 +94,7 @@ class History:
     metrics: dict[str, list[float]] = field(default_factory=dict)  # e.g. implicit_acc, margin, clip_frac
     heldout_step: list[int] = field(default_factory=list)
     heldout_implicit_acc: list[float] = field(default_factory=list)
+    sample_mean_y: list[float] = field(default_factory=list)  # mean y of CURVE_SAMPLES samples at each held-out step
     diverged_at_step: int | None = None  # the step whose loss was NaN/Inf, where training stopped
 
     def record(self, step: int, loss: float, metrics: dict[str, float]) -> None:
@@ -131,6 +133,10 @@ def finetune(
     def record_heldout(step: int) -> None:
         history.heldout_step.append(step)
         history.heldout_implicit_acc.append(implicit_accuracy(policy, scheduler, curve_pairs, cond)["pairwise_implicit_acc"])
+        # The same starting noise at every curve point (its own generator: the training draws are untouched).
+        x_T = torch.randn(CURVE_SAMPLES, 2, generator=torch.Generator().manual_seed(0))
+        samples = sampler.sample(policy, x_T, None if cond is None else cond.expand(CURVE_SAMPLES, -1))
+        history.sample_mean_y.append(samples[:, 1].mean().item())
 
     for step in tqdm(range(spec.steps), desc=spec.name, disable=not progress, leave=False):
         if step % curve_every == 0:
