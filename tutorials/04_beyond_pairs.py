@@ -361,6 +361,7 @@ from toy.sampling import previous_timestep  # noqa: E402
 ranges = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
 ranges = ranges.max(1).values - ranges.min(1).values  # the spread of 4 candidates' noise in y, in units of std_t
 needed_gap = 2 * math.atanh(0.3)
+lesson.check_close("softmax([a, b]) differs by more than 0.3 iff |a - b| > 2 atanh(0.3) = 0.62", needed_gap, 0.62, abs_tol=0.005)
 predicted_keep, observed_keep = {}, {}
 for step_t in [int(v) for v in ddim.timesteps if v < 750]:
     t_prev = previous_timestep(ddim, step_t)
