@@ -20,6 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `datasets` converts local parquet into its Arrow cache: a per-run temporary one, never the user's ~/.cache.
+if "HF_DATASETS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="minipref-datasets-")
 
 from tests import tiny_models  # noqa: E402
 

@@ -101,3 +101,25 @@ def test_embedding_column_is_oriented_winner_first(tmp_path):
     assert sorted(table) == [0, 1]  # the tie (row 2) has no winner
     assert table[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
     assert table[1].tolist() == [[0.0, 2.0], [2.0, 0.0]]  # jpg_1 won: its embedding comes first
+
+
+def test_training_refuses_a_cache_of_another_checkpoint_and_augmentation_flags(sd15_pair_cache, tiny_sd15,
+                                                                                tmp_path, run_train):
+    """A cache records the checkpoint (path, revision) that encoded it; the trainer refuses any other, and the
+    augmentation flags a cache cannot honour, each with one line that says why."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    meta = json.loads((Path(sd15_pair_cache) / "cache_meta.json").read_text())
+    assert meta["pretrained"] == tiny_sd15 and meta["revision"] is None
+    other = shutil.copytree(tiny_sd15, tmp_path / "other_sd15")  # same family, another checkpoint
+    with pytest.raises(ValueError, match=r"was encoded by .*not --pretrained_model_name_or_path .*other_sd15"):
+        run_train(str(other), None, tmp_path / "out", "dpo", cached_dir=sd15_pair_cache)
+    with pytest.raises(ValueError, match="revision"):
+        run_train(tiny_sd15, None, tmp_path / "out", "dpo", "--revision", "v2", cached_dir=sd15_pair_cache)
+    for flag in ("--random_crop", "--random_flip"):
+        with pytest.raises(SystemExit):
+            train.parse_args(train_argv(tiny_sd15, None, tmp_path / "out", "dpo", flag, cached_dir=sd15_pair_cache))
+    args = train.parse_args(train_argv(tiny_sd15, None, tmp_path / "out", "dpo", cached_dir=sd15_pair_cache))
+    assert args.random_flip is False  # the default flip is off from a cache (and args.json says so)

@@ -129,6 +129,29 @@ def collate_cached(items: Sequence[dict]) -> dict:
 
 
 
+def _same_model(a: str | None, b: str | None) -> bool:
+    """Two `--pretrained_model_name_or_path` values name the same checkpoint: equal, or the same local folder."""
+    if a is None or b is None:
+        return a == b
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def check_cache_model(meta: dict, cache_dir, model: str, revision: str | None, vae: str | None) -> None:
+    """Refuse a cache encoded by another checkpoint: its latents and prompt embeddings are that model's, and a
+    LoRA trained on them against this UNet learns the difference between two encoders, silently."""
+    built = f"{meta.get('pretrained')}" + (f" (revision {meta['revision']})" if meta.get("revision") else "")
+    wanted = model + (f" (revision {revision})" if revision else "")
+    if not _same_model(meta.get("pretrained"), model) or meta.get("revision") != revision:
+        raise ValueError(f"--cached_dir {cache_dir} was encoded by {built}, not --pretrained_model_name_or_path "
+                         f"{wanted}: its latents and prompt embeddings belong to that checkpoint. Train with the "
+                         f"model it was built from, or rebuild it: python -m full.cache --pretrained_model_name_or_path "
+                         f"{model} ...")
+    if not _same_model(meta.get("vae"), vae):
+        raise ValueError(f"--cached_dir {cache_dir} was encoded with VAE {meta.get('vae') or 'of the model'}, not "
+                         f"--pretrained_vae_model_name_or_path {vae or '(none: the model VAE)'}; rebuild the cache")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building a cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +276,7 @@ def build_cache(argv=None) -> Path:
     if not shards:
         raise ValueError(f"nothing could be cached from {args.dataset_name}: every image failed to decode")
     meta = {"version": CACHE_VERSION, "family": parts.family, "pretrained": args.pretrained_model_name_or_path,
-            "vae": args.pretrained_vae_model_name_or_path, "resolution": args.resolution, "kind": kind,
+            "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path, "resolution": args.resolution, "kind": kind,
             "csft_prompts": args.method == "csft", "has_embeddings": embeddings is not None,
             "dataset_name": args.dataset_name, "n_items": sum(s["n"] for s in shards), "shards": shards,
             "dtype": args.cache_dtype}

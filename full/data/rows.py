@@ -4,8 +4,9 @@ pairs per image as Diffusion-KTO does with Pick-a-Pic, paper 001 App. C.1)."""
 from __future__ import annotations
 
 import minipref
-from full.data.converters import image_key, pairs_to_feedback
-from full.data.sources import FEEDBACK_COLUMNS, PAIR_COLUMNS, detect_format, load_feedback_rows, load_pair_rows
+from full.data.converters import FEEDBACK_POLICIES, image_key
+from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, LazyRows, as_image_bytes, detect_format,
+                               load_feedback_rows, load_pair_rows)
 
 
 def data_kind_for(method: str) -> str:
@@ -25,16 +26,10 @@ def load_training_rows(args, kind: str) -> list[dict]:
     if fmt == "feedback":
         rows = load_feedback_rows(args.dataset_name, split, max_rows=limit)
     else:  # per-image labels from comparisons, as Diffusion-KTO does with Pick-a-Pic (paper 001, App. C.1)
-        pairs = load_pair_rows(args.dataset_name, split, max_rows=limit)
-        first_row = {}
-        for row in pairs:
-            for image in (row["winner"], row["loser"]):
-                first_row.setdefault(image_key(image), row["row_id"])
-        rows = [{"row_id": first_row[image_key(r["image"])], "image": r["image"], "caption": r["caption"],
-                 "desirable": bool(r["label"])} for r in pairs_to_feedback(pairs, args.feedback_policy)]
+        rows = pairs_as_feedback(load_pair_rows(args.dataset_name, split, max_rows=limit), args.feedback_policy)
     if args.method == "sft":  # SFT only ever looks at desirable images: do not spend forwards on the others
-        rows = [r for r in rows if r["desirable"]]
-        if not rows:
+        rows = only_desirable(rows)
+        if not len(rows):
             raise ValueError(f"--method sft trains on desirable images and {args.dataset_name} has none")
     return rows
 
@@ -44,10 +39,49 @@ def real_image_rows(args) -> list[dict]:
     fmt = detect_format(args.dataset_name) if args.data_format == "auto" else args.data_format
     if fmt == "pairs":
         pairs = load_pair_rows(args.dataset_name, args.dataset_split_name, max_rows=args.max_train_samples)
-        return [{"row_id": r["row_id"], "image": r["winner"], "caption": r["caption"], "desirable": True}
-                for r in pairs]
-    rows = [r for r in load_feedback_rows(args.dataset_name, args.dataset_split_name, args.max_train_samples)
-            if r["desirable"]]
-    if not rows:
+        return LazyRows(pairs.table, pairs.row_ids, {"slot": 1 - pairs.column("jpg_0_won").astype(int),
+                                                     "desirable": [True] * len(pairs)}, _image_of_pair)
+    rows = only_desirable(load_feedback_rows(args.dataset_name, args.dataset_split_name, args.max_train_samples))
+    if not len(rows):
         raise ValueError(f"SPIN needs real (desirable) images and {args.dataset_name} has none labelled 1")
     return rows
+
+
+def only_desirable(rows: LazyRows) -> LazyRows:
+    return rows.subset(rows.column("desirable").astype(bool))
+
+
+def rows_with_ids(rows: LazyRows, row_ids) -> LazyRows:
+    """The rows whose id is in ``row_ids`` (e.g. those with an embedding), in their order."""
+    import numpy as np
+
+    return rows.subset(np.isin(rows.row_ids, np.fromiter(row_ids, dtype=np.int64)))
+
+
+def _image_of_pair(raw: dict, row_id: int, fields: dict) -> dict:
+    """One image of a pair row as a feedback row: ``slot`` 0 is ``jpg_0``, 1 is ``jpg_1``."""
+    return {"row_id": row_id, "image": as_image_bytes(raw[f"jpg_{fields['slot']}"]), "caption": raw["caption"],
+            "desirable": fields["desirable"]}
+
+
+def pairs_as_feedback(pairs: LazyRows, policy: str = "winner_once") -> LazyRows:
+    """`full.data.converters.pairs_to_feedback` over lazy pairs: the same labels, images left in the table.
+
+    One pass hashes each image (SHA-256 of its bytes: Pick-a-Pic repeats images byte for byte) and keeps per
+    distinct image its first (row id, slot) and its win/loss counts: memory grows with the number of distinct
+    images (about 100 bytes each), never with their bytes. Policies as in `pairs_to_feedback`.
+    """
+    if policy not in FEEDBACK_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {FEEDBACK_POLICIES}")
+    stats: dict[str, list] = {}  # image hash -> [row_id, slot, wins, losses], in order of first appearance
+    for i in range(len(pairs)):
+        if bool(pairs.column("tie")[i]):
+            continue  # ties decide nothing
+        row, winner_slot = pairs[i], 0 if bool(pairs.column("jpg_0_won")[i]) else 1
+        for data, slot, won in ((row["winner"], winner_slot, True), (row["loser"], 1 - winner_slot, False)):
+            entry = stats.setdefault(image_key(data), [row["row_id"], slot, 0, 0])
+            entry[2 if won else 3] += 1
+    entries = list(stats.values())
+    desirable = [wins > 0 if policy == "winner_once" else wins > 0 and losses == 0 for _, _, wins, losses in entries]
+    return LazyRows(pairs.table, [e[0] for e in entries], {"slot": [e[1] for e in entries], "desirable": desirable},
+                    _image_of_pair)

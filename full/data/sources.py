@@ -10,6 +10,10 @@ Two schemas reach the trainers (SPEC section 6):
 * **binary feedback** (Diffusion-KTO, BCE, CSFT): ``image, caption, label`` with label 1 for a
   desirable and 0 for an undesirable image (paper 001, Sec. 4: "per-image binary feedback").
 
+Rows come through Hugging Face ``datasets`` as a memory-mapped Arrow table (`open_table`): the trainers keep only
+the ids and labels of the usable rows (`LazyRows`) and read an item's image bytes when the item is drawn, so memory
+stays flat in the number of rows. `iter_source` streams instead (the cache builder, converters).
+
 Bad data never crashes an epoch: a row whose columns are malformed is reported with its row id when
 the rows are loaded and skipped. A source with nothing usable raises ``ValueError`` before training starts.
 """
@@ -52,8 +56,10 @@ def _parquet_files(path: Path, split: str) -> list[Path]:
 
 def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None
                  ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(row_id, row)`` with ``row`` restricted to ``columns``. ``row_id`` is the row's
-    position in the source (files in sorted order), so a reported id can be looked up."""
+    """Yield ``(row_id, row)`` with ``row`` restricted to ``columns``, streaming: one Arrow batch of a local file
+    in memory at a time, or a Hub dataset with ``streaming=True``. ``row_id`` is the row's position in the source
+    (files in sorted order), so a reported id can be looked up. The cache builder and the converters read this
+    way; the trainers index rows at random and use `open_table`."""
     path = Path(dataset_name).expanduser()
     if path.exists():
         import pyarrow.parquet as pq
@@ -75,20 +81,17 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
                     yield row_id, row
                     row_id += 1
         return
-    if missing_local_path(dataset_name) or "/" not in dataset_name:
-        raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
-                         "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
+    _check_hub_name(dataset_name)
     try:
         import datasets
     except ImportError as error:
         raise ValueError(f"{dataset_name!r} is not a local path, and loading a Hub dataset needs the "
                          "`datasets` package: pip install datasets") from error
-    # Streaming when only a prefix is wanted: Pick-a-Pic v2 is hundreds of GB of JPEGs.
+    # Streaming: rows arrive as the parquet shards download, nothing is kept (Pick-a-Pic v2 is hundreds of GB).
     try:
-        hub = datasets.load_dataset(dataset_name, split=split, streaming=max_rows is not None)
-    except Exception as error:  # no such repo / split, offline, ...: one clear message, not a hub traceback
-        raise ValueError(f"{dataset_name!r} is neither a local path nor a loadable Hub dataset "
-                         f"(split {split!r}): {type(error).__name__}: {error}") from error
+        hub = datasets.load_dataset(dataset_name, split=split, streaming=True)
+    except Exception as error:
+        raise ValueError(_hub_failure(dataset_name, split, error)) from error
     names = list(hub.features) if hub.features is not None else None
     if names is not None:
         missing = [c for c in columns if c not in names]
@@ -159,34 +162,164 @@ def _caption_or_skip(row: dict, row_id: int, report) -> str | None:
     return caption
 
 
+# ----------------------------------------------------------------------------------------------
+# Checked rows over a memory-mapped Arrow table: only row ids and labels stay in memory
+# ----------------------------------------------------------------------------------------------
+
+
+def open_table(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None):
+    """The source as a `datasets.Dataset`: Arrow, memory-mapped from disk, restricted to ``columns``.
+
+    A local parquet file or directory is converted once into the `datasets` cache (``HF_DATASETS_CACHE``, the size
+    of the parquet data; later runs reuse it); a Hub name is downloaded into the same cache. Images stay encoded
+    bytes (``Image(decode=False)``): the torch datasets decode them lazily, one item at a time.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(dataset_name).expanduser()
+    if path.exists():
+        files = _parquet_files(path, split)
+        for file in files:  # the same one-line errors as the streaming reader, before `datasets` sees the files
+            _check_parquet_columns(file, columns)
+        table = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    else:
+        _check_hub_name(dataset_name)
+        try:
+            table = datasets.load_dataset(dataset_name, split=split)
+        except Exception as error:
+            raise ValueError(_hub_failure(dataset_name, split, error)) from error
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
+                             f"{missing}; it has {table.column_names}")
+    table = table.select_columns(list(columns))
+    for column, feature in table.features.items():
+        if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
+            table = table.cast_column(column, datasets.Image(decode=False))
+    if max_rows is not None and max_rows < len(table):
+        table = table.select(range(max_rows))  # a contiguous range: an index view, nothing copied
+    return table
+
+
+def _check_parquet_columns(file: Path, columns: Sequence[str]) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(file).names
+    except Exception as error:  # not a parquet file, truncated footer, ...
+        raise ValueError(f"cannot read parquet file {file}: {error}") from error
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{file} is missing column(s) {missing}; it has {names}, expected {list(columns)}")
+
+
+def _check_hub_name(dataset_name: str) -> None:
+    if missing_local_path(dataset_name) or "/" not in dataset_name:
+        raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
+                         "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
+
+
+def _hub_failure(dataset_name: str, split: str, error: Exception) -> str:
+    """No such repo / split, offline, gated, ...: one line that says what to do instead."""
+    return (f"{dataset_name!r} is neither a local path nor a loadable Hub dataset (split {split!r}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Download its parquet "
+            "files (e.g. `huggingface-cli download yuvalkirstain/pickapic_v2 --repo-type dataset --include "
+            "'data/train-*' --local-dir pickapic_v2`) and pass the directory: --dataset_name pickapic_v2/data")
+
+
+class LazyRows(Sequence):
+    """The checked rows of a source, built on access from the memory-mapped table.
+
+    What stays in memory is one int64 row id per usable row plus its small per-row fields (labels, which column
+    holds the winner): about 10 bytes a row, 10 MB for Pick-a-Pic v2's million pairs, instead of the images.
+    ``rows[i]`` reads row ``row_ids[i]`` from the table and ``build`` turns it into the dict the datasets expect;
+    a slice is another `LazyRows` over the same table.
+    """
+
+    def __init__(self, table, row_ids, fields: dict, build):
+        import numpy as np
+
+        self.table, self.row_ids, self.build = table, np.asarray(row_ids, dtype=np.int64), build
+        self.fields = {name: np.asarray(values) for name, values in fields.items()}
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyRows(self.table, self.row_ids[index], {k: v[index] for k, v in self.fields.items()},
+                            self.build)
+        row_id = int(self.row_ids[index])
+        return self.build(self.table[row_id], row_id, {k: v[index].item() for k, v in self.fields.items()})
+
+    def subset(self, keep) -> "LazyRows":
+        """The rows where the boolean array ``keep`` is True."""
+        return LazyRows(self.table, self.row_ids[keep], {k: v[keep] for k, v in self.fields.items()}, self.build)
+
+    def column(self, name: str):
+        """A per-row field for all rows at once (e.g. the labels for a sampler), without reading the table."""
+        return self.fields[name]
+
+
+def _scan(table, columns: Sequence[str], batch_size: int = 256) -> Iterator[tuple[int, dict]]:
+    """``(row_id, row)`` over ``columns`` of the table, one Arrow batch in memory at a time."""
+    row_id = 0
+    for batch in table.select_columns(list(columns)).iter(batch_size=batch_size):
+        for values in zip(*(batch[c] for c in columns)):
+            yield row_id, dict(zip(columns, values))
+            row_id += 1
+
+
+def _pair_item(raw: dict, row_id: int, fields: dict) -> dict:
+    first, second = as_image_bytes(raw["jpg_0"]), as_image_bytes(raw["jpg_1"])
+    winner, loser = (first, second) if fields["jpg_0_won"] else (second, first)
+    return {"row_id": row_id, "winner": winner, "loser": loser, "caption": raw["caption"], "tie": fields["tie"]}
+
+
+def _feedback_item(raw: dict, row_id: int, fields: dict) -> dict:
+    return {"row_id": row_id, "image": as_image_bytes(raw["image"]), "caption": raw["caption"],
+            "desirable": fields["desirable"]}
+
+
+def check_image_columns(row: dict, columns: Sequence[str]) -> list[str]:
+    """The columns of ``row`` whose bytes are not an image (a header check, no decode)."""
+    bad = []
+    for column in columns:
+        data = as_image_bytes(row[column])
+        if data is None or not looks_like_image(data):
+            bad.append(column)
+    return bad
+
+
 def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = False,
-                   max_rows: int | None = None) -> list[dict]:
-    """Pick-a-Pic v2 rows as ``{"row_id", "winner", "loser", "caption", "tie"}`` (bytes, bytes, str).
+                   max_rows: int | None = None) -> LazyRows:
+    """Pick-a-Pic v2 rows as ``{"row_id", "winner", "loser", "caption", "tie"}`` (bytes, bytes, str), lazily.
 
     ``label_0 == 1`` means ``jpg_0`` won; ``0`` means ``jpg_1`` won; ``0.5`` is a tie, dropped
     unless ``keep_ties`` (then ``jpg_0`` is stored as "winner" and ``tie`` is True). Any other
     label, a missing caption or unreadable image bytes: the row is reported and skipped.
     ``max_rows`` limits the rows *read* from the source (before filtering).
 
-    The rows keep the encoded images in memory (roughly 1 MB per Pick-a-Pic pair), so the whole
-    Pick-a-Pic v2 train split does not fit this way: take ``max_rows``, a local subset, or train
-    from the trainer's latent cache (``python -m full.cache``).
+    One pass over the source checks every row (an Arrow batch at a time); what is kept is the row ids and labels
+    (`LazyRows`), so memory does not grow with the images (docs/scaling.md has the measurement).
     """
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
-    report, rows, ties = RowReport(dataset_name), [], 0
-    for row_id, row in iter_source(dataset_name, split, PAIR_COLUMNS, max_rows):
+    table = open_table(dataset_name, split, PAIR_COLUMNS, max_rows)
+    report, ties = RowReport(dataset_name), 0
+    row_ids, jpg_0_won, tie = [], [], []
+    for row_id, row in _scan(table, PAIR_COLUMNS):
         label = row["label_0"]
         if isinstance(label, bool):
             label = float(label)
         if not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
             report.skip(row_id, "bad label_0 (not 0, 0.5 or 1)", f": {label!r}")
             continue
-        caption = _caption_or_skip(row, row_id, report)
-        if caption is None:
+        if _caption_or_skip(row, row_id, report) is None:
             continue
-        images = [as_image_bytes(row["jpg_0"]), as_image_bytes(row["jpg_1"])]
-        bad = [f"jpg_{i}" for i, data in enumerate(images) if data is None or not looks_like_image(data)]
+        bad = check_image_columns(row, ("jpg_0", "jpg_1"))
         if bad:
             report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
             continue
@@ -194,48 +327,45 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
             ties += 1
             if not keep_ties:
                 continue
-        winner, loser = images if label >= 0.5 else images[::-1]
-        rows.append({"row_id": row_id, "winner": winner, "loser": loser, "caption": caption,
-                     "tie": label == 0.5})
+        row_ids.append(row_id)
+        jpg_0_won.append(label >= 0.5)
+        tie.append(label == 0.5)
     dropped = f"{ties} ties {'kept' if keep_ties else 'dropped'}"
-    if not rows:
+    if not row_ids:
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): {dropped}, "
                          f"malformed: {report.summary()}")
-    logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(rows), dropped, report.summary())
-    return rows
+    logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(row_ids), dropped, report.summary())
+    return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, _pair_item)
 
 
-def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None) -> list[dict]:
-    """Binary-feedback rows as ``{"row_id", "image", "caption", "desirable"}``.
+def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None) -> LazyRows:
+    """Binary-feedback rows as ``{"row_id", "image", "caption", "desirable"}``, lazily (`LazyRows`).
 
     ``label`` is 1/0 or True/False. Other labels, captions that are not strings, or unreadable
     image bytes: the row is reported with its id and skipped.
     """
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
-    report, rows = RowReport(dataset_name), []
-    for row_id, row in iter_source(dataset_name, split, FEEDBACK_COLUMNS, max_rows):
+    table = open_table(dataset_name, split, FEEDBACK_COLUMNS, max_rows)
+    report, row_ids, desirable = RowReport(dataset_name), [], []
+    for row_id, row in _scan(table, FEEDBACK_COLUMNS):
         label = row["label"]
-        if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
-            desirable = bool(label)
-        else:
+        if not (isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1))):
             report.skip(row_id, "bad label (not 0/1 or a bool)", f": {label!r}")
             continue
-        caption = _caption_or_skip(row, row_id, report)
-        if caption is None:
+        if _caption_or_skip(row, row_id, report) is None:
             continue
-        image = as_image_bytes(row["image"])
-        if image is None or not looks_like_image(image):
+        if check_image_columns(row, ("image",)):
             report.skip(row_id, "unreadable image bytes", ": image")
             continue
-        rows.append({"row_id": row_id, "image": image, "caption": caption, "desirable": desirable})
-    n_desirable = sum(r["desirable"] for r in rows)
-    if not rows:
+        row_ids.append(row_id)
+        desirable.append(bool(label))
+    if not row_ids:
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): malformed: {report.summary()}")
-    logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(rows),
-                n_desirable, len(rows) - n_desirable, report.summary())
-    return rows
-
+    n_desirable = sum(desirable)
+    logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(row_ids),
+                n_desirable, len(row_ids) - n_desirable, report.summary())
+    return LazyRows(table, row_ids, {"desirable": desirable}, _feedback_item)
 
 
 def detect_format(dataset_name: str) -> str:

@@ -197,14 +197,19 @@ def unet_conditioning(family: str, prompt: PromptEmbeds, time_ids: Tensor | None
 
 
 @torch.no_grad()
-def encode_images(parts: Components, pixel_values: Tensor, generator: torch.Generator | None = None,
-                  batch_size: int | None = None) -> Tensor:
-    """Pixels in [-1, 1] (N, 3, R, R) -> scaled VAE latents (N, 4, R/f, R/f), a sample of the posterior."""
+def encode_images(parts: Components, pixel_values: Tensor, generator=None, batch_size: int | None = None) -> Tensor:
+    """Pixels in [-1, 1] (N, 3, R, R) -> scaled VAE latents (N, 4, R/f, R/f), a sample of the posterior.
+    ``generator``: one `torch.Generator`, or a list of N (image ``k`` draws from ``generator[k]``)."""
     vae = parts.vae
     if vae is None:
         raise ValueError("the VAE was not loaded (training from a cache); use the cached latents")
-    chunks = pixel_values.split(batch_size or len(pixel_values))
-    latents = torch.cat([vae.encode(c.to(parts.vae_dtype)).latent_dist.sample(generator) for c in chunks])
+    size = batch_size or len(pixel_values)
+    chunks = pixel_values.split(size)
+    if isinstance(generator, list):  # one generator per image (per-sample randomness): split it with the pixels
+        gens = [generator[i : i + size] for i in range(0, len(generator), size)]
+    else:
+        gens = [generator] * len(chunks)
+    latents = torch.cat([vae.encode(c.to(parts.vae_dtype)).latent_dist.sample(g) for c, g in zip(chunks, gens)])
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift

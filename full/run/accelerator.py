@@ -76,3 +76,15 @@ def step_generator(seed: int, micro_step: int, process_index: int, device) -> to
     """Noise, timesteps and VAE samples of a micro-batch depend only on (seed, micro-step, process): a resumed
     run draws exactly what the uninterrupted run drew."""
     return torch.Generator(device).manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
+
+
+def sample_generators(seed: int, micro_step: int, first_index: int, count: int, device) -> list[torch.Generator]:
+    """One generator per item of a micro-batch, from (seed, micro-step, the item's index in the global batch).
+
+    The global index of item ``i`` on process ``p`` with micro-batch ``b`` is ``p * b + i``: the same item of the
+    same step draws the same VAE sample, noise and timestep whether 1 process holds a batch of ``P * b`` or ``P``
+    processes hold ``b`` each (accelerate deals batch ``k`` of the sampler to process ``k mod P``), and after a
+    resume (the micro-step is restored).
+    """
+    return [torch.Generator(device).manual_seed(((seed * 1_000_003 + micro_step) * 1_000_033 + first_index + i)
+                                                * 1_009 + 7) for i in range(count)]

@@ -27,7 +27,7 @@ import minipref
 from full.models import lora
 from full.models.pipeline import WEIGHT_DTYPES
 from full.run import checkpoints, outputs
-from full.run.accelerator import make_accelerator, make_optimizer, step_generator
+from full.run.accelerator import make_accelerator, make_optimizer, sample_generators, step_generator
 from full.run.validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,12 @@ class TrainingRun:
         """The micro-batch's random stream (noise, timesteps, VAE samples): the same after a resume."""
         return step_generator(self.args.seed, self.progress.micro_step, self.accelerator.process_index,
                               self.accelerator.device)
+
+    def sample_generators(self, count: int) -> list[torch.Generator]:
+        """One generator per item of this process's micro-batch, keyed by the item's index in the global batch
+        (`full.run.accelerator.sample_generators`): what makes P processes equal one process of P times the batch."""
+        first = self.accelerator.process_index * self.args.train_batch_size
+        return sample_generators(self.args.seed, self.progress.micro_step, first, count, self.accelerator.device)
 
     # ---- data
 
@@ -252,4 +258,4 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"family": self.family, "global_step": self.global_step, "lora_path": str(lora_path),
-                "metrics": self.logs, **summary, "unet": self.model}
+                "metrics": self.logs, "history": self.history, **summary, "unet": self.model}

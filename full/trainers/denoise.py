@@ -1,7 +1,8 @@
 """The diffusion step shared by the trainers that denoise real images (offline methods, SPIN).
 
 1. latents `x0` (VAE, or a cache built by `full/data/cache.py`) and prompt embeddings `c`;
-2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (SPEC section 1),
+2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (SPEC section 1), drawn from
+   the item's own generator in the offline trainer (so that P processes and one process draw the same),
    `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, target `eps` or `v` from the scheduler config;
 3. the reference `eps_ref(x_t, t, c)`: the same UNet with its LoRA disabled, under `torch.no_grad()`
    (only for the methods that need it); then the policy forward over all `n*B` images at once.
@@ -41,6 +42,8 @@ def inputs_from_images(batch: dict, parts: models.Components, args, device, gene
     """Pixels -> VAE latents and captions -> prompt embeddings, on the fly."""
     pixels = batch["pixel_values"].to(device)  # (B, n, 3, R, R)
     n = pixels.shape[1]
+    if isinstance(generator, list):  # per item: the winner and the loser of item i both draw from generator[i]
+        generator = generator * n
     latents = models.encode_images(parts, _image_major(pixels), generator,
                                      getattr(args, "vae_encode_batch_size", None)).float()  # (n*B, 4, R/8, R/8)
     captions = batch["captions"]
@@ -66,14 +69,25 @@ def inputs_from_cache(batch: dict, family: str, device) -> StepInputs:
                       batch.get("desirable"), None if emb is None else emb.to(device).float())
 
 
+def draw_noise_and_timesteps(b: int, shape, num_train_timesteps: int, generator, device) -> tuple[Tensor, Tensor]:
+    """eps (b, *shape) and t (b,): from one generator for the batch, or item i from ``generator[i]`` (then an item's
+    draws do not depend on which process or batch it is in: `full.run.accelerator.sample_generators`)."""
+    if not isinstance(generator, list):
+        noise = torch.randn((b, *shape), generator=generator, device=device)
+        return noise, torch.randint(0, num_train_timesteps, (b,), generator=generator, device=device)
+    noise = torch.cat([torch.randn((1, *shape), generator=g, device=device) for g in generator])
+    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generator])
+    return noise, timesteps
+
+
 def denoise(unet, reference_unet, noise_scheduler, family: str, inputs: StepInputs, *, with_reference: bool,
             generator, weight_dtype) -> tuple[Tensor, Tensor | None, Tensor]:
     """Predictions of the policy and (optionally) the reference on one noised batch, and the target."""
     latents, n = inputs.latents, inputs.n
     b = latents.shape[0] // n
-    noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=latents.device).repeat(n, 1, 1, 1)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                              device=latents.device).repeat(n)  # (B,) -> (n*B,): winner and loser share t, eps
+    noise, timesteps = draw_noise_and_timesteps(b, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
+                                                generator, latents.device)
+    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)  # (B,) -> (n*B,): winner and loser share t, eps
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
     target = models.training_target(noise_scheduler, latents, noise, timesteps)
     conditioning = models.unet_conditioning(family, inputs.prompt, inputs.time_ids, weight_dtype)

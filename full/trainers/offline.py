@@ -23,13 +23,14 @@ from torch import Tensor
 
 import minipref
 from full import cli
-from full.data.cache import CachedDataset, collate_cached, read_cache_meta
+from full.data.cache import CachedDataset, check_cache_model, collate_cached, read_cache_meta
 from full.data.embeddings import embeddings_from_column, pair_embeddings
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
-from full.data.rows import data_kind_for, load_training_rows
+from full.data.rows import data_kind_for, load_training_rows, rows_with_ids
 from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
 from full.models.lora import trainable_unet_parts
 from full.models.pipeline import DEFAULT_RESOLUTION, detect_family
+from full.run.global_batch import GlobalBatch
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator
 from full.trainers.denoise import StepInputs, denoise, inputs_from_cache, inputs_from_images
 
@@ -125,6 +126,12 @@ def parse_args(argv=None):
     if (args.dataset_name is None) == (args.cached_dir is None):
         parser.error("give exactly one of --dataset_name and --cached_dir")
     check_image_data_arguments(parser, args)
+    if args.cached_dir:  # a cache holds one centre-cropped, unflipped latent per image
+        for flag in ("--random_crop", "--random_flip"):
+            if flag in argv:
+                parser.error(f"{flag}: a --cached_dir holds one centre-cropped, unflipped VAE latent per image and "
+                             "cannot augment; drop the flag, or train from --dataset_name")
+        args.random_flip = False  # the default flip cannot apply either; args.json says so
     cli.check_training_arguments(parser, args)
     if args.beta_dpo is not None:
         if args.method != "dpo":
@@ -173,11 +180,11 @@ def make_loader(args, kind: str, accelerator):
         rows = load_training_rows(args, kind)
         if args.method == "contrast":
             table = contrast_table(args, rows, accelerator)
-            rows = [r for r in rows if r["row_id"] in table]
+            rows = rows_with_ids(rows, table)
         dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(
             rows, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
             caption_dropout=args.caption_dropout, seed=args.seed)
-        collate, labels = collate_skip_none, ([r["desirable"] for r in rows] if kind == "feedback" else None)
+        collate, labels = collate_skip_none, (rows.column("desirable") if kind == "feedback" else None)
     if args.desirable_ratio is not None:
         sampler = DesirableRatioSampler(labels, args.desirable_ratio, num_samples=len(dataset), seed=args.seed)
     else:
@@ -229,8 +236,9 @@ def needs_reference(args) -> bool:
 
 
 def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, inputs: StepInputs,
-                 family: str = "sd15") -> minipref.LossOutput:
-    """The one dispatch on `--method`; every formula lives in minipref."""
+                 family: str = "sd15", batch: GlobalBatch | None = None) -> minipref.LossOutput:
+    """The one dispatch on `--method`; every formula lives in minipref. ``batch`` (all processes' micro-batches)
+    gives KTO's reference point and Diff-contrast's in-batch weights their global batch; None: this process's."""
     method, beta = args.method, method_beta(args)
     err = minipref.per_sample_mse(pred, target)  # (n*B,)
     ref_err = None if ref_pred is None else minipref.per_sample_mse(ref_pred, target)
@@ -243,8 +251,13 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
         if method == "contrast":
             tau = args.tau if args.tau is not None else (0.01 if family == "sd15" else 0.5)
             emb = inputs.embeddings  # (B, 2, E)
-            return minipref.contrast_loss(err_w, err_l, ref_w, ref_l, emb[:, 0], emb[:, 1], beta=beta, tau=tau,
-                                          weights_inside=args.contrast_weights_inside)
+            parts = (err_w, err_l, ref_w, ref_l, emb[:, 0], emb[:, 1])
+            scale = 1
+            if batch is not None and batch.num_processes > 1:  # all M = P*B pairs; gradient through local rows
+                parts, scale = batch.gather_with_local_grad(*parts), batch.num_processes
+            out = minipref.contrast_loss(*parts, beta=beta, tau=tau, weights_inside=args.contrast_weights_inside)
+            # x P: DDP averages the P gradients, each holding only its own rows' share (full/run/global_batch.py)
+            return minipref.LossOutput(out.loss * scale, out.metrics)
         if method == "dspo":
             pred_w, ref_pred_w, target_w = pred.chunk(2)[0], ref_pred.chunk(2)[0], target.chunk(2)[0]
             return minipref.dspo_loss(pred_w, ref_pred_w, target_w, err_l, ref_l, beta=beta, gamma=args.dspo_gamma,
@@ -257,8 +270,13 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
         if method == "bce":
             return minipref.bce_loss(err, inputs.desirable, err_ref=ref_err if args.bce_reference else None, beta=beta)
         if method == "kto":
+            reference_point = args.reference_point
+            if reference_point == "batch" and batch is not None:
+                # z_ref = clamp(mean over the global batch of r, 0), detached: the authors' accelerator.reduce
+                reward = minipref.implicit_reward(err, ref_err, beta)
+                reference_point = batch.global_mean(reward).clamp(min=0)
             return minipref.kto_loss(err, ref_err, inputs.desirable, beta=beta, utility=args.utility,
-                                     reference_point=args.reference_point, lambda_d=args.lambda_d,
+                                     reference_point=reference_point, lambda_d=args.lambda_d,
                                      lambda_u=args.lambda_u)
     raise ValueError(f"--method {method} cannot train on {'pairs' if inputs.n == 2 else 'per-image'} data")
 
@@ -279,8 +297,12 @@ def train(args) -> dict:
     # Cheap checks first: a wrong model or bad data fails before minutes of loading.
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     cli.check_model_family(args, family)
-    if args.cached_dir and read_cache_meta(args.cached_dir)["family"] != family:
-        raise ValueError(f"cache {args.cached_dir} was built for another model family than {family}")
+    if args.cached_dir:
+        meta = read_cache_meta(args.cached_dir)
+        if meta["family"] != family:
+            raise ValueError(f"cache {args.cached_dir} was built for another model family than {family}")
+        check_cache_model(meta, args.cached_dir, args.pretrained_model_name_or_path, args.revision,
+                          getattr(args, "pretrained_vae_model_name_or_path", None))
     if args.resolution is None and not args.cached_dir:
         args.resolution = DEFAULT_RESOLUTION[family]
     accelerator, weight_dtype = start_accelerator(args)
@@ -291,16 +313,17 @@ def train(args) -> dict:
         args.max_train_steps = steps_for_epochs(args, len(loader), accelerator.num_processes)
     parts = trainable_unet_parts(args, device, weight_dtype, cached=bool(args.cached_dir))
     run = TrainingRun(args, accelerator, parts, family, weight_dtype, loader=loader)
-    with_reference = needs_reference(args)
+    with_reference, global_batch = needs_reference(args), GlobalBatch(accelerator)
 
-    def step_loss(batch: dict, generator) -> minipref.LossOutput:
+    def step_loss(batch: dict, _) -> minipref.LossOutput:
+        generator = run.sample_generators(len(batch["row_ids"]))  # per item: P processes draw as one would
         if args.cached_dir:
             inputs = inputs_from_cache(batch, family, device)
         else:
             inputs = inputs_from_images(batch, parts, args, device, generator, table)
         pred, ref_pred, target = denoise(run.unet, run.model, parts.noise_scheduler, family, inputs,
                                          with_reference=with_reference, generator=generator, weight_dtype=weight_dtype)
-        return compute_loss(args, pred, ref_pred, target, inputs, family)
+        return compute_loss(args, pred, ref_pred, target, inputs, family, global_batch)
 
     run.train_until(args.max_train_steps, step_loss)
     return run.finish()
