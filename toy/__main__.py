@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-main(sys.argv[1:])
+if __name__ == "__main__":  # not when a spawned worker process imports this module as its __mp_main__
+    main(sys.argv[1:])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -40,18 +41,24 @@ def find_calib() -> Path | None:
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
-def timed(command: list[str]) -> tuple[float, str]:
-    """Wall seconds of ``command`` in a fresh process (from the repository root), and its stdout."""
-    start = time.perf_counter()
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds of ``command`` in a fresh process (from the repository root), the CPU seconds of that process
+    and its workers (less sensitive to other jobs than the wall time), and its stdout."""
+    start, cpu = time.perf_counter(), children_cpu()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"toy.bench: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return seconds, result.stdout
+    return seconds, children_cpu() - cpu, result.stdout
 
 
 def calibrate(calib: Path) -> float:
-    return float(timed([sys.executable, str(calib)])[1].split()[-1])
+    return float(timed([sys.executable, str(calib)])[2].split()[-1])
 
 
 def without_timings(metrics: dict) -> dict:
@@ -59,12 +66,12 @@ def without_timings(metrics: dict) -> dict:
     return {name: {k: v for k, v in m.items() if k != "train_s"} for name, m in metrics["methods"].items()}
 
 
-def report(label: str, process_s: float, calib_s: float, metrics: dict) -> None:
+def report(label: str, process_s: float, cpu_s: float, calib_s: float, metrics: dict) -> None:
     ratio = process_s / calib_s
     target = TARGETS[label]
     print(f"\n{'python -m toy' + (' --quick' if label == 'quick' else '')}: {process_s:.1f} s process wall, "
           f"calib {calib_s:.2f} s -> {ratio:.2f} calibration units (target <= {target}: "
-          f"{'met' if ratio <= target else 'NOT met'})")
+          f"{'met' if ratio <= target else 'NOT met'}); CPU of the process and its workers {cpu_s:.1f} s")
     print(f"  inside the run (metrics.json wall_s) {metrics['wall_s']:6.2f} s; start-up, imports and exit "
           f"{process_s - metrics['wall_s']:.2f} s")
     phases = metrics["phases_s"]
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(../shared/bench/calib.py) "
                  "or set MINIPREF_CALIB=/path/to/calib.py")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
-    start_s, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
+    start_s, _, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
     print(f"interpreter start + toy imports: {start_s:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("quick", "full"):
@@ -107,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(tmp) / label
             command = [sys.executable, "-m", "toy", "--out", str(out), "--no_progress"]
             command += ["--quick"] if label == "quick" else []
-            process_s, _ = timed(command)
+            process_s, cpu_s, _ = timed(command)
             metrics = json.loads((out / "metrics.json").read_text())
-            report(label, process_s, calib_s, metrics)
+            report(label, process_s, cpu_s, calib_s, metrics)
             if args.check:
                 check(label, metrics)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (1-minute average; it includes these runs)")

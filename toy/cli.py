@@ -1,7 +1,7 @@
 """``python -m toy``: the command line of the 2D preference lab.
 
-    python -m toy --out runs/toy                        # every method, seed 0 (~30 s on 2 CPU cores)
-    python -m toy --out runs/toy-quick --quick          # the same pipeline, fewer steps (~10 s)
+    python -m toy --out runs/toy                        # every method, seed 0 (docs/toy.md, Speed: the time)
+    python -m toy --out runs/toy-quick --quick          # the same pipeline, a quarter of the steps
     python -m toy --out runs/toy --methods dpo,kto_kahneman_tversky --beta 2000
     python -m toy --out runs/toy_seeds --seeds 0,1,2    # one run per seed + summary.md (mean +- std)
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "copy per objective, and compare where their samples land.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and samples: a ~10 s smoke run")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the steps, fewer samples: a smoke run")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     seeds.add_argument("--seeds", type=seed_list, help="several seeds, e.g. 0,1,2: one run each plus summary.md")

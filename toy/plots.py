@@ -101,8 +101,12 @@ def contour_legend(fig, y: float) -> None:
 
 
 def plot_hero(samples: dict, results: dict, path: Path) -> None:
-    """``samples.png``: the five methods of the paper's Fig. 7, side by side."""
-    names = [n for n in HERO if n in samples]
+    """``samples.png``: the five methods of the paper's Fig. 7 side by side, or, in a run without all five (e.g.
+    ``--methods dpo,spo``), the methods it ran (in a row up to 7 panels, else as the family grid)."""
+    names = HERO if all(n in samples for n in HERO) else list(samples)
+    if len(names) > 7:
+        plot_samples(samples, results, path)
+        return
     fig = Figure(figsize=(2.75 * len(names), 3.9))
     reference_mean = np.asarray(results["reference"]["mean"], dtype=float)
     for i, name in enumerate(names):
