@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import minipref
 from full import models
 from full.online import sampler as spo_sampler
 from full.online.preference import decode_latents, predicted_x0
@@ -301,3 +302,27 @@ def test_prompts_from_files(tmp_path):
     args.prompts_file = str(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="does not exist"):
         spo.load_prompts(args)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_step_alphas_equal_the_authors_clamp_unless_set_alpha_to_one(set_alpha_to_one):
+    """Issue 12 point 9: the SPO authors clamp the previous timestep at 0 (alphas_cumprod[0]); `step_alphas` keeps
+    diffusers' final_alpha_cumprod. With SD1.5's / SDXL-base's `set_alpha_to_one: false` every step agrees; with
+    true only the last one differs, and there diffusers' step is deterministic."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    scheduler.set_timesteps(20)
+    timesteps = scheduler.timesteps.long()
+    abar_t, abar_prev = spo_sampler.step_alphas(scheduler, timesteps)
+    prev = (timesteps - 1000 // 20).clamp(min=0)
+    authors = scheduler.alphas_cumprod.float()[prev]  # ddim_with_logprob.py: prev_timestep clamped to [0, 999]
+    torch.testing.assert_close(abar_t, scheduler.alphas_cumprod.float()[timesteps], rtol=0, atol=0)
+    if not set_alpha_to_one:
+        torch.testing.assert_close(abar_prev, authors, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(abar_prev[:-1], authors[:-1], rtol=0, atol=0)
+        assert abar_prev[-1].item() == 1.0 != authors[-1].item()
+        _, std = minipref.ddim_step_gaussian(torch.zeros(1, 4), torch.zeros(1, 4), abar_t[-1:], abar_prev[-1:])
+        assert float(std.max()) == 0  # the deterministic last step: nothing to score

@@ -135,3 +135,66 @@ def test_reference_is_the_base_unet_with_adapters_off(tiny_sd15):
     assert not ref.requires_grad
     policy = parts.unet(x, t, **cond).sample
     assert policy.requires_grad and (policy - ref).abs().max() > 1e-3
+
+
+def test_dspo_threshold_reaches_the_sdxl_switch_and_is_refused_elsewhere(tiny_sd15, pickapic_parquet, tmp_path):
+    """--dspo_threshold is minipref.dspo_loss's threshold= for --dspo_variant dspo_sdxl (default 0.1, the authors'
+    code); with another variant it is one parse error naming the flag."""
+    import minipref
+    from full.trainers import offline as train
+    from full.trainers.denoise import StepInputs
+    from tests.conftest import train_argv
+
+    def args_for(*extra):
+        return train.parse_args(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dspo", *extra))
+
+    gen = torch.Generator().manual_seed(0)
+    pred, ref_pred, target = (torch.randn(4, 4, 4, 4, generator=gen) for _ in range(3))
+    inputs = StepInputs(pred, None, None, n=2)
+    drift = float(((pred.chunk(2)[0] - ref_pred.chunk(2)[0]) ** 2).mean())  # ~2: above 0.1, below 10
+    for threshold, form in ((None, "drift-weighted"), ("10", "gate-only")):
+        args = args_for("--dspo_variant", "dspo_sdxl", *(("--dspo_threshold", threshold) if threshold else ()))
+        got = train.compute_loss(args, pred, ref_pred, target, inputs)
+        expected = minipref.dspo_loss(pred.chunk(2)[0], ref_pred.chunk(2)[0], target.chunk(2)[0],
+                                      *(minipref.per_sample_mse(x, target).chunk(2)[1] for x in (pred, ref_pred)),
+                                      beta=args.beta or 0.001, variant="dspo_sdxl",
+                                      threshold=float(threshold or 0.1))
+        assert got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6), form
+    low = train.compute_loss(args_for("--dspo_variant", "dspo_sdxl", "--dspo_threshold", "0.5"),
+                             pred, ref_pred, target, inputs).loss
+    high = train.compute_loss(args_for("--dspo_variant", "dspo_sdxl", "--dspo_threshold", f"{2 * drift}"),
+                              pred, ref_pred, target, inputs).loss
+    assert low.item() != pytest.approx(high.item())  # the two sides of the switch are different losses
+    for bad in (("--dspo_threshold", "0.2"), ("--dspo_variant", "dspo_sdxl", "--dspo_threshold", "0")):
+        with pytest.raises(SystemExit):
+            args_for(*bad)
+
+
+def test_contrast_embedding_choice_selects_the_clip_halves(tiny_sd15, pickapic_parquet, tmp_path):
+    """--contrast_embedding image_text | image | text: Diff-contrast's weights from the whole [img, txt] CLIP
+    embedding, its image half, or its prompt half (issue 12 point 8)."""
+    import minipref
+    from full.trainers import offline as train
+    from full.trainers.denoise import StepInputs
+    from tests.conftest import train_argv
+
+    gen = torch.Generator().manual_seed(1)
+    pred, ref_pred, target = (torch.randn(6, 4, 4, 4, generator=gen) for _ in range(3))
+    image = torch.nn.functional.normalize(torch.randn(3, 2, 5, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 1, 5, generator=gen), dim=-1).expand(3, 2, 5)  # one prompt
+    inputs = StepInputs(pred, None, None, n=2, embeddings=torch.cat([image, text], dim=-1))  # (B, 2, 2P)
+    err_w, err_l = minipref.per_sample_mse(pred, target).chunk(2)
+    ref_w, ref_l = minipref.per_sample_mse(ref_pred, target).chunk(2)
+    losses = {}
+    for choice, emb in (("image_text", torch.cat([image, text], -1)), ("image", image), ("text", text)):
+        args = train.parse_args(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "contrast", "--contrast_embedding",
+                                           choice, "--clip_model_name_or_path", "clip-not-loaded-here",
+                                           "--beta", "1", "--tau", "0.5"))
+        got = train.compute_loss(args, pred, ref_pred, target, inputs).loss.item()
+        expected = minipref.contrast_loss(err_w, err_l, ref_w, ref_l, emb[:, 0], emb[:, 1], beta=1.0, tau=0.5)
+        assert got == pytest.approx(expected.loss.item(), rel=1e-6), choice
+        losses[choice] = got
+    assert len({round(v, 5) for v in losses.values()}) == 3  # three different weightings
+    with pytest.raises(SystemExit):  # column embeddings are used as they are
+        train.parse_args(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "contrast", "--embedding_column", "e",
+                                    "--contrast_embedding", "text"))

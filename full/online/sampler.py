@@ -47,7 +47,13 @@ def guided_prediction(unet, latents: Tensor, timesteps: Tensor, cond: models.Pro
 
 def step_alphas(scheduler, timesteps: Tensor) -> tuple[Tensor, Tensor]:
     """`abar_t` and `abar_prev` per sample, with `DDIMScheduler.step`'s rule `prev = t - T // num_inference_steps`
-    (and `final_alpha_cumprod` past 0)."""
+    (and `final_alpha_cumprod` past 0).
+
+    The SPO authors' `ddim_with_logprob.py` clamps `prev` at 0 instead (`alphas_cumprod[0]`). The two agree whenever
+    the scheduler config says `set_alpha_to_one: false`, as SD1.5's and SDXL-base's do (then `final_alpha_cumprod
+    == alphas_cumprod[0]`; tests/test_spo.py pins it), so SPO on both models gives the authors' numbers. They differ
+    only for a config with `true`: there we keep diffusers' rule, the step the pipeline itself samples at
+    inference, whose last step is deterministic (std 0, no log-density): MSPO's rollouts do not branch there."""
     alphas = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
     prev = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=timesteps.device)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import minipref
+from minipref.dspo import SDXL_THRESHOLD
 from full import cli
 from full.data.cache import CachedDataset, check_cache_model, collate_cached, read_cache_meta
 from full.data.embeddings import embeddings_from_column, pair_embeddings
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 METHODS = tuple(name for name, objective in minipref.OBJECTIVES.items() if objective.data in ("paired", "binary"))
 ONLINE_SCRIPTS = {"spin": "full.spin", "spo": "full.spo"}  # they sample during training
 REFERENCE_METHODS = {"dpo", "kto", "contrast", "dspo"}  # + bce with --bce_reference
+CONTRAST_EMBEDDINGS = ("image_text", "image", "text")  # halves of full.data.embeddings.ClipPairEncoder's [img, txt]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,11 +70,17 @@ def build_parser() -> cli.Parser:
     a("--dpo_label_smoothing", type=float, default=0.0, help="dpo: label-noise rate e of cdpo / robust, in [0, 0.5)")
     a("--tau", type=float, default=None, help="contrast temperature; default 0.01 (SD1.5) / 0.5 (SDXL)")
     a("--contrast_weights_inside", action="store_true", help="contrast: the LLM-RPO form")
+    a("--contrast_embedding", choices=CONTRAST_EMBEDDINGS, default="image_text",
+      help="contrast: what f(y, x) compares: CLIP image and prompt (the paper's f(y, x), default), the image only, "
+           "or the prompt only (the RPO authors' code); docs/methods.md")
     a("--clip_model_name_or_path", default=None, help="contrast: CLIP model for f(image, prompt)")
     a("--embedding_column", default=None, help="contrast: read f from columns <name>_0 / <name>_1")
     a("--embedding_cache_file", default=None, help="contrast: default <output_dir>/clip_embeddings.safetensors")
     a("--dspo_variant", choices=VARIANTS, default="dspo")
     a("--dspo_gamma", type=float, default=1.0)
+    a("--dspo_threshold", type=float, default=None,
+      help="dspo_sdxl: switch to the drift-weighted form when mean (pred - ref_pred)^2 >= this (default 0.1, the "
+           "authors' SDXL code)")
     a("--bce_reference", action="store_true", help="bce: the implicit reward as the logit, not -beta * err")
     add_image_data_arguments(p)
     a = p.add_argument_group("data").add_argument
@@ -140,7 +148,9 @@ def parse_args(argv=None):
             parser.error("give --beta or --beta_dpo, not both")
         args.beta = 2 * args.beta_dpo  # their loss has no 1/2: logsigmoid(beta_dpo * diff) (docs/conventions.md)
         logger.warning("--beta_dpo %g (diffusers DPO convention) = --beta %g here", args.beta_dpo, args.beta)
-    cli.check_positive(parser, args, ("beta", "tau", "lambda_d", "lambda_u"))
+    cli.check_positive(parser, args, ("beta", "tau", "lambda_d", "lambda_u", "dspo_threshold"))
+    if args.dspo_threshold is not None and not (args.method == "dspo" and args.dspo_variant == "dspo_sdxl"):
+        parser.error("--dspo_threshold applies to --method dspo --dspo_variant dspo_sdxl only")
     if args.desirable_ratio is not None and objective.data != "binary":
         parser.error(f"--desirable_ratio applies to binary-feedback methods, not {args.method}")
     cli.check_range(parser, args, "desirable_ratio", 0, 1)
@@ -152,6 +162,9 @@ def parse_args(argv=None):
         parser.error("--dpo_label_smoothing applies to --dpo_loss_type cdpo or robust")
     if args.dpo_loss_type in ("cdpo", "robust") and not 0 < args.dpo_label_smoothing < 0.5:
         parser.error(f"--dpo_loss_type {args.dpo_loss_type} needs --dpo_label_smoothing in (0, 0.5)")
+    if args.contrast_embedding != "image_text" and (args.method != "contrast" or args.embedding_column):
+        parser.error("--contrast_embedding selects halves of the CLIP embeddings of --method contrast (from "
+                     "--clip_model_name_or_path or a cache); --embedding_column embeddings are used as they are")
     if args.method == "contrast" and not (args.cached_dir or args.clip_model_name_or_path or args.embedding_column):
         parser.error("--method contrast needs --clip_model_name_or_path or --embedding_column (the f(y, x) embeddings)")
     return args
@@ -231,6 +244,17 @@ def steps_for_epochs(args, batches_per_epoch: int, num_processes: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def contrast_embedding(emb: Tensor, choice: str) -> Tensor:
+    """The part of the stored CLIP `f = [img/|img|, txt/|txt|]` (B, 2, 2P) that Diff-contrast compares.
+
+    cos of the whole is (cos_img + cos_txt) / 2 (image and prompt, the paper's f(y, x)); "image" and "text" keep
+    one half. With "text" a pair's winner and loser share f (one prompt), as in the RPO authors' prompt-only code."""
+    if choice == "image_text":
+        return emb
+    image, text = emb.chunk(2, dim=-1)
+    return image if choice == "image" else text
+
+
 def needs_reference(args) -> bool:
     return args.method in REFERENCE_METHODS or (args.method == "bce" and args.bce_reference)
 
@@ -250,7 +274,7 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
                                      label_smoothing=args.dpo_label_smoothing)
         if method == "contrast":
             tau = args.tau if args.tau is not None else (0.01 if family == "sd15" else 0.5)
-            emb = inputs.embeddings  # (B, 2, E)
+            emb = contrast_embedding(inputs.embeddings, args.contrast_embedding)  # (B, 2, E)
             parts = (err_w, err_l, ref_w, ref_l, emb[:, 0], emb[:, 1])
             scale = 1
             if batch is not None and batch.num_processes > 1:  # all M = P*B pairs; gradient through local rows
@@ -260,8 +284,10 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
             return minipref.LossOutput(out.loss * scale, out.metrics)
         if method == "dspo":
             pred_w, ref_pred_w, target_w = pred.chunk(2)[0], ref_pred.chunk(2)[0], target.chunk(2)[0]
+            threshold = {} if args.dspo_variant != "dspo_sdxl" else {
+                "threshold": SDXL_THRESHOLD if args.dspo_threshold is None else args.dspo_threshold}
             return minipref.dspo_loss(pred_w, ref_pred_w, target_w, err_l, ref_l, beta=beta, gamma=args.dspo_gamma,
-                                      variant=args.dspo_variant)
+                                      variant=args.dspo_variant, **threshold)
     else:
         if method == "sft":
             return minipref.sft_loss(err, weight=inputs.desirable.to(err.device))
