@@ -28,7 +28,7 @@ import torch
 
 from full.lab import shapes
 from full.lab.presets import PretrainConfig
-from full.lab.pretrain import build_tokenizer, cosine_lr, token_ids
+from full.lab.pretrain import build_tokenizer, optimizer_step, token_ids
 
 
 def build_clip(config: PretrainConfig):
@@ -71,11 +71,7 @@ def pretrain_clip(out, config: PretrainConfig, log=lambda *a, **k: None) -> dict
                                        captions=[shapes.ALL_CAPTIONS[i] for i in order])
         # CLIPModel's return_loss: (CE(logits_per_text, diag) + CE(logits_per_image, diag)) / 2
         loss = model(input_ids=ids[order], pixel_values=normalised_pixels(images, processor), return_loss=True).loss
-        for group in optimizer.param_groups:
-            group["lr"] = config.clip_lr * cosine_lr(step, config.clip_steps, config.clip_steps // 20)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, config.clip_lr, step, config.clip_steps)
         log("clip", step + 1, config.clip_steps, loss=loss.item())
     model.eval()
     out = Path(out)

@@ -69,9 +69,12 @@ def flag_list(flags: dict) -> list[str]:
 
 def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: Path, data: dict, out: Path) -> list[str]:
     family = FAMILIES[method.family]["flags"]
-    steps = max(2, round(family.get("max_train_steps", 0) * lab.train_scale))
+    smoke = lab.smoke_steps > 0 and method.name not in lab.measured
+    steps = lab.smoke_steps if smoke else max(2, round(family.get("max_train_steps", 0) * lab.train_scale))
     flags = {"pretrained_model_name_or_path": model, "output_dir": out, "report_to": "tensorboard",
              "checkpointing_steps": 100_000, **COMMON_FLAGS, **family, "max_train_steps": steps, **method.flags}
+    if smoke:
+        flags["max_train_samples"] = lab.smoke_rows
     if method.entry == "full.train":
         flags["dataset_name"] = data[method.data]
         if method.flags["method"] == "contrast":
@@ -84,15 +87,18 @@ def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: P
         flags.update(prompts_file=data["prompts"], spm_model_name_or_path=spm, num_inference_steps=lab.sample_steps,
                      guidance_scale=lab.guidance, sample_batch_size=9, num_epochs=max(1, round(4 * lab.train_scale)),
                      threshold=0.1)
+        if smoke:  # one collect phase of 9 prompts, every pair kept (a 4-step preference model is not yet sure)
+            flags.update(max_train_samples=9, threshold=0.0)
     return flag_list(flags)
 
 
 def spm_argv(lab: LabConfig, model: Path, clip: Path, pairs: Path, out: Path) -> list[str]:
     """SPO's step-aware preference model, from the lab's CLIP, on the lab's pairs (paper 003, Sec. 4.2)."""
+    smoke = lab.smoke_steps > 0 and "spo" not in lab.measured
     return flag_list({"spm_model_name_or_path": clip, "pretrained_model_name_or_path": model, "dataset_name": pairs,
                       "output_dir": out, "guidance_scale": lab.guidance, "learning_rate": 1e-4,
-                      "train_batch_size": 16, "max_train_steps": max(2, round(300 * lab.train_scale)),
-                      "num_validation_pairs": 32, "seed": 0})
+                      "train_batch_size": 16, "max_train_steps": lab.smoke_steps if smoke else 300,
+                      "num_validation_pairs": 8 if smoke else 64, "seed": 0})
 
 
 def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path) -> float:

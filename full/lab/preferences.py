@@ -8,9 +8,12 @@ As Pick-a-Pic was made (people compare two images the model drew for their promp
 2. consecutive samples of a caption form a pair, and `rater.label_pairs` says which one won (ties, flip noise);
 3. the pairs are written in the Pick-a-Pic v2 schema (`caption, jpg_0, jpg_1, label_0, label_1`, JPEG bytes,
    plus the rater's `score_0, score_1`), which every offline trainer reads;
-4. per-image binary feedback comes from the pairs through the repository's own converter,
-   `python -m full.data convert pairs-to-feedback` (Diffusion-KTO's "winner once" rule, paper 001 App. C.1),
-   exactly what a user with Pick-a-Pic would run;
+4. per-image binary feedback comes from the rater's scores through the repository's own converter,
+   `python -m full.data convert scores-to-feedback --threshold T` on `scored.parquet` (image, caption, score):
+   desirable when the score is at least the `desirable_quantile` of the base samples' scores, as Diffusion-KTO's
+   synthetic "aesthetics" user calls an image desirable above a score (paper 001, Sec. 6). (Winner-once labels from
+   the pairs, `convert pairs-to-feedback`, call half of all images desirable, many of them small shapes that only
+   beat a smaller one: a weak signal for the methods that see one image at a time.);
 5. a deliberately broken copy, `pairs_swapped.parquet`, has every winner and loser exchanged: a trainer that
    learns from it must move the rater's score *down*, which is what makes the lab's test able to fail.
 """
@@ -75,8 +78,29 @@ def write_pairs(path, captions, images_0, images_1, label_0, scores_0, scores_1)
     return path
 
 
+def write_scored(path, captions, images, scores) -> Path:
+    """(image, caption, score) rows: the input of the scores-to-* converters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": pa.array([jpeg(im) for im in images], type=pa.binary()), "caption": list(captions),
+                      "score": np.asarray(scores, dtype=np.float64)})
+    pq.write_table(table, path)
+    return Path(path)
+
+
+def convert(*argv: str) -> str:
+    """`python -m full.data convert ...`, as a user runs it; returns what it printed."""
+    command = [sys.executable, "-m", "full.data", "convert", *argv]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip()
+
+
 def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: int, guidance: float,
-                         tie_rate: float, label_noise: float, seed: int = 10_000, log=print) -> dict:
+                         tie_rate: float, label_noise: float, desirable_quantile: float, seed: int = 10_000,
+                         log=print) -> dict:
     """Sample, rate, write `pairs.parquet`, `pairs_swapped.parquet` and `feedback.parquet` under `out_dir`."""
     if images_per_caption < 2 or images_per_caption % 2:
         raise ValueError(f"images_per_caption must be even and >= 2, got {images_per_caption}")
@@ -95,21 +119,21 @@ def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: 
                         scores[first], scores[second])
     swapped = write_pairs(out_dir / "pairs_swapped.parquet", captions, images[first], images[second],
                           np.where(label_0 == 0.5, 0.5, 1.0 - label_0), scores[first], scores[second])
-    feedback = out_dir / "feedback.parquet"
-    converter = [sys.executable, "-m", "full.data", "convert", "pairs-to-feedback", "--input", str(pairs),
-                 "--output", str(feedback)]
-    done = subprocess.run(converter, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(converter)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    scored, feedback = out_dir / "scored.parquet", out_dir / "feedback.parquet"
+    write_scored(scored, prompts, images, scores)
+    threshold = float(np.quantile(scores, desirable_quantile))
+    converter = ["scores-to-feedback", "--input", str(scored), "--output", str(feedback), "--threshold", f"{threshold:.6g}"]
+    converter_says = convert(*converter)
     fidelity = rater_lib.Fidelity().score(images, prompts)
     prompts_file = out_dir / "train_prompts.txt"  # SPO samples its own pairs for these
     prompts_file.write_text("".join(c + "\n" for c in TRAIN_CAPTIONS))
     summary = {"pairs": str(pairs), "pairs_swapped": str(swapped), "feedback": str(feedback),
                "prompts": str(prompts_file),
                "n_pairs": len(captions), "n_ties": int((label_0 == 0.5).sum()), "tie_rate": tie_rate,
-               "label_noise": label_noise, "converter": " ".join(converter[1:]),
-               "converter_says": done.stdout.strip(), "base_mean_score": float(np.mean(scores)),
+               "label_noise": label_noise, "desirable_quantile": desirable_quantile,
+               "desirable_threshold": threshold, "converter": "python -m full.data convert " + " ".join(converter),
+               "converter_says": converter_says, "base_mean_score": float(np.mean(scores)),
                "base_fidelity_on_train_captions": float(np.mean(fidelity))}
     (out_dir / "data.json").write_text(json.dumps(summary, indent=1))
-    log(f"preference data: {summary['n_pairs']} pairs ({summary['n_ties']} ties) -> {pairs}; {done.stdout.strip()}")
+    log(f"preference data: {summary['n_pairs']} pairs ({summary['n_ties']} ties) -> {pairs}; {converter_says}")
     return summary

@@ -30,7 +30,7 @@ class PretrainConfig:
 
 
 FULL_PRETRAIN = PretrainConfig()
-QUICK_PRETRAIN = replace(FULL_PRETRAIN, vae_steps=250, pool_size=1500, unet_steps=300, unet_batch=32, ema_decay=0.99,
+QUICK_PRETRAIN = replace(FULL_PRETRAIN, vae_steps=250, pool_size=1500, unet_steps=250, unet_batch=32, ema_decay=0.99,
                         clip_steps=60)
 
 
@@ -46,15 +46,22 @@ class LabConfig:
     images_per_caption: int  # base samples per training caption; consecutive ones are paired
     tie_rate: float = 0.1  # Pick-a-Pic has ties too; the trainers drop them (as Diffusion-DPO does)
     label_noise: float = 0.05  # flipped labels: the rater is a crowd, not an oracle
+    desirable_quantile: float = 0.7  # binary feedback: the top 30% of the base samples by score are desirable
     sample_steps: int = 20  # DDIM steps for every sample the lab draws (data, SPIN, SPO, evaluation)
     guidance: float = 3.0  # CFG scale: the tiny model follows captions best around 2-4 (7.5 oversaturates it)
     eval_seeds: int = 8  # images per held-out caption and model (18 captions: the bootstrap runs over them)
     train_scale: float = 1.0  # multiplies every method's steps (quick: fewer)
     methods: tuple = ()  # empty: all
+    # quick only: every method except these trains `smoke_steps` steps on `smoke_rows` rows (it must run to the end
+    # and write a LoRA that loads); these train `train_scale` of their preset, enough to move the reward
+    measured: tuple = ("sft", "dpo", "dpo_swapped")
+    smoke_steps: int = 0  # 0: off, every method trains its full preset
+    smoke_rows: int = 18
 
 
 FULL = LabConfig("full", FULL_PRETRAIN, images_per_caption=64)
-QUICK = LabConfig("quick", QUICK_PRETRAIN, images_per_caption=16, sample_steps=10, eval_seeds=2, train_scale=0.25)
+QUICK = LabConfig("quick", QUICK_PRETRAIN, images_per_caption=16, sample_steps=10, eval_seeds=2, train_scale=0.2,
+                  smoke_steps=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -90,8 +90,6 @@ def build_parts(config: PretrainConfig) -> dict:
         in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=8)
-    with torch.no_grad():  # posterior log-variance starts at -6 (std 0.05): SD's VAE is nearly deterministic too,
-        vae.quant_conv.bias[4:] = -6.0  # and the trainers *sample* z, so its noise must stay small next to z's spread
     latent_size = shapes.RESOLUTION // 2 ** (len(config.vae_channels) - 1)  # 32 / 4 = 8
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4,
@@ -118,6 +116,17 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(optimizer, loss, peak_lr: float, step: int, total: int, clip_params=None) -> None:
+    """This step's learning rate (5% warm-up, cosine to 10%), backward, optional clipping at norm 1, AdamW step."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr * cosine_lr(step, total, total // 20)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. The VAE
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,14 +145,10 @@ def train_vae(vae, config: PretrainConfig, log) -> dict:
         # KL(q(z|x) || N(0, I)) per latent element; small: the latents only need to stay bounded and smooth
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = mse + config.kl_weight * kl
-        for group in optimizer.param_groups:
-            group["lr"] = config.vae_lr * cosine_lr(step, config.vae_steps, config.vae_steps // 20)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, config.vae_lr, step, config.vae_steps)
         log("vae", step + 1, config.vae_steps, mse=mse.item())
     vae.eval()
-    return {"vae_final_mse": float(mse)}
+    return {"vae_final_mse": mse.item()}
 
 
 @torch.no_grad()
@@ -197,12 +202,7 @@ def train_unet(parts: dict, means, stds, captions, scaling_factor: float, config
         # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         loss = (unet(noisy, timesteps, context).sample - noise).pow(2).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = config.unet_lr * cosine_lr(step, config.unet_steps, config.unet_steps // 20)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, config.unet_lr, step, config.unet_steps, clip_params=params)
         # EMA with a warm-up: decay min(d, (1 + step) / (10 + step)), so early weights are forgotten quickly
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():

@@ -213,7 +213,8 @@ def run_lab(out, lab: LabConfig, *, launcher: str = "accelerate", quiet: bool = 
     start = time.perf_counter()
     data = preferences.make_preference_data(model, out / "data", images_per_caption=lab.images_per_caption,
                                             steps=lab.sample_steps, guidance=lab.guidance, tie_rate=lab.tie_rate,
-                                            label_noise=lab.label_noise, log=progress)
+                                            label_noise=lab.label_noise, desirable_quantile=lab.desirable_quantile,
+                                            log=progress)
     progress.timed("preference data", time.perf_counter() - start)
     trained = train_all(out, lab, model, clip, data, launcher=launcher, progress=progress)
     start = time.perf_counter()
