@@ -98,6 +98,29 @@ def test_tokenizer_spells_every_caption_word_as_one_token():
     assert len(tokenizer("an unknown word!").input_ids) > 4  # any text tokenizes, byte by byte
 
 
+def test_each_method_is_an_entry_point_argv_with_its_own_data_and_flags(tmp_path):
+    from full.lab.methods import all_methods, flag_list, trainer_argv
+    from full.lab.presets import FULL
+
+    assert flag_list({"seed": 0, "lr_warmup_steps": 0, "bce_reference": True, "x": None, "y": False}) == [
+        "--seed", "0", "--lr_warmup_steps", "0", "--bce_reference"]  # a 0 is a value, not a missing flag
+    data = {k: str(tmp_path / f"{k}.parquet") for k in ("pairs", "pairs_swapped", "feedback", "prompts")}
+    argvs = {m.name: (m.entry, trainer_argv(m, FULL, tmp_path / "model", tmp_path / "clip", tmp_path / "spm", data,
+                                            tmp_path / m.name)) for m in all_methods()}
+    value = lambda argv, flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert value(argvs["dpo"][1], "--dataset_name") == data["pairs"]
+    assert value(argvs["dpo_swapped"][1], "--dataset_name") == data["pairs_swapped"]
+    assert value(argvs["kto_loss_averse"][1], "--utility") == "loss_averse"
+    assert value(argvs["dspo_e"][1], "--dspo_variant") == "dspo_e"
+    assert value(argvs["contrast"][1], "--clip_model_name_or_path") == str(tmp_path / "clip")
+    assert "--bce_reference" in argvs["bce"][1] and value(argvs["sft"][1], "--dataset_name") == data["feedback"]
+    assert argvs["spin"][0] == "full.spin" and argvs["spo"][0] == "full.spo"
+    assert value(argvs["spo"][1], "--spm_model_name_or_path") == str(tmp_path / "spm")
+    # one preset per family: every reference-based method trains with the same beta, lr and steps
+    for name in ("dpo", "kto_kahneman_tversky", "dspo", "contrast", "bce", "spin"):
+        assert value(argvs[name][1], "--beta") == "5000.0" and value(argvs[name][1], "--max_train_steps") == "300"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The quick lab, end to end through the real entry points
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def flag_list(flags: dict) -> list[str]:
     for key, value in flags.items():
         if value is True:
             argv.append(f"--{key}")
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # (0 == False: `not in (None, False)` would drop a 0)
             argv += [f"--{key}", str(value)]
     return argv
 
