@@ -121,6 +121,16 @@ def test_each_method_is_an_entry_point_argv_with_its_own_data_and_flags(tmp_path
         assert value(argvs[name][1], "--beta") == "5000.0" and value(argvs[name][1], "--max_train_steps") == "300"
 
 
+def test_lab_cli_names_an_unknown_method_in_one_line(capsys):
+    from full.lab.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--methods", "dpo,nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--methods: unknown ['nope']" in err and "kto_loss_averse" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The quick lab, end to end through the real entry points
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,13 @@ from full.lab.methods import all_methods
 from full.lab.presets import FULL, QUICK
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the flag, exit status 2, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lab", help="output directory (the pretrained model is cached there)")
     parser.add_argument("--quick", action="store_true", help="the test-sized lab (minutes, weaker model)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names (default: all)")
