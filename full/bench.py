@@ -2,6 +2,7 @@
 
     python -m full.bench                                   # tiny UNet on the CPU (seconds)
     python -m full.bench --config sd15 --device cuda --resolution 512 --batch_size 4 --dtype bf16
+    python -m full.bench --data                            # the data loader vs rows (full/data/bench.py)
 
 Models are built from configs with random weights (no download): `--config sd15` is the real SD1.5
 architecture (860M-parameter UNet, its VAE and CLIP ViT-L text encoder). Every method runs the trainer's
@@ -204,6 +205,13 @@ def peak_of_step(fn, device) -> int:
 
 
 def main(argv=None) -> dict:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--data" in argv:  # the data benchmark: full/data/bench.py
+        from full.data import bench as data_bench
+
+        return data_bench.main([a for a in argv if a != "--data"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=tuple(CONFIGS), default="tiny")
     p.add_argument("--device", default="cpu")

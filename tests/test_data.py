@@ -375,3 +375,22 @@ def test_cli_runs_as_a_module(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "2 usable pairs" in result.stdout
+
+
+def test_rows_are_lazy_views_of_the_arrow_table(tmp_path):
+    """load_pair_rows keeps row ids and labels, not images: the rows read their bytes from the memory-mapped table
+    when indexed, and a slice is another view."""
+    rows = data.load_pair_rows(str(write_parquet(tmp_path / "p.parquet", pickapic_rows([1, 0, 0.5, 1]))))
+    assert isinstance(rows, data.sources.LazyRows) and len(rows) == 3
+    assert rows.row_ids.tolist() == [0, 1, 3] and rows.column("jpg_0_won").tolist() == [True, False, True]
+    held = {k: v.nbytes for k, v in rows.fields.items()}
+    assert sum(held.values()) + rows.row_ids.nbytes < 64  # bytes per row in memory: no image anywhere
+    assert rows[1:][0]["row_id"] == 1 and rows[1:][0]["winner"] == jpeg_bytes(BLUE)
+
+
+def test_undecodable_items_are_counted_in_the_batch(tmp_path):
+    rows = pickapic_rows([1, 0, 1])
+    rows[1]["jpg_0"] = truncated_jpeg_bytes()
+    dataset = data.PairDataset(data.load_pair_rows(str(write_parquet(tmp_path / "p.parquet", rows))), resolution=8)
+    batch = data.collate_skip_none([dataset[i] for i in range(3)])
+    assert batch["row_ids"] == [0, 2] and batch["n_undecodable"] == 1

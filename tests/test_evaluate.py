@@ -364,3 +364,52 @@ def test_cli_rejects_bad_input(tmp_path, tiny_sd15):
         evaluate.main(["--out", str(tmp_path), "--base-model", tiny_sd15, "--scheduler", "FooScheduler"])
     with pytest.raises(SystemExit, match="LoRA 'x'"):
         evaluate.main(["--out", str(tmp_path), "--base-model", tiny_sd15, "--lora", f"x={tmp_path / 'none'}"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Across processes, and scorers first.
+
+
+class _SeededPipe:
+    """A stand-in pipeline: image = a function of its generator only (as a real pipeline with per-image seeds)."""
+
+    def __call__(self, prompt, generator, **_):
+        images = []
+        for g in generator:
+            pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            images.append(Image.fromarray(pixels))
+        return type("Result", (), {"images": images, "nsfw_content_detected": None})()
+
+
+def test_processes_split_the_images_and_make_those_of_one_process(tmp_path):
+    """`accelerate launch -m full.evaluate`: process p of P takes every P-th missing image; the merged manifest and
+    the images equal one process's, and a killed process's part is picked up by the next run."""
+    models = evaluate.parse_models([], "base")
+    prompts = [("p0", "a cat"), ("p1", "a dog"), ("p2", "a fox")]
+    settings = {"base_model": "m", "scheduler": "S", "steps": 1, "guidance": 1.0, "height": 8, "width": 8,
+                "negative_prompt": None, "dtype": "float32"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):
+        out.mkdir()
+    assert evaluate.generate(_SeededPipe(), models, prompts, [0, 1], one, settings=settings, batch_size=2) == 6
+    made = [evaluate.generate(_SeededPipe(), models, prompts, [0, 1], two, settings=settings, batch_size=3,
+                              process_index=p, num_processes=2) for p in (1, 0)]
+    assert made == [3, 3] and len(list(two.glob("manifest.part-*.jsonl"))) == 2
+    assert len(evaluate.read_manifest(two)) == 6  # parts count before the merge (a resumed run skips them)
+    assert evaluate.generate(_SeededPipe(), models, prompts, [0, 1], two, settings=settings) == 0
+    evaluate.merge_manifest_parts(two)
+    assert not list(two.glob("manifest.part-*.jsonl"))
+    key = lambda r: (r["prompt_id"], r["seed"])  # noqa: E731
+    rows_one, rows_two = sorted(evaluate.read_manifest(one), key=key), sorted(evaluate.read_manifest(two), key=key)
+    assert [key(r) for r in rows_one] == [key(r) for r in rows_two]
+    for a, b in zip(rows_one, rows_two):
+        assert np.array_equal(np.asarray(Image.open(one / a["path"])), np.asarray(Image.open(two / b["path"])))
+
+
+def test_a_scorer_that_cannot_load_stops_before_generation(tmp_path, tiny_sd15):
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit, match="scorer pickscore cannot be loaded.*nothing was generated"):
+        evaluate.main(["--out", str(out), "--base-model", tiny_sd15, "--prompts", "paper000", "--max-prompts", "1",
+                       "--seeds", "1", "--steps", "1", "--device", "cpu", "--scorers", "pickscore",
+                       "--pickscore-model", str(tmp_path / "no_such_model")])
+    assert not (out / "manifest.jsonl").exists() and not (out / "images").exists()

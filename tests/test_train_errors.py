@@ -80,6 +80,9 @@ def test_corrupt_images_mid_epoch_are_reported_and_skipped(tiny_sd15, tmp_path, 
     assert summary["global_step"] == 6  # a full run despite the bad rows
     skipped = " ".join(r.getMessage() for r in caplog.records if "cannot decode image" in r.getMessage())
     assert "row 1" in skipped and "row 2" in skipped
+    # and totalled once at the end: 6 usable steps took 1.5 epochs of 4 usable rows, so each bad row was met twice
+    assert summary["undecodable"] == 4
+    assert "4 training item(s) were skipped because an image could not be decoded" in caplog.text
 
 
 def test_preset_sets_defaults_and_flags_win(tmp_path):

@@ -292,6 +292,7 @@ def _select(batch: dict, keep: list[int]) -> dict | None:
     if not keep:
         return None
     index = torch.tensor(keep)
-    return {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+    return {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep] if isinstance(v, list) else v)
+            for k, v in batch.items()}
 
 

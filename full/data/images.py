@@ -136,9 +136,11 @@ def collate_skip_none(items: Sequence[dict | None]) -> dict | None:
     """Stack a batch, dropping the items whose image failed to decode (``None``).
 
     Returns ``{"pixel_values": [B, n, 3, R, R], "captions": list[str], "original_sizes": [B, n, 2],
-    "crop_top_lefts": [B, n, 2], "row_ids": list[int]}`` plus ``"desirable"`` (bool [B]) for
-    feedback items; ``None`` when every item was dropped (the trainer skips that batch).
+    "crop_top_lefts": [B, n, 2], "row_ids": list[int], "n_undecodable": int}`` (the items dropped) plus
+    ``"desirable"`` (bool [B]) for feedback items; ``None`` when every item was dropped (the trainer skips that
+    batch). The run loop totals the drops and reports them at the end of the run.
     """
+    dropped = sum(item is None for item in items)
     items = [item for item in items if item is not None]
     if not items:
         return None
@@ -146,7 +148,8 @@ def collate_skip_none(items: Sequence[dict | None]) -> dict | None:
              "captions": [item["caption"] for item in items],
              "original_sizes": torch.stack([item["original_sizes"] for item in items]),
              "crop_top_lefts": torch.stack([item["crop_top_lefts"] for item in items]),
-             "row_ids": [item["row_id"] for item in items]}
+             "row_ids": [item["row_id"] for item in items],
+             "n_undecodable": dropped}
     if "desirable" in items[0]:
         batch["desirable"] = torch.tensor([item["desirable"] for item in items], dtype=torch.bool)
     return batch

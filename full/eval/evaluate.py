@@ -5,6 +5,11 @@
         --lora dpo=runs/dpo/final --lora kto=runs/kto/final \\
         --prompts paper000 --scorers pickscore,clip --out eval/sd15
 
+On several GPUs, `accelerate launch -m full.evaluate ...` (same flags): process p of P generates every P-th image
+of each model, with the same seed per (prompt, seed) as one process would, so the images are the same; the
+processes' manifest parts are merged at the end, and scoring and the report run on the main process. The scorers
+are loaded once before anything is generated: one that cannot load stops the run at once.
+
 Three stages, each reading what the previous one wrote under `--out`, so any of them can be re-run alone
 (`--stages score,report` rescores without regenerating):
 
@@ -37,7 +42,7 @@ from full import cli
 from full.eval import plots as eval_plots
 from full.eval import scorers, stats
 from full.eval.generate import (SETTING_KEYS, _default_resolution, _file_stem, _write_jsonl, generate, load_pipeline,
-                                load_prompts, parse_models, read_jsonl, read_manifest)
+                                load_prompts, merge_manifest_parts, parse_models, read_jsonl, read_manifest)
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -226,6 +231,40 @@ def build_parser() -> cli.Parser:
     return p
 
 
+def scorer_options(args, device: str) -> tuple[list[str], dict]:
+    """The --scorers names (checked) and each scorer's build options."""
+    names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+    for name in names:
+        if name not in scorers.SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(scorers.SCORERS)}")
+    common = {"device": device}
+    options = {"pickscore": {"model": args.pickscore_model, "processor": args.pickscore_processor, **common},
+               "clip": {"model": args.clip_model, **common},
+               "aesthetic": {"head": args.aesthetic_head, "clip_model": args.aesthetic_clip_model, **common},
+               "hpsv2": {"version": args.hpsv2_version},
+               "imagereward": {"model": args.imagereward_model, **common}}
+    return names, options
+
+
+def check_scorers(names: list[str], options: dict) -> None:
+    """Load each scorer once and drop it, before any image is generated: a model that is not on disk and not
+    reachable (offline, a typo) stops the run here with one line. Optional scorers that are not installed are
+    announced now and skipped later, as the score stage does."""
+    for name in names:
+        try:
+            scorer = scorers.build_scorer(name, **options.get(name, {}))
+        except scorers.ScorerUnavailable as error:
+            print(f"scorer {name} will be skipped: {error}", file=sys.stderr)
+            continue
+        except Exception as error:  # OSError from the Hub, a bad checkpoint, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"scorer {name} cannot be loaded ({type(error).__name__}: {first}); nothing was "
+                             f"generated. Give its model as a local path (--{name}_model ...) or leave it out of "
+                             "--scorers") from error
+        del scorer
+    gc.collect()
+
+
 def run(args: argparse.Namespace) -> dict | None:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - {"generate", "score", "report"}
@@ -237,7 +276,11 @@ def run(args: argparse.Namespace) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    device = args.device or scorers.default_device()
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or those of `accelerate launch -m full.evaluate`
+    device = args.device or (str(state.device) if state.num_processes > 1 else scorers.default_device())
+    names, options = scorer_options(args, device) if "score" in stages else ([], {})
     if "generate" in stages:
         if not args.base_model:
             raise ValueError("the generate stage needs --base-model / --base_model (a diffusers pipeline dir or hub id)")
@@ -247,6 +290,8 @@ def run(args: argparse.Namespace) -> dict | None:
         dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
         pipe = load_pipeline(args.base_model, scheduler=args.scheduler, dtype=dtype, device=device,
                              safety_checker=not args.no_safety_checker)
+        if names:  # a scorer that cannot load fails now, not after hours of generation
+            check_scorers(names, options)
         settings = {"base_model": args.base_model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
                     "guidance": args.guidance, "height": args.height or _default_resolution(pipe),
                     "width": args.width or _default_resolution(pipe), "negative_prompt": args.negative_prompt,
@@ -255,21 +300,18 @@ def run(args: argparse.Namespace) -> dict | None:
               f"scheduler={settings['scheduler']}{'' if args.scheduler else ' (pipeline default)'}, "
               f"steps={args.steps}, guidance={args.guidance}, {settings['width']}x{settings['height']} px, {dtype}")
         made = generate(pipe, models, prompts, seeds, out, settings=settings, batch_size=args.batch_size,
-                        lora_scale=args.lora_scale)
-        print(f"generated {made} new image(s); manifest: {out / 'manifest.jsonl'}")
+                        lora_scale=args.lora_scale, process_index=state.process_index,
+                        num_processes=state.num_processes)
+        print(f"process {state.process_index}: generated {made} new image(s)" if state.num_processes > 1 else
+              f"generated {made} new image(s); manifest: {out / 'manifest.jsonl'}")
         del pipe
         gc.collect()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merge_manifest_parts(out)
+    if not state.is_main_process:  # scoring and the report run once, on the main process
+        return None
     if "score" in stages:
-        names = [n.strip() for n in args.scorers.split(",") if n.strip()]
-        for name in names:
-            if name not in scorers.SCORERS:
-                raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(scorers.SCORERS)}")
-        common = {"device": device}
-        options = {"pickscore": {"model": args.pickscore_model, "processor": args.pickscore_processor, **common},
-                   "clip": {"model": args.clip_model, **common},
-                   "aesthetic": {"head": args.aesthetic_head, "clip_model": args.aesthetic_clip_model, **common},
-                   "hpsv2": {"version": args.hpsv2_version},
-                   "imagereward": {"model": args.imagereward_model, **common}}
         with torch.no_grad():
             score_manifest(out, names, options, args.score_batch_size)
             if args.fid_reference:

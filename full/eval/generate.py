@@ -136,8 +136,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_manifest(out: Path) -> list[dict]:
     """The manifest's rows, one per (model, prompt_id, seed): a regenerated image's newer row wins."""
-    rows = {(r["model"], r["prompt_id"], r["seed"]): r for r in read_jsonl(out / "manifest.jsonl")}
+    parts = sorted(out.glob("manifest.part-*.jsonl"))  # left by processes of a multi-process run (merged at its end)
+    rows = {(r["model"], r["prompt_id"], r["seed"]): r
+            for path in [out / "manifest.jsonl", *parts] for r in read_jsonl(path)}
     return list(rows.values())
+
+
+def merge_manifest_parts(out: Path) -> None:
+    """Append the processes' manifest parts to manifest.jsonl and remove them (main process, after all finished)."""
+    parts = sorted(out.glob("manifest.part-*.jsonl"))
+    if parts:
+        with (out / "manifest.jsonl").open("a", encoding="utf-8") as manifest:
+            for path in parts:
+                manifest.write(path.read_text(encoding="utf-8"))
+        for path in parts:
+            path.unlink()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -180,8 +193,13 @@ def _default_resolution(pipe) -> int | None:
 
 
 def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seeds: list[int], out: Path, *,
-             settings: dict, batch_size: int = 4, lora_scale: float = 1.0) -> int:
-    """Generate every missing (model, prompt, seed) image; returns how many were made."""
+             settings: dict, batch_size: int = 4, lora_scale: float = 1.0, process_index: int = 0,
+             num_processes: int = 1) -> int:
+    """Generate every missing (model, prompt, seed) image; returns how many were made (by this process).
+
+    Under `accelerate launch` process ``p`` of ``P`` takes every P-th image of each model (if missing) and records it in
+    ``manifest.part-<p>.jsonl``; each image's noise comes from its own seed, so the images are those of one process.
+    """
     import torch
 
     manifest_path = out / "manifest.jsonl"
@@ -200,10 +218,16 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
                 raise ValueError(f"{manifest_path} has {row['model']!r} images made with {key}={row.get(key)!r}, "
                                  f"but this run asks for {key}={wanted[key]!r}; use a new --out or the same settings")
     done = {(r["model"], r["prompt_id"], r["seed"]) for r in existing if (out / r["path"]).is_file()}
-    jobs = {m.name: [(pid, p, s) for pid, p in prompts for s in seeds if (m.name, pid, s) not in done] for m in models}
+    # Every P-th image of the full list (not of the missing ones): which process owns an image never depends on
+    # what the others have written already.
+    jobs = {m.name: [(pid, p, s) for pid, p in prompts for s in seeds][process_index::num_processes] for m in models}
+    jobs = {name: [(pid, p, s) for pid, p, s in todo if (name, pid, s) not in done] for name, todo in jobs.items()}
+    if num_processes > 1:
+        manifest_path = out / f"manifest.part-{process_index}.jsonl"
     total = sum(len(j) for j in jobs.values())
     made = 0
-    with manifest_path.open("a", encoding="utf-8") as manifest, tqdm(total=total, desc="generate", unit="img") as bar:
+    with manifest_path.open("a", encoding="utf-8") as manifest, \
+            tqdm(total=total, desc="generate", unit="img", disable=process_index != 0) as bar:
         for model in models:
             if not jobs[model.name]:
                 continue

@@ -77,7 +77,8 @@ def generation_settings(args, rows, iteration: int, output_dir: Path) -> dict:
     """What the cached samples of an iteration depend on; a cache made with other settings is refused."""
     opponent = "base" if iteration == 0 else \
         _file_digest(output_dir / f"iteration-{iteration - 1}" / lora.LORA_WEIGHT_NAME)
-    row_ids = ",".join(str(r["row_id"]) for r in rows)
+    ids = rows.row_ids.tolist() if hasattr(rows, "row_ids") else [r["row_id"] for r in rows]  # LazyRows: no reads
+    row_ids = ",".join(map(str, ids))
     return {"iteration": iteration, "opponent_lora_sha256": opponent, "model": args.pretrained_model_name_or_path,
             "scheduler": args.generation_scheduler or "pipeline default", "steps": args.generation_steps,
             "guidance_scale": args.generation_guidance_scale, "resolution": args.resolution, "seed": args.seed,

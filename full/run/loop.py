@@ -117,6 +117,7 @@ class TrainingRun:
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
         elif args.resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from step 0", self.output_dir)
+        self.undecodable = 0  # items of this process dropped because an image would not decode (this session)
         self.window: list[dict] = []  # metrics of the micro-batches of the current optimizer step
         self.logs: dict[str, float] = {}
         self.history: list[dict] = []
@@ -152,6 +153,8 @@ class TrainingRun:
         for batch in accelerator.skip_first_batches(loader, resumed) if resumed else loader:
             progress.batch_in_epoch += 1
             progress.micro_step += 1
+            # undecodable images: an item lost from a batch, or a whole batch (None); totalled in `finish`
+            self.undecodable += self.args.train_batch_size if batch is None else batch.get("n_undecodable", 0)
             if bool(accelerator.gather(torch.tensor([batch is None], device=accelerator.device)).any()):
                 logger.warning("micro-batch %d: no decodable image on some process; skipped", progress.micro_step)
                 continue
@@ -245,6 +248,7 @@ class TrainingRun:
         the Hub push); close the trackers. Returns the run's summary."""
         self.bar.close()
         accelerator, args = self.accelerator, self.args
+        undecodable = self.report_undecodable()
         accelerator.wait_for_everyone()
         lora_path = self.output_dir / self.trained.weight_name
         if accelerator.is_main_process:
@@ -258,4 +262,15 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"family": self.family, "global_step": self.global_step, "lora_path": str(lora_path),
-                "metrics": self.logs, "history": self.history, **summary, "unet": self.model}
+                "metrics": self.logs, "history": self.history, "undecodable": undecodable, **summary,
+                "unet": self.model}
+
+    def report_undecodable(self) -> int:
+        """The items skipped over the run (all processes) because an image would not decode, said once at the end
+        (each was warned about with its row id when it was read). A batch with nothing decodable counts in full."""
+        total = int(self.accelerator.reduce(torch.tensor([self.undecodable], device=self.accelerator.device),
+                                            reduction="sum").item())
+        if total:
+            logger.warning("%d training item(s) were skipped because an image could not be decoded (row ids in "
+                           "the warnings above); fix or drop those rows in --dataset_name", total)
+        return total

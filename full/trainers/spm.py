@@ -267,7 +267,7 @@ def train(args) -> dict:
     val_rows = (load_pair_rows(args.dataset_name, args.validation_split, keep_ties=args.keep_ties)
                 if args.validation_split else rows)[: args.num_validation_pairs]
     # row ids restart per split, so train and validation keep separate lookups
-    tie_of, val_tie_of = ({r["row_id"]: r["tie"] for r in rs} for rs in (rows, val_rows))
+    tie_of, val_tie_of = (dict(zip(rs.row_ids.tolist(), rs.column("tie").tolist())) for rs in (rows, val_rows))
     dataset = PairDataset(rows, resolution, center_crop=True, random_flip=False, seed=args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_skip_none,
                                          sampler=EpochShuffleSampler(len(dataset), args.seed),
