@@ -233,11 +233,14 @@ def test_missing_out_is_an_error(capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_start_up_imports_neither_diffusers_nor_pyplot():
+def test_start_up_and_training_import_neither_diffusers_nor_pyplot_nor_dynamo():
     # diffusers' import costs ~4 s of CPU (torch._dynamo, scipy): the toy computes the same schedule itself.
     # pyplot would pick a backend: the toy draws with matplotlib.figure.Figure and leaves a notebook's backend alone.
-    code = ("import sys, toy.cli, toy.run, toy.plots; "
-            "print(sorted(m for m in ('diffusers', 'matplotlib.pyplot', 'scipy') if m in sys.modules))")
+    # torch.optim imports torch._dynamo (~3 s) on an optimiser's first use: the toy trains with toy/optim.py.
+    code = ("import sys, torch, toy.cli, toy.run, toy.plots; from toy.schedule import NoiseSchedule; "
+            "from toy.train import PretrainConfig, pretrain; "
+            "pretrain(PretrainConfig(steps=3, batch=8, n_data=16), NoiseSchedule(), torch.Generator(), False); "
+            "print(sorted(m for m in ('diffusers', 'matplotlib.pyplot', 'scipy', 'torch._dynamo') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
@@ -381,6 +384,38 @@ def test_conditioning_starts_as_the_null_condition():
         condition("great", 5)
     with pytest.raises(ValueError, match="x_t must have shape"):
         model(torch.randn(5, 3), t)
+
+
+def test_toy_adam_is_torch_adam_with_lambda_lr_bit_for_bit():
+    # toy/optim.py replaces torch.optim.Adam(foreach=True) + LambdaLR(warmup_cosine) and must give the same bits,
+    # a parameter that only sometimes has a gradient (the condition layer) included.
+    from toy.optim import Adam
+    from toy.train import cosine_schedule
+
+    def train(make_optimizer, lr=1e-2, steps=30, warmup=3):
+        torch.manual_seed(0)
+        model, g = EpsMLP(hidden=16, depth=2), torch.Generator().manual_seed(1)
+        optimizer, schedule = make_optimizer(model, lr, steps, warmup)
+        for i in range(steps):
+            x, t = torch.randn(64, 2, generator=g), torch.randint(0, 1000, (64,), generator=g)
+            optimizer.zero_grad()
+            model(x, t, condition("good", 64) if i % 7 == 3 else None).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        return list(model.parameters())
+
+    def torchs(model, lr, steps, warmup):
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+        return optimizer, cosine_schedule(optimizer, steps, warmup)  # LambdaLR(warmup_cosine), as the tutorials
+
+    expected = train(torchs)
+    ours = train(lambda model, lr, steps, warmup: (Adam(model.parameters(), lr, steps, warmup), None))
+    assert all(torch.equal(p, q) for p, q in zip(ours, expected))
+    # the comparison sees a difference as small as one more warmup step
+    off = train(lambda model, lr, steps, warmup: (Adam(model.parameters(), lr, steps, warmup + 1), None))
+    assert not all(torch.equal(p, q) for p, q in zip(off, expected))
 
 
 def test_a_non_finite_loss_stops_that_method_and_is_reported():

@@ -34,6 +34,7 @@ from minipref import LossOutput, gaussian_step_log_prob, get_objective
 
 from .data import PreferenceData, log_density_ratio
 from .model import TimestepEmbedding, draw_t_and_noise
+from .optim import Adam
 from .sampling import ddim_step_gaussian, previous_timestep, step_alphas_per_row
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,7 +67,7 @@ def train_preference_model(
 ) -> tuple[StepAwarePreferenceModel, list[float]]:
     """Fit the SPM on noised training pairs denoised by the frozen reference; returns (model, loss history)."""
     spm = StepAwarePreferenceModel()
-    optimizer = torch.optim.Adam(spm.parameters(), lr=lr, foreach=True)
+    optimizer = Adam(spm.parameters(), lr)  # a constant learning rate
     losses = []
     for _ in range(steps):
         x_w = data.batch(batch, generator, desirable=True)
@@ -78,7 +79,7 @@ def train_preference_model(
             x0_hat = predict_x0(reference(x_t, t2), x_t, scheduler.alphas_cumprod[t2])
         score_w, score_l = spm(x0_hat, t2).chunk(2)
         loss = F.softplus(-(score_w - score_l)).mean()  # Bradley-Terry, as PickScore / the SPM are trained
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())

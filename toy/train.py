@@ -10,7 +10,6 @@ reward (SFT, CSFT, BCE) included, gets the same training curve.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from .data import PRETRAIN, PreferenceData
 from .evaluate import HeldOutPairs, implicit_accuracy
 from .methods import MethodSpec
 from .model import EpsMLP, condition, denoising_error, draw_t_and_noise
+from .optim import Adam, warmup_cosine
 from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 
 
@@ -39,14 +39,8 @@ class PretrainConfig:
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """toy/optim.py's ``warmup_cosine`` for a ``torch.optim`` optimiser (the tutorials train with one)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps, warmup))
 
 
 def pretrain(
@@ -55,18 +49,16 @@ def pretrain(
     """Train an ``EpsMLP`` on the pretraining Gaussian; returns the frozen model and its loss per step."""
     model = EpsMLP(hidden=config.hidden, depth=config.depth)
     data = PRETRAIN.sample(config.n_data, generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)  # foreach: same numbers, faster
-    lr_schedule = cosine_schedule(optimizer, config.steps, warmup=config.steps // 20)
+    optimizer = Adam(model.parameters(), config.lr, config.steps, warmup=config.steps // 20)
     losses = []
     for _ in tqdm(range(config.steps), desc="pretrain", disable=not progress, leave=False):
         x0 = data[torch.randint(len(data), (config.batch,), generator=generator)]
         t, noise = draw_t_and_noise(config.batch, generator)
         err, _ = denoising_error(model, scheduler, x0, t, noise)
         loss = err.mean()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        lr_schedule.step()
         losses.append(loss.item())
     return model.requires_grad_(False).eval(), losses
 
@@ -124,8 +116,7 @@ def finetune(
     """Fine-tune a copy of ``reference`` with ``spec``; returns the frozen fine-tuned model and its history."""
     policy = copy.deepcopy(reference).requires_grad_(True).train()
     ctx = FineTuneContext(spec, policy, reference, scheduler, sampler, ddim, data, generator)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=spec.lr, foreach=True)  # foreach: same numbers, faster
-    lr_schedule = cosine_schedule(optimizer, spec.steps, warmup=max(1, spec.steps // 20))
+    optimizer = Adam(policy.parameters(), spec.lr, spec.steps, warmup=max(1, spec.steps // 20))
     cond = condition(spec.sample_condition, 1)
     curve_every = max(1, spec.steps // curve_points)
     history = History()
@@ -145,11 +136,10 @@ def finetune(
         if not torch.isfinite(out.loss):  # keep the last finite weights and report it, rather than stop the comparison
             history.diverged_at_step = step
             break
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         out.loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
         optimizer.step()
-        lr_schedule.step()
         history.record(step, out.metrics.get("loss", out.loss.item()), out.metrics)
     record_heldout(len(history.loss))
     return policy.requires_grad_(False).eval(), history
