@@ -394,3 +394,12 @@ def test_undecodable_items_are_counted_in_the_batch(tmp_path):
     dataset = data.PairDataset(data.load_pair_rows(str(write_parquet(tmp_path / "p.parquet", rows))), resolution=8)
     batch = data.collate_skip_none([dataset[i] for i in range(3)])
     assert batch["row_ids"] == [0, 2] and batch["n_undecodable"] == 1
+
+
+def test_data_benchmark_runs_and_reads_every_row(tmp_path):
+    """`python -m full.bench --data` on a tiny size: both readers see every row (figures, not timings, checked)."""
+    from full.data import bench
+
+    figures = bench.main(["--rows", "24", "--workdir", str(tmp_path), "--out", str(tmp_path / "f.json")])
+    assert [(f["n_rows"], f["mode"], f["rows"]) for f in figures] == [(24, "loader", 24), (24, "stream", 24)]
+    assert all(f["anon_mb"] > 0 and f["rows_per_s"] > 0 for f in figures) and (tmp_path / "f.json").is_file()

@@ -34,8 +34,8 @@ from pathlib import Path
 
 ROW_SIZES = (1000, 4000, 16000)
 # Arrow's own allocator (mimalloc) and glibc's heap keep the freed buffers of ~50 KB images for reuse, so a reader's
-# resident memory grows with the rows it has read although it holds one batch (measured: 370 MB -> 540 MB from 1k to
-# 4k rows). The system allocator for Arrow, and mmap for blocks >= 64 KB in glibc, hand them back: docs/scaling.md.
+# resident memory grows with the rows it has read although it holds one batch (`--allocator default` shows it). The
+# system allocator for Arrow, and mmap for blocks >= 64 KB in glibc, hand them back: docs/scaling.md.
 ALLOCATORS = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": "65536"}
 POOL = 64  # distinct JPEGs
 
@@ -103,10 +103,11 @@ def run_reader(mode: str, path: str) -> dict:
     from full.data.sources import iter_source, load_pair_rows
 
     torch.set_num_threads(1)
-    memory, start, rows, load_seconds = PeakMemory(), time.perf_counter(), 0, 0.0
+    memory, start, rows, load_seconds, load_memory = PeakMemory(), time.perf_counter(), 0, 0.0, {}
     if mode == "loader":
         dataset = PairDataset(load_pair_rows(path), resolution=256, random_flip=True)
         load_seconds = time.perf_counter() - start  # parquet -> Arrow cache, and the checking pass
+        load_memory, memory = memory.stop(), PeakMemory()  # the start-up and the iteration measured apart
         start = time.perf_counter()
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=collate_skip_none,
                                              generator=torch.Generator().manual_seed(0))
@@ -124,7 +125,7 @@ def run_reader(mode: str, path: str) -> dict:
             rows += 1
     seconds = time.perf_counter() - start
     return {"mode": mode, "rows": rows, "load_seconds": load_seconds, "seconds": seconds, "rows_per_s": rows / seconds,
-            **memory.stop()}
+            **memory.stop(), **{f"load_{k}": v for k, v in load_memory.items()}}
 
 
 def decode_rate(pool: list[bytes], rows: int = 500) -> float:
@@ -159,8 +160,8 @@ def main(argv=None) -> list[dict]:
     print(f"allocators: {ALLOCATORS if args.allocator == 'system' else 'defaults'}")
     print(f"JPEG pool: {POOL} images, mean {sum(map(len, pool)) / POOL / 1024:.1f} KB; decode only: "
           f"{decode_rate(pool):.0f} rows/s (2 JPEGs a row)")
-    print(f"{'rows':>6} {'reader':>7} {'load s':>7} {'rows/s':>8} {'peak anon MB':>13} {'peak rss MB':>12} "
-          f"{'parquet MB':>11}")
+    print(f"{'rows':>6} {'reader':>7} {'load s':>7} {'load anon MB':>13} {'rows/s':>8} {'peak anon MB':>13} "
+          f"{'peak rss MB':>12} {'parquet MB':>11}")
     figures = []
     for n in args.rows:
         path = write_pickapic(workdir / f"pickapic-{n}" / "train.parquet", n, pool)
@@ -169,7 +170,8 @@ def main(argv=None) -> list[dict]:
                                  env=env, capture_output=True, text=True, check=True)
             result = {"n_rows": n, "parquet_mb": path.stat().st_size / 2**20, **json.loads(out.stdout.splitlines()[-1])}
             figures.append(result)
-            print(f"{n:>6} {mode:>7} {result['load_seconds']:>7.1f} {result['rows_per_s']:>8.0f} {result['anon_mb']:>13.0f} "
+            print(f"{n:>6} {mode:>7} {result['load_seconds']:>7.1f} {result.get('load_anon_mb', 0):>13.0f} "
+                  f"{result['rows_per_s']:>8.0f} {result['anon_mb']:>13.0f} "
                   f"{result['rss_mb']:>12.0f} {result['parquet_mb']:>11.0f}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))

@@ -67,7 +67,7 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
         row_id = 0
         for file in _parquet_files(path, split):
             try:
-                parquet = pq.ParquetFile(file)
+                parquet = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps what it read: memory grows
             except Exception as error:  # not a parquet file, truncated footer, ...
                 raise ValueError(f"cannot read parquet file {file}: {error}") from error
             missing = [c for c in columns if c not in parquet.schema_arrow.names]
@@ -183,7 +183,7 @@ def open_table(dataset_name: str, split: str, columns: Sequence[str], max_rows: 
         files = _parquet_files(path, split)
         for file in files:  # the same one-line errors as the streaming reader, before `datasets` sees the files
             _check_parquet_columns(file, columns)
-        table = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        table = _convert_parquet(datasets, [str(f) for f in files])
     else:
         _check_hub_name(dataset_name)
         try:
@@ -201,6 +201,22 @@ def open_table(dataset_name: str, split: str, columns: Sequence[str], max_rows: 
     if max_rows is not None and max_rows < len(table):
         table = table.select(range(max_rows))  # a contiguous range: an index view, nothing copied
     return table
+
+
+def _convert_parquet(datasets, files: list[str]):
+    """Local parquet -> the `datasets` Arrow cache, a row group at a time. Without pre-buffering: Arrow's default
+    keeps every row group it pre-read until the file is done, so the conversion's memory would grow to a whole
+    parquet file (docs/scaling.md). `datasets` releases before 3.x have no `fragment_scan_options`: then the
+    conversion runs with the default (memory up to one file), and the rows afterwards are the same."""
+    import pyarrow.dataset
+
+    try:
+        options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+        return datasets.load_dataset("parquet", data_files=files, split="train", fragment_scan_options=options)
+    except ValueError as error:
+        if "fragment_scan_options" not in str(error):
+            raise
+        return datasets.load_dataset("parquet", data_files=files, split="train")
 
 
 def _check_parquet_columns(file: Path, columns: Sequence[str]) -> None:

@@ -23,6 +23,10 @@
 # accumulation by 8 (rounding up) so the effective batch stays the preset's; where the preset accumulates
 # fewer than 8 steps the effective batch grows, and the script says so. Extra flags win over the preset.
 set -euo pipefail
+# Flat host memory while reading images from Arrow: Arrow's system allocator and mmap for glibc blocks >= 64 KB
+# hand freed image buffers back to the OS (docs/scaling.md); a value already in the environment wins.
+export ARROW_DEFAULT_MEMORY_POOL="${ARROW_DEFAULT_MEMORY_POOL:-system}"
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
 
 if [[ $# -lt 3 ]]; then
   sed -n '2,11p' "$0" >&2

@@ -112,7 +112,7 @@ class TrainingRun:
             accelerator.init_trackers(args.tracker_project_name, config=config)
         checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
+            accelerator.load_state(str(checkpoint), **checkpoints.engine_state_kwargs(accelerator, saving=False))
             self.trained.after_load(self.unet)
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
         elif args.resume_from_checkpoint:
