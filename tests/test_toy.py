@@ -386,21 +386,24 @@ def test_conditioning_starts_as_the_null_condition():
         model(torch.randn(5, 3), t)
 
 
-def test_toy_adam_is_torch_adam_with_lambda_lr_bit_for_bit():
-    # toy/optim.py replaces torch.optim.Adam(foreach=True) + LambdaLR(warmup_cosine) and must give the same bits,
-    # a parameter that only sometimes has a gradient (the condition layer) included.
-    from toy.optim import Adam
+def test_toy_adam_and_clipping_are_torchs_bit_for_bit():
+    # toy/optim.py replaces torch.optim.Adam(foreach=True) + LambdaLR(warmup_cosine) and nn.utils.clip_grad_norm_
+    # and must give the same bits, a parameter that only sometimes has a gradient (the condition layer) included.
+    from toy.optim import Adam, clip_grad_norm
     from toy.train import cosine_schedule
 
-    def train(make_optimizer, lr=1e-2, steps=30, warmup=3):
+    def train(make_optimizer, lr=1e-2, steps=30, warmup=3, max_norm=1.0):
         torch.manual_seed(0)
         model, g = EpsMLP(hidden=16, depth=2), torch.Generator().manual_seed(1)
         optimizer, schedule = make_optimizer(model, lr, steps, warmup)
         for i in range(steps):
             x, t = torch.randn(64, 2, generator=g), torch.randint(0, 1000, (64,), generator=g)
             optimizer.zero_grad()
-            model(x, t, condition("good", 64) if i % 7 == 3 else None).pow(2).mean().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            model(x, t, condition("good", 64) if i % 7 == 3 else None).pow(2).sum().backward()  # norms above 1
+            if isinstance(optimizer, Adam):
+                clip_grad_norm(optimizer.params, max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
             if schedule is not None:
                 schedule.step()
@@ -410,12 +413,17 @@ def test_toy_adam_is_torch_adam_with_lambda_lr_bit_for_bit():
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
         return optimizer, cosine_schedule(optimizer, steps, warmup)  # LambdaLR(warmup_cosine), as the tutorials
 
+    def toys(model, lr, steps, warmup):
+        return Adam(model.parameters(), lr, steps, warmup), None
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a, b))
+
     expected = train(torchs)
-    ours = train(lambda model, lr, steps, warmup: (Adam(model.parameters(), lr, steps, warmup), None))
-    assert all(torch.equal(p, q) for p, q in zip(ours, expected))
-    # the comparison sees a difference as small as one more warmup step
-    off = train(lambda model, lr, steps, warmup: (Adam(model.parameters(), lr, steps, warmup + 1), None))
-    assert not all(torch.equal(p, q) for p, q in zip(off, expected))
+    assert same(train(toys), expected)
+    # the comparison sees a difference as small as one more warmup step, or clipping at 1.01 instead of 1
+    assert not same(train(lambda model, lr, steps, warmup: toys(model, lr, steps, warmup + 1)), expected)
+    assert not same(train(toys, max_norm=1.01), expected)
 
 
 def test_a_non_finite_loss_stops_that_method_and_is_reported():

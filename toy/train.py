@@ -20,7 +20,7 @@ from .data import PRETRAIN, PreferenceData
 from .evaluate import HeldOutPairs, implicit_accuracy
 from .methods import MethodSpec
 from .model import EpsMLP, condition, denoising_error, draw_t_and_noise
-from .optim import Adam, warmup_cosine
+from .optim import Adam, clip_grad_norm, warmup_cosine
 from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 
 
@@ -138,7 +138,7 @@ def finetune(
             break
         optimizer.zero_grad()
         out.loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
+        clip_grad_norm(optimizer.params, MAX_GRAD_NORM)
         optimizer.step()
         history.record(step, out.metrics.get("loss", out.loss.item()), out.metrics)
     record_heldout(len(history.loss))
