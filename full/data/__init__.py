@@ -1,12 +1,14 @@
 """Preference data for the full-scale trainers: where rows come from, how images become tensors, in what order.
 
-sources.py     read a parquet file / directory / Hub dataset into checked pair or feedback rows (bad rows named)
+tables.py      where rows come from: parquet file / directory / Hub dataset, streamed or as a memory-mapped table
+sources.py     checked pair or feedback rows (bad rows named), lazily over the table (`LazyRows`)
 rows.py        the rows one offline method trains on (pairs, or per-image feedback converted from pairs)
 images.py      decode, crop, flip: torch datasets of pairs and single images; `collate_skip_none`
 samplers.py    per-epoch orders that are the same on every process and after a resume
 embeddings.py  Diff-contrast's CLIP embeddings f(y, x)
 cache.py       precomputed latents and prompt embeddings (`python -m full.cache`, then `--cached_dir`)
 converters.py  other feedback -> the two schemas (`python -m full.data convert ...`, `... check`)
+bench.py       the data benchmark (`python -m full.bench --data`): memory and rows/s against the number of rows
 
 The names below are the public API; modules inside `full/` import from the files directly.
 """

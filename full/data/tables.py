@@ -1,0 +1,160 @@
+"""Where rows come from: a parquet file, a directory of parquet files (a Hub snapshot's layout), or a Hub dataset.
+
+`iter_source` streams rows in order (one Arrow batch of a local file at a time, or a Hub dataset with
+``streaming=True``); `open_table` gives the memory-mapped `datasets` table that the trainers index at random.
+Both fail with one line that names the file, the missing columns, or what to do when the Hub is unavailable.
+`full/data/sources.py` checks the rows these return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from full.paths import missing_local_path
+
+def _parquet_files(path: Path, split: str) -> list[Path]:
+    """The parquet files of a local source. A directory may be a Hub snapshot such as
+    ``pickapic_v2/data/{train,validation,test}-000NN-of-000MM.parquet``: when some files are named
+    or nested after ``split`` only those are used, otherwise every parquet file under it."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"dataset directory {path} contains no .parquet files")
+    in_split = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
+                or split in f.relative_to(path).parts[:-1]]
+    return in_split or files
+
+
+def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None
+                 ) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_id, row)`` with ``row`` restricted to ``columns``, streaming: one Arrow batch of a local file
+    in memory at a time, or a Hub dataset with ``streaming=True``. ``row_id`` is the row's position in the source
+    (files in sorted order), so a reported id can be looked up. The cache builder and the converters read this
+    way; the trainers index rows at random and use `open_table`."""
+    path = Path(dataset_name).expanduser()
+    if path.exists():
+        import pyarrow.parquet as pq
+
+        row_id = 0
+        for file in _parquet_files(path, split):
+            try:
+                parquet = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps what it read: memory grows
+            except Exception as error:  # not a parquet file, truncated footer, ...
+                raise ValueError(f"cannot read parquet file {file}: {error}") from error
+            missing = [c for c in columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{file} is missing column(s) {missing}; it has "
+                                 f"{parquet.schema_arrow.names}, expected {list(columns)}")
+            for batch in parquet.iter_batches(batch_size=256, columns=list(columns)):
+                for row in batch.to_pylist():
+                    if max_rows is not None and row_id >= max_rows:
+                        return
+                    yield row_id, row
+                    row_id += 1
+        return
+    _check_hub_name(dataset_name)
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(f"{dataset_name!r} is not a local path, and loading a Hub dataset needs the "
+                         "`datasets` package: pip install datasets") from error
+    # Streaming: rows arrive as the parquet shards download, nothing is kept (Pick-a-Pic v2 is hundreds of GB).
+    try:
+        hub = datasets.load_dataset(dataset_name, split=split, streaming=True)
+    except Exception as error:
+        raise ValueError(_hub_failure(dataset_name, split, error)) from error
+    names = list(hub.features) if hub.features is not None else None
+    if names is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
+                             f"{missing}; it has {names}")
+    hub = hub.select_columns(list(columns))
+    for column, feature in (hub.features or {}).items():
+        if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
+            hub = hub.cast_column(column, datasets.Image(decode=False))
+    for row_id, row in enumerate(hub):
+        if max_rows is not None and row_id >= max_rows:
+            return
+        yield row_id, row
+
+
+
+def open_table(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None):
+    """The source as a `datasets.Dataset`: Arrow, memory-mapped from disk, restricted to ``columns``.
+
+    A local parquet file or directory is converted once into the `datasets` cache (``HF_DATASETS_CACHE``, the size
+    of the parquet data; later runs reuse it); a Hub name is downloaded into the same cache. Images stay encoded
+    bytes (``Image(decode=False)``): the torch datasets decode them lazily, one item at a time.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(dataset_name).expanduser()
+    if path.exists():
+        files = _parquet_files(path, split)
+        for file in files:  # the same one-line errors as the streaming reader, before `datasets` sees the files
+            _check_parquet_columns(file, columns)
+        table = _convert_parquet(datasets, [str(f) for f in files])
+    else:
+        _check_hub_name(dataset_name)
+        try:
+            table = datasets.load_dataset(dataset_name, split=split)
+        except Exception as error:
+            raise ValueError(_hub_failure(dataset_name, split, error)) from error
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
+                             f"{missing}; it has {table.column_names}")
+    table = table.select_columns(list(columns))
+    for column, feature in table.features.items():
+        if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
+            table = table.cast_column(column, datasets.Image(decode=False))
+    if max_rows is not None and max_rows < len(table):
+        table = table.select(range(max_rows))  # a contiguous range: an index view, nothing copied
+    return table
+
+
+def _convert_parquet(datasets, files: list[str]):
+    """Local parquet -> the `datasets` Arrow cache, a row group at a time. Without pre-buffering: Arrow's default
+    keeps every row group it pre-read until the file is done, so the conversion's memory would grow to a whole
+    parquet file (docs/scaling.md). `datasets` releases before 3.x have no `fragment_scan_options`: then the
+    conversion runs with the default (memory up to one file), and the rows afterwards are the same."""
+    import pyarrow.dataset
+
+    try:
+        options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+        return datasets.load_dataset("parquet", data_files=files, split="train", fragment_scan_options=options)
+    except ValueError as error:
+        if "fragment_scan_options" not in str(error):
+            raise
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def _check_parquet_columns(file: Path, columns: Sequence[str]) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(file).names
+    except Exception as error:  # not a parquet file, truncated footer, ...
+        raise ValueError(f"cannot read parquet file {file}: {error}") from error
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{file} is missing column(s) {missing}; it has {names}, expected {list(columns)}")
+
+
+def _check_hub_name(dataset_name: str) -> None:
+    if missing_local_path(dataset_name) or "/" not in dataset_name:
+        raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
+                         "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
+
+
+def _hub_failure(dataset_name: str, split: str, error: Exception) -> str:
+    """No such repo / split, offline, gated, ...: one line that says what to do instead."""
+    return (f"{dataset_name!r} is neither a local path nor a loadable Hub dataset (split {split!r}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Download its parquet "
+            "files (e.g. `huggingface-cli download yuvalkirstain/pickapic_v2 --repo-type dataset --include "
+            "'data/train-*' --local-dir pickapic_v2`) and pass the directory: --dataset_name pickapic_v2/data")
