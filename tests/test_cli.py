@@ -148,9 +148,14 @@ def test_main_in_a_notebook_does_not_parse_the_kernel_arguments(capsys, monkeypa
 # ---------------------------------------------------------------------------- diffusers conventions
 
 
-def test_beta_dpo_is_twice_our_beta(capsys, tmp_path, caplog):
+def test_beta_dpo_follows_the_diffusers_script_of_the_family(capsys, tmp_path, caplog):
     args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "2500"))
-    assert args.beta == 5000.0 and "--beta_dpo 2500 (diffusers DPO convention) = --beta 5000" in caplog.text
+    offline.beta_from_beta_dpo(args, "sd15")  # train_diffusion_dpo.py: logsigmoid(beta_dpo * diff), no 1/2
+    assert args.beta == 5000.0 and "--beta_dpo 2500 (diffusers train_diffusion_dpo.py convention) = --beta 5000" \
+        in caplog.text
+    args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "5000"))
+    offline.beta_from_beta_dpo(args, "sdxl")  # train_diffusion_dpo_sdxl.py: -0.5 * beta_dpo * diff, as ours
+    assert args.beta == 5000.0
     err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "kto", "--beta_dpo", "1"))
     assert "for --method kto use --beta" in err
     err = parse_error(capsys, offline.parse_args,

@@ -60,7 +60,7 @@ def build_parser() -> cli.Parser:
     a("--preset", default=None, help="full/presets name (e.g. sd15-dpo) or .json: defaults for the flags")
     a("--beta", type=float, default=None, help="default: the default of the method's minipref function")
     a("--beta_dpo", type=float, default=None,
-      help="the diffusers DPO scripts' beta (no 1/2 in their loss): --beta_dpo B is --beta 2B here")
+      help="the diffusers DPO scripts' beta: --beta 2B here for SD1.5 (that script drops the 1/2), B for SDXL")
     a("--utility", choices=UTILITY_NAMES, default="kahneman_tversky", help="kto")
     a("--reference_point", choices=REFERENCE_POINTS, default="batch", help="kto")
     a("--lambda_d", type=float, default=1.0, help="kto: weight of desirable samples")
@@ -146,8 +146,7 @@ def parse_args(argv=None):
             parser.error(f"--beta_dpo is the diffusers DPO scripts' flag; for --method {args.method} use --beta")
         if any(flag == "--beta" or flag.startswith("--beta=") for flag in argv):
             parser.error("give --beta or --beta_dpo, not both")
-        args.beta = 2 * args.beta_dpo  # their loss has no 1/2: logsigmoid(beta_dpo * diff) (docs/conventions.md)
-        logger.warning("--beta_dpo %g (diffusers DPO convention) = --beta %g here", args.beta_dpo, args.beta)
+        # The factor depends on the family, so `train` resolves it once the model is known (beta_from_beta_dpo).
     cli.check_positive(parser, args, ("beta", "tau", "lambda_d", "lambda_u", "dspo_threshold"))
     if args.dspo_threshold is not None and not (args.method == "dspo" and args.dspo_variant == "dspo_sdxl"):
         parser.error("--dspo_threshold applies to --method dspo --dspo_variant dspo_sdxl only")
@@ -168,6 +167,20 @@ def parse_args(argv=None):
     if args.method == "contrast" and not (args.cached_dir or args.clip_model_name_or_path or args.embedding_column):
         parser.error("--method contrast needs --clip_model_name_or_path or --embedding_column (the f(y, x) embeddings)")
     return args
+
+
+# diffusers' train_diffusion_dpo.py (SD1.5) has no 1/2 in its loss, logsigmoid(beta_dpo * diff): our beta is 2x;
+# train_diffusion_dpo_sdxl.py keeps it, -0.5 * beta_dpo * diff: our beta is the same (docs/conventions.md).
+BETA_DPO_FACTOR = {"sd15": 2.0, "sdxl": 1.0}
+
+
+def beta_from_beta_dpo(args, family: str) -> None:
+    """`--beta_dpo B` as the diffusers DPO script of this model family means it, in minipref's convention."""
+    if args.beta_dpo is None:
+        return
+    args.beta = BETA_DPO_FACTOR[family] * args.beta_dpo
+    script = "train_diffusion_dpo.py" if family == "sd15" else "train_diffusion_dpo_sdxl.py"
+    logger.warning("--beta_dpo %g (diffusers %s convention) = --beta %g here", args.beta_dpo, script, args.beta)
 
 
 def method_beta(args) -> float | None:
@@ -323,6 +336,7 @@ def train(args) -> dict:
     # Cheap checks first: a wrong model or bad data fails before minutes of loading.
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     cli.check_model_family(args, family)
+    beta_from_beta_dpo(args, family)
     if args.cached_dir:
         meta = read_cache_meta(args.cached_dir)
         if meta["family"] != family:
