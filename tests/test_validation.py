@@ -267,3 +267,21 @@ def test_integer_zero_one_labels_mean_the_same_as_booleans(fn):
     as_bool, as_int = torch.tensor([True, False, True]), torch.tensor([1, 0, 1])
     torch.testing.assert_close(loss(as_int), loss(as_bool), rtol=0, atol=0)
     assert float(loss(~as_bool)) != float(loss(as_bool))  # the labels really change the loss
+
+
+@pytest.mark.parametrize("std_shape,fits", [((), True), ((4, 1), True), ((1, 3), True), ((4, 3), True), ((3,), True),
+                                            ((4,), False), ((2, 3), False), ((4, 3, 1), False), ((1, 4, 3), False)])
+def test_gaussian_std_must_broadcast_to_the_sample(std_shape, fits):
+    """The hand-written broadcast check agrees with torch.broadcast_shapes(std, sample) == sample.shape."""
+    sample = torch.zeros(4, 3, dtype=F64)
+    std = torch.full(std_shape, 0.5, dtype=F64)
+    try:
+        expected = torch.broadcast_shapes(std.shape, sample.shape) == sample.shape
+    except RuntimeError:
+        expected = False
+    assert expected == fits
+    if fits:
+        assert gaussian_step_log_prob(sample, sample, std).shape == (4,)
+    else:
+        with pytest.raises(ValueError, match="does not broadcast"):
+            gaussian_step_log_prob(sample, sample, std)
