@@ -44,13 +44,16 @@ def load_pipeline(model_dir, lora_dir=None):
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, batch_size: int = 64):
-    """One PIL image per (prompt, seed), each from its own `torch.Generator(seed)`."""
+def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, batch_size: int = 64,
+                  log=None):
+    """One PIL image per (prompt, seed), each from its own `torch.Generator(seed)`; `log` hears every ~10%."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
         images += pipe(prompts[chunk], generator=generators, num_inference_steps=steps, guidance_scale=guidance).images
+        if log is not None and (len(images) == len(prompts) or start // batch_size % 4 == 3):
+            log(f"sampled {len(images)}/{len(prompts)} base images")
     return images
 
 
@@ -109,7 +112,7 @@ def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: 
     prompts = [c for c in TRAIN_CAPTIONS for _ in range(images_per_caption)]
     # seeds from 10000 on: the evaluation draws seeds 0.., so no evaluated image is a training image
     seeds = [seed + i for i in range(len(prompts))]
-    images = sample_images(pipe, prompts, seeds, steps=steps, guidance=guidance)
+    images = sample_images(pipe, prompts, seeds, steps=steps, guidance=guidance, log=log)
     scores = rater_lib.Rater().score(images, prompts)
     first, second = slice(0, None, 2), slice(1, None, 2)  # consecutive samples of one caption
     label_0 = rater_lib.label_pairs(scores[first], scores[second], tie_rate=tie_rate, label_noise=label_noise,
