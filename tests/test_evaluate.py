@@ -413,3 +413,56 @@ def test_a_scorer_that_cannot_load_stops_before_generation(tmp_path, tiny_sd15):
                        "--seeds", "1", "--steps", "1", "--device", "cpu", "--scorers", "pickscore",
                        "--pickscore-model", str(tmp_path / "no_such_model")])
     assert not (out / "manifest.jsonl").exists() and not (out / "images").exists()
+
+
+# ---------------------------------------------------------------------------- your own reward: module.path:ClassName
+
+
+class Brightness:
+    """A user's reward, as a user would write it: keyword options only and score(images, prompts)."""
+
+    def __init__(self, channel: int = 0):
+        self.channel = channel
+
+    def score(self, images, prompts):
+        return [float(np.asarray(image, dtype=float)[..., self.channel].mean()) for image in images]
+
+
+class NotAScorer:
+    pass
+
+
+def test_a_scorer_named_module_colon_class_scores_like_a_builtin(tmp_path):
+    name = f"{__name__}:Brightness"
+    scorer = scorers.build_scorer(name)
+    images = [Image.new("RGB", (8, 8), (10, 0, 0)), Image.new("RGB", (8, 8), (200, 0, 0))]
+    assert scorer.score(images, ["a", "b"]) == [10.0, 200.0]
+    # Through full.evaluate's score and report stages, on a manifest of two "models".
+    rows = []
+    for model, red in (("base", 10), ("tuned", 200)):
+        for prompt_id in ("p0", "p1", "p2"):
+            path = f"{model}_{prompt_id}.png"
+            Image.new("RGB", (8, 8), (red, 0, 0)).save(tmp_path / path)
+            rows.append({"model": model, "prompt_id": prompt_id, "prompt": "x", "seed": 0, "path": path})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate.score_manifest(tmp_path, [name], {})
+    scored = evaluate.read_jsonl(tmp_path / "scores.jsonl")
+    assert {(r["model"], r["score"]) for r in scored} == {("base", 10.0), ("tuned", 200.0)}
+    assert all(r["scorer"] == name for r in scored)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("no_such_module_xyz:Reward", "cannot import module 'no_such_module_xyz'"),
+    (f"{__name__}:NoSuchReward", "has no class or function 'NoSuchReward'"),
+    (f"{__name__}:NotAScorer", None),
+    ("hps", "unknown scorer 'hps'; valid scorers: pickscore"),
+])
+def test_a_bad_scorer_name_is_one_clear_error_before_anything_is_generated(name, message, tmp_path):
+    if message is None:  # importable and callable, but what it builds has no score(): refused when built
+        with pytest.raises(ValueError, match="has no score"):
+            scorers.build_scorer(name)
+        return
+    with pytest.raises(ValueError, match=message):
+        scorers.scorer_factory(name)
+    with pytest.raises(SystemExit, match="scorer"):  # the CLI stops with one line, no manifest needed
+        evaluate.main(["--out", str(tmp_path), "--stages", "score", "--scorers", name])

@@ -208,7 +208,7 @@ def build_parser() -> cli.Parser:
                    help="auto: float16 on cuda, float32 on cpu")
     g.add_argument("--no_safety_checker", "--no-safety-checker", action="store_true", help="drop the SD safety checker (it blacks out flagged images)")
     s = p.add_argument_group("scoring")
-    s.add_argument("--scorers", default="pickscore,clip", help=f"comma-separated subset of {','.join(scorers.SCORERS)}")
+    s.add_argument("--scorers", default="pickscore,clip", help=f"comma-separated: {','.join(scorers.SCORERS)}, or module.path:ClassName (your own reward)")
     s.add_argument("--pickscore_model", "--pickscore-model", default=scorers.PICKSCORE_MODEL)
     s.add_argument("--pickscore_processor", "--pickscore-processor", default=scorers.PICKSCORE_PROCESSOR,
                    help="processor (tokenizer + image transform); a local model dir's own processor is used if present")
@@ -235,8 +235,7 @@ def scorer_options(args, device: str) -> tuple[list[str], dict]:
     """The --scorers names (checked) and each scorer's build options."""
     names = [n.strip() for n in args.scorers.split(",") if n.strip()]
     for name in names:
-        if name not in scorers.SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(scorers.SCORERS)}")
+        scorers.scorer_factory(name)  # a typo or an unimportable module:Class stops here, before any generation
     common = {"device": device}
     options = {"pickscore": {"model": args.pickscore_model, "processor": args.pickscore_processor, **common},
                "clip": {"model": args.clip_model, **common},

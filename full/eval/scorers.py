@@ -32,6 +32,7 @@ Scorers run under `torch.no_grad()` in float32 by default so that scores do not 
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Sequence
 
@@ -262,12 +263,36 @@ SCORERS: dict[str, Callable[..., object]] = {
 }
 
 
+def scorer_factory(name: str) -> Callable[..., object]:
+    """A built-in name, or `module.path:ClassName`: the extension point for your own reward.
+
+    Any importable class (or function) built with keyword options only, whose instances have
+    `score(images: list[PIL.Image], prompts: list[str]) -> list[float]` (higher is better), scores like the
+    built-ins: `full.evaluate --scorers pickscore,my_rewards.jpeg:Compressibility` (docs/evaluation.md). Its
+    name in scores.jsonl and the report is the string given here."""
+    if name in SCORERS:
+        return SCORERS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(SCORERS)}, or module.path:ClassName "
+                         "for your own")
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"scorer {name!r}: cannot import module {module_name!r} ({error})") from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"scorer {name!r}: module {module_name!r} has no class or function {attribute!r}")
+    return factory
+
+
 def build_scorer(name: str, **options):
-    """`build_scorer("pickscore", model=..., device=...)`; unknown names raise ValueError listing the valid ones,
-    optional packages that are missing raise ScorerUnavailable."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; valid scorers: {', '.join(SCORERS)}")
-    return SCORERS[name](**options)
+    """`build_scorer("pickscore", model=..., device=...)` or `build_scorer("my.module:MyReward")`; unknown names
+    raise ValueError listing the valid ones, optional packages that are missing raise ScorerUnavailable."""
+    scorer = scorer_factory(name)(**options)
+    if not callable(getattr(scorer, "score", None)):
+        raise ValueError(f"scorer {name!r} has no score(images, prompts) method")
+    return scorer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,11 +29,9 @@ from full.lab import preferences, rater
 from full.lab.presets import FAMILIES, LabConfig
 from full.lab.shapes import HELD_OUT_CAPTIONS
 
-# The lab's two scorers, as full.evaluate names them (`--scorers module:Class`). While full.evaluate cannot load
-# them by name yet, the lab scores the manifest's images with the same classes and writes scores.jsonl itself
-# (`score_manifest`); when it can, set SCORE_THROUGH_EVALUATE = True and nothing else changes.
+# The lab's two scorers, as full.evaluate names them: `--scorers module.path:ClassName` is its extension point for
+# any reward a user writes (full/eval/scorers.py, `scorer_factory`).
 SCORERS = {"rater": "full.lab.rater:Rater", "fidelity": "full.lab.rater:Fidelity"}
-SCORE_THROUGH_EVALUATE = False
 
 
 class Progress:
@@ -142,26 +140,7 @@ def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict) -> dict:
               "--seeds", str(lab.eval_seeds), "--steps", str(lab.sample_steps), "--guidance", str(lab.guidance),
               "--batch_size", "64", "--device", "cpu", "--grid_prompts", "0"]
     common += [arg for name, entry in trained.items() for arg in ("--lora", f"{name}={entry['lora']}")]
-    if SCORE_THROUGH_EVALUATE:
-        return evaluate_entry.main(common + ["--scorers", ",".join(SCORERS.values())])
-    evaluate_entry.main(common + ["--stages", "generate"])
-    score_manifest(eval_dir)
-    return evaluate_entry.main(common + ["--stages", "report"])
-
-
-def score_manifest(eval_dir: Path) -> None:
-    """What `full.evaluate --stages score --scorers full.lab.rater:Rater,...` will do: one row per image and scorer."""
-    from PIL import Image
-
-    manifest = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    images = [Image.open(eval_dir / row["path"]).convert("RGB") for row in manifest]
-    prompts = [row["prompt"] for row in manifest]
-    rows = []
-    for name, scorer in (("rater", rater.Rater()), ("fidelity", rater.Fidelity())):
-        for row, value in zip(manifest, scorer.score(images, prompts)):
-            rows.append({"model": row["model"], "prompt_id": row["prompt_id"], "seed": row["seed"],
-                         "scorer": SCORERS[name], "score": float(value)})
-    (eval_dir / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return evaluate_entry.main(common + ["--scorers", ",".join(SCORERS.values())])
 
 
 def lab_results(summary: dict, trained: dict, base_name: str = "base") -> dict:
