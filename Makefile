@@ -9,8 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TOY_OUT ?= runs/toy
+LAB_OUT ?= runs/lab
 
-.PHONY: test toy toy-quick bench clean
+.PHONY: test toy toy-quick toy-sweep lab lab-quick bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,17 @@ toy: $(VENV)/.toy-installed
 
 toy-quick: $(VENV)/.toy-installed
 	$(PY) -m toy --out $(TOY_OUT)-quick --quick
+
+# The claims map of docs/toy.md: one hyperparameter at a time, 3 seeds (minutes on 2 cores).
+toy-sweep: $(VENV)/.toy-installed
+	$(PY) -m toy.sweep --out runs/sweep
+
+# The CPU image lab (docs/lab.md): every objective through the real full/ entry points on a tiny pretrained model.
+lab: $(VENV)/.all-installed
+	$(PY) -m full.lab --out $(LAB_OUT)
+
+lab-quick: $(VENV)/.all-installed
+	$(PY) -m full.lab --out $(LAB_OUT)-quick --quick
 
 test: $(VENV)/.all-installed
 	$(PY) -m pytest -n 2 tests

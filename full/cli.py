@@ -199,10 +199,3 @@ def check_model_family(args, family: str) -> None:
 def quiet_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-
-def toy_console() -> int:
-    """`minipref-toy`: `python -m toy` as a console script (toy.cli.main returns its results, not an exit code)."""
-    from toy.cli import main
-
-    main()
-    return 0

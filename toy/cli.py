@@ -144,3 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     print((args.out / "metrics.md").read_text())
     print(f"wrote {args.out}/samples.png, samples_all.png, curves.png, metrics.json, metrics.md", file=sys.stderr)
     return output
+
+
+def console() -> int:
+    """`minipref-toy`: `python -m toy` as a console script (main returns its results, a console script an exit code)."""
+    main()
+    return 0
