@@ -268,3 +268,13 @@ def test_evaluate_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
         evaluate.main(["--out", str(tmp_path), "--stages", "paint"])
     with pytest.raises(ValueError, match="--stages: unknown"):
         evaluate.main(["--out", str(tmp_path), "--stages", "paint", "--debug"])
+
+
+def test_progress_bars_respect_tqdm_disable_and_show_on_the_main_process_only(monkeypatch):
+    from full.progress import progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert progress_bar(range(3), main_process=True).disable is False
+    assert progress_bar(range(3), main_process=False).disable is True
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # a notebook, a log file, the tutorials
+    assert progress_bar(range(3), main_process=True).disable is True

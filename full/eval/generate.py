@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from full.progress import progress_bar
 
 PROMPT_SETS_DIR = Path(__file__).resolve().parent / "prompts"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -227,7 +227,7 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
     total = sum(len(j) for j in jobs.values())
     made = 0
     with manifest_path.open("a", encoding="utf-8") as manifest, \
-            tqdm(total=total, desc="generate", unit="img", disable=process_index != 0) as bar:
+            progress_bar(total=total, desc="generate", unit="img", main_process=process_index == 0) as bar:
         for model in models:
             if not jobs[model.name]:
                 continue

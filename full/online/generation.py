@@ -112,7 +112,7 @@ def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir
     iteration skips the shards that exist (and refuses a cache made with other settings or another opponent).
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from full.progress import progress_bar
 
     directory = output_dir / CACHE_DIR / f"iteration-{iteration}"
     settings = generation_settings(args, rows, iteration, output_dir)
@@ -135,7 +135,8 @@ def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir
     todo = [(j, chunk) for j, chunk in mine if not (directory / f"shard-{j:06d}.safetensors").is_file()]
     device = accelerator.device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    bar = tqdm(todo, desc=f"opponent samples, iteration {iteration}", disable=not accelerator.is_main_process)
+    bar = progress_bar(todo, desc=f"opponent samples, iteration {iteration}",
+                       main_process=accelerator.is_main_process)
     for j, chunk in bar:
         generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + iteration) * 1_000_033 + j)
         with playing_opponent(pipe.unet, iteration), autocast:

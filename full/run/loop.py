@@ -87,7 +87,7 @@ class TrainingRun:
 
     def __init__(self, args, accelerator, parts, family: str | None, weight_dtype, *, loader=None, desc: str = "",
                  trained=None):
-        from tqdm.auto import tqdm
+        from full.progress import progress_bar
 
         self.args, self.accelerator, self.parts, self.family = args, accelerator, parts, family
         self.weight_dtype, self.output_dir = weight_dtype, Path(args.output_dir)
@@ -121,8 +121,8 @@ class TrainingRun:
         self.window: list[dict] = []  # metrics of the micro-batches of the current optimizer step
         self.logs: dict[str, float] = {}
         self.history: list[dict] = []
-        self.bar = tqdm(total=args.max_train_steps or None, initial=self.progress.global_step,
-                        desc=desc or f"{args.method} ({family})", disable=not accelerator.is_main_process)
+        self.bar = progress_bar(total=args.max_train_steps or None, initial=self.progress.global_step,
+                                desc=desc or f"{args.method} ({family})", main_process=accelerator.is_main_process)
         TrainingRun.current = self
 
     @property
