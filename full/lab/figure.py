@@ -53,12 +53,14 @@ def lab_figure(eval_dir: Path, results: dict, path: Path, n_prompts: int = 9) ->
     high = np.array([results["methods"][m]["ci"][1] for m in methods])
     colours = ["tab:green" if lo > 0.5 else "tab:red" if hi < 0.5 else "tab:gray" for lo, hi in zip(low, high)]
     ax.barh(y, rates, color=colours, alpha=0.8)
-    ax.errorbar(rates, y, xerr=[rates - low, high - rates], fmt="none", ecolor="black", capsize=2, lw=1)
+    # the point marks the win rate too, so a rate of 0 (a bar of no width) is still seen
+    ax.errorbar(rates, y, xerr=[rates - low, high - rates], fmt="o", color="black", ms=3, capsize=2, lw=1)
     ax.axvline(0.5, color="black", lw=0.8, ls="--")
     for yi, m in zip(y, methods):
-        ax.text(1.02, yi, f"fid. {results['methods'][m]['fidelity']:.2f}", va="center", fontsize=7)
+        ax.text(1.02, yi, f"{results['methods'][m]['win_rate']:.2f}, fid. {results['methods'][m]['fidelity']:.2f}",
+                va="center", fontsize=7)
     ax.set_yticks(y, methods, fontsize=8)
-    ax.set_xlim(0, 1)
+    ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("win rate over base (rater: larger shape), 95% CI")
     ax.set_title(f"base fidelity {results['base']['fidelity']:.2f}", fontsize=9)
     path = Path(path)
