@@ -14,10 +14,7 @@ import numpy as np
 
 
 def lab_figure(eval_dir: Path, results: dict, path: Path, n_prompts: int = 9) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switch, safe inside a user's notebook
     from PIL import Image
 
     rows = [json.loads(line) for line in (Path(eval_dir) / "manifest.jsonl").read_text().splitlines() if line.strip()]
@@ -27,7 +24,7 @@ def lab_figure(eval_dir: Path, results: dict, path: Path, n_prompts: int = 9) ->
     names = ["base", *results["methods"]]
     where = {(r["model"], r["prompt_id"]): r["path"] for r in rows if r["seed"] == seed}
 
-    fig = plt.figure(figsize=(4 + 0.9 * len(prompt_ids) + 5, 0.75 * len(names) + 1.5))
+    fig = Figure(figsize=(4 + 0.9 * len(prompt_ids) + 5, 0.75 * len(names) + 1.5))
     grid = fig.add_gridspec(1, 2, width_ratios=[0.9 * len(prompt_ids), 5], wspace=0.2)
     ax = fig.add_subplot(grid[0])
     # one mosaic of 32 px tiles with a 2 px white gutter
@@ -65,5 +62,4 @@ def lab_figure(eval_dir: Path, results: dict, path: Path, n_prompts: int = 9) ->
     ax.set_title(f"base fidelity {results['base']['fidelity']:.2f}", fontsize=9)
     path = Path(path)
     fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
     return path
