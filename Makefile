@@ -47,7 +47,7 @@ lab-quick: $(VENV)/.all-installed
 	$(PY) -m full.lab --out $(LAB_OUT)-quick --quick
 
 test: $(VENV)/.all-installed
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 bench: $(VENV)/.all-installed
 	$(PY) -m toy.bench

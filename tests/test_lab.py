@@ -145,6 +145,9 @@ def quick_lab(tmp_path_factory):
     return out, run_lab(out, QUICK, launcher="inprocess", quiet=True)
 
 
+# Both tests read one quick lab: the group keeps them on one xdist worker (`--dist loadgroup`, Makefile), so the
+# module fixture runs once instead of once per worker.
+@pytest.mark.xdist_group("quick_lab")
 def test_quick_lab_dpo_and_sft_raise_the_reward_and_swapped_pairs_lower_it(quick_lab):
     out, results = quick_lab
     base = results["base"]["mean_score"]
@@ -155,6 +158,7 @@ def test_quick_lab_dpo_and_sft_raise_the_reward_and_swapped_pairs_lower_it(quick
     assert json.loads((out / "results.json").read_text())["methods"].keys() == methods.keys()
 
 
+@pytest.mark.xdist_group("quick_lab")
 def test_quick_lab_every_method_writes_a_lora_that_evaluate_loads(quick_lab):
     from full.lab.methods import all_methods
 
