@@ -38,10 +38,8 @@ QUICK = os.environ.get("MINIPREF_QUICK", "") not in ("", "0") or "--quick" in sy
 OUT = Path(os.environ.get("MINIPREF_TUTORIAL_OUT") or TUTORIALS / "out")
 OUT.mkdir(parents=True, exist_ok=True)
 
-import matplotlib  # noqa: E402
-
-if not IN_NOTEBOOK:
-    matplotlib.use("Agg")  # headless: figures go to files
+if not IN_NOTEBOOK:  # run as a script, headless: figures go to files (a backend the user set is kept)
+    os.environ.setdefault("MPLBACKEND", "Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
