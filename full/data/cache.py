@@ -195,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_cache(argv=None) -> Path:
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from full.progress import progress_bar
 
     from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
     from full.data.rows import data_kind_for, load_training_rows
@@ -242,7 +242,7 @@ def build_cache(argv=None) -> Path:
         save_file({"prompt_embeds": empty.hidden[0].to(store_dtype).cpu().contiguous(),
                    **({"pooled": empty.pooled[0].to(store_dtype).cpu()} if empty.pooled is not None else {})},
                   str(tmp / EMPTY_NAME))
-        for batch in tqdm(loader, desc="caching latents and prompts", unit="batch"):
+        for batch in progress_bar(loader, desc="caching latents and prompts", unit="batch"):
             if batch is None:
                 continue
             if embeddings is not None:  # keep only the items CLIP could read

@@ -60,11 +60,11 @@ def compute_pair_embeddings(rows: Sequence[dict], clip_model: str, device="cpu",
                             ) -> dict[int, Tensor]:
     """`{row_id: [f(winner, caption), f(loser, caption)]}` (2, E) for pair rows of `full.data.load_pair_rows`.
     A row whose image does not decode is reported and left out (its training item is dropped anyway)."""
-    from tqdm.auto import tqdm
+    from full.progress import progress_bar
 
     encoder = ClipPairEncoder(clip_model, device=device)
     out: dict[int, Tensor] = {}
-    for start in tqdm(range(0, len(rows), batch_size), desc="CLIP embeddings", unit="batch"):
+    for start in progress_bar(range(0, len(rows), batch_size), desc="CLIP embeddings", unit="batch"):
         images, captions, ids = [], [], []
         for row in rows[start : start + batch_size]:
             try:

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
+from full.progress import progress_bar
 
 from full import cli
 from full.eval import plots as eval_plots
@@ -67,7 +67,7 @@ def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, bat
             print(f"skipping scorer {name}: {error}", file=sys.stderr)
             skipped[name] = str(error)
             continue
-        for start in tqdm(range(0, len(rows), batch_size), desc=f"score {name}", unit="batch"):
+        for start in progress_bar(range(0, len(rows), batch_size), desc=f"score {name}", unit="batch"):
             batch = rows[start:start + batch_size]
             images = []
             for r in batch:
