@@ -1,7 +1,8 @@
 """Session-scoped fixtures: the tiny offline models and datasets of `tests/tiny_models.py`, built once per worker.
 
 Fixtures: `tiny_sd15`, `tiny_sdxl`, `tiny_clip` (directories, str), `pickapic_parquet` (16 pairs, 32 px,
-2 ties at the end), `feedback_parquet` (16 rows, half desirable). Each is built lazily on first use.
+2 ties at the end), `feedback_parquet` (16 rows, half desirable), `quick_lab` (the quick CPU image lab: out dir,
+results). Each is built lazily on first use.
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ def pickapic_parquet(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def feedback_parquet(tmp_path_factory) -> str:
     return tiny_models.make_feedback_parquet(tmp_path_factory.mktemp("feedback") / "train.parquet", 16, 32)
+
+
+@pytest.fixture(scope="session")
+def quick_lab(tmp_path_factory):
+    """The quick CPU image lab (full/lab, `python -m full.lab --quick`), run once per worker: (out_dir, results).
+
+    out_dir/model is its pretrained diffusers pipeline (StableDiffusionPipeline.save_pretrained), out_dir/data its
+    preference parquet files. Mark every test that uses it `@pytest.mark.xdist_group("quick_lab")`, so the suite
+    builds it on one worker only (minutes on 2 cores).
+    """
+    from full.lab.presets import QUICK
+    from full.lab.run import run_lab
+
+    out = tmp_path_factory.mktemp("lab")
+    return out, run_lab(out, QUICK, launcher="inprocess", quiet=True)
 
 
 def train_argv(model: str, dataset: str | None, output_dir, method: str, *extra: str, cached_dir: str | None = None,

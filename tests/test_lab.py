@@ -136,17 +136,8 @@ def test_lab_cli_names_an_unknown_method_in_one_line(capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def quick_lab(tmp_path_factory):
-    from full.lab.presets import QUICK
-    from full.lab.run import run_lab
-
-    out = tmp_path_factory.mktemp("lab")
-    return out, run_lab(out, QUICK, launcher="inprocess", quiet=True)
-
-
-# Both tests read one quick lab: the group keeps them on one xdist worker (`--dist loadgroup`, Makefile), so the
-# module fixture runs once instead of once per worker.
+# Both tests read one quick lab (the session fixture `quick_lab`, tests/conftest.py): the group keeps them on one
+# xdist worker (`--dist loadgroup`, Makefile), so it is built once instead of once per worker.
 @pytest.mark.xdist_group("quick_lab")
 def test_quick_lab_dpo_and_sft_raise_the_reward_and_swapped_pairs_lower_it(quick_lab):
     out, results = quick_lab
