@@ -60,7 +60,7 @@ def test_ties_dropped_and_counted_unless_kept(tmp_path, caplog):
 def test_missing_column_names_the_column_and_file(tmp_path):
     rows = [{k: v for k, v in row.items() if k != "label_0"} for row in pickapic_rows([1, 0])]
     path = write_parquet(tmp_path / "no_label.parquet", rows)
-    with pytest.raises(ValueError, match=r"no_label\.parquet is missing column\(s\) \['label_0'\]"):
+    with pytest.raises(ValueError, match=r"no_label\.parquet is missing column\(s\): 'label_0' \(the default of --label_column\); it has \["):
         data.load_pair_rows(str(path))
 
 
@@ -245,7 +245,7 @@ def test_feedback_rows_and_dataset(tmp_path, caplog):
 
 def test_feedback_missing_column_and_nothing_usable(tmp_path):
     rows = [{"image": jpeg_bytes(), "caption": "c", "desirable": 1}]
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['label'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\): 'label' \(the default of --label_column\)"):
         data.load_feedback_rows(str(write_parquet(tmp_path / "a.parquet", rows)))
     with pytest.raises(ValueError, match="no usable rows"):
         data.load_feedback_rows(str(write_parquet(tmp_path / "b.parquet", feedback_table([3, -1]))))

@@ -67,13 +67,13 @@ class _ImageRowsDataset(torch.utils.data.Dataset):
 
     image_keys: tuple[str, ...] = ()
 
-    def __init__(self, rows: Sequence[dict], resolution: int, center_crop: bool = True,
+    def __init__(self, rows: Sequence[dict] | None, resolution: int, center_crop: bool = True,
                  random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0):
         if not isinstance(resolution, int) or resolution <= 0:
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if len(rows) == 0:
+        if rows is not None and len(rows) == 0:  # None: a stream's rows come to `prepare` one at a time
             raise ValueError("rows is empty: load them with load_pair_rows / load_feedback_rows")
         self.rows, self.resolution = rows, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -87,9 +87,12 @@ class _ImageRowsDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def _item(self, index: int) -> dict | None:
-        row = self.rows[index]
+        return self.prepare(self.rows[index], index)
+
+    def prepare(self, row: dict, key: int) -> dict | None:
+        """Decode and augment one row; ``key`` (the index, or in a stream the row id) seeds its draws."""
         # One generator per item: reproducible whatever the worker count or the order of access.
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + key)
         caption = "" if rng.random() < self.caption_dropout else row["caption"]
         flip = self.random_flip and rng.random() < 0.5
         crop_fraction = None if self.center_crop else (rng.random(), rng.random())
@@ -126,9 +129,12 @@ class FeedbackDataset(_ImageRowsDataset):
     image_keys = ("image",)
 
     def __getitem__(self, index: int) -> dict | None:
-        item = self._item(index)
+        return self.prepare(self.rows[index], index)
+
+    def prepare(self, row: dict, key: int) -> dict | None:
+        item = super().prepare(row, key)
         if item is not None:
-            item["desirable"] = bool(self.rows[index]["desirable"])
+            item["desirable"] = bool(row["desirable"])
         return item
 
 

@@ -4,6 +4,7 @@ pairs per image as Diffusion-KTO does with Pick-a-Pic, paper 001 App. C.1)."""
 from __future__ import annotations
 
 import minipref
+from full.data.columns import columns_from_args
 from full.data.converters import FEEDBACK_POLICIES, image_key
 from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, LazyRows, as_image_bytes, detect_format,
                                load_feedback_rows, load_pair_rows)
@@ -14,19 +15,29 @@ def data_kind_for(method: str) -> str:
     return "pairs" if minipref.get_objective(method).data == "paired" else "feedback"
 
 
+def source_format(args) -> str:
+    """"pairs" or "feedback": ``--data_format``, or what the source's columns say (`detect_format`)."""
+    if args.data_format != "auto":
+        return args.data_format
+    pairs, feedback = columns_from_args(args, "pairs"), columns_from_args(args, "feedback")
+    return detect_format(args.dataset_name, (pairs["jpg_0"], pairs["jpg_1"]), feedback["image"])
+
+
 def load_training_rows(args, kind: str) -> list[dict]:
     """Rows for `PairDataset` (kind "pairs") or `FeedbackDataset` (kind "feedback")."""
-    fmt = detect_format(args.dataset_name) if args.data_format == "auto" else args.data_format
-    split, limit = args.dataset_split_name, args.max_train_samples
+    fmt, split, limit = source_format(args), args.dataset_split_name, args.max_train_samples
+    pair_columns, feedback_columns = columns_from_args(args, "pairs"), columns_from_args(args, "feedback")
     if kind == "pairs":
         if fmt == "feedback":
             raise ValueError(f"--method {args.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
                              f"{args.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
-        return load_pair_rows(args.dataset_name, split, keep_ties=args.keep_ties, max_rows=limit)
+        return load_pair_rows(args.dataset_name, split, keep_ties=args.keep_ties, max_rows=limit,
+                              columns=pair_columns)
     if fmt == "feedback":
-        rows = load_feedback_rows(args.dataset_name, split, max_rows=limit)
+        rows = load_feedback_rows(args.dataset_name, split, max_rows=limit, columns=feedback_columns)
     else:  # per-image labels from comparisons, as Diffusion-KTO does with Pick-a-Pic (paper 001, App. C.1)
-        rows = pairs_as_feedback(load_pair_rows(args.dataset_name, split, max_rows=limit), args.feedback_policy)
+        rows = pairs_as_feedback(load_pair_rows(args.dataset_name, split, max_rows=limit, columns=pair_columns),
+                                 args.feedback_policy)
     if args.method == "sft":  # SFT only ever looks at desirable images: do not spend forwards on the others
         rows = only_desirable(rows)
         if not len(rows):
@@ -36,12 +47,12 @@ def load_training_rows(args, kind: str) -> list[dict]:
 
 def real_image_rows(args) -> list[dict]:
     """SPIN's real images as feedback rows: the winners of pairs, or the desirable images of feedback data."""
-    fmt = detect_format(args.dataset_name) if args.data_format == "auto" else args.data_format
-    if fmt == "pairs":
-        pairs = load_pair_rows(args.dataset_name, args.dataset_split_name, max_rows=args.max_train_samples)
+    split, limit = args.dataset_split_name, args.max_train_samples
+    if source_format(args) == "pairs":
+        pairs = load_pair_rows(args.dataset_name, split, max_rows=limit, columns=columns_from_args(args, "pairs"))
         return LazyRows(pairs.table, pairs.row_ids, {"slot": 1 - pairs.column("jpg_0_won").astype(int),
                                                      "desirable": [True] * len(pairs)}, _image_of_pair)
-    rows = only_desirable(load_feedback_rows(args.dataset_name, args.dataset_split_name, args.max_train_samples))
+    rows = only_desirable(load_feedback_rows(args.dataset_name, split, limit, columns_from_args(args, "feedback")))
     if not len(rows):
         raise ValueError(f"SPIN needs real (desirable) images and {args.dataset_name} has none labelled 1")
     return rows

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from full.data.tables import iter_source, open_table  # noqa: F401  (iter_source: the streaming reader, re-exported)
+from full.data.columns import ColumnMap
+from full.data.tables import is_image_folder, iter_source, open_table  # noqa: F401  (iter_source: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -159,35 +160,60 @@ def check_image_columns(row: dict, columns: Sequence[str]) -> list[str]:
     return bad
 
 
+def checked_pair_label(row: dict, row_id: int, report: RowReport) -> float | None:
+    """A pair row's ``label_0`` as 0, 0.5 or 1, or None after reporting the row (a bad label, a caption that is not
+    text, image bytes that are not an image). The table reader and the stream (`full.data.streaming`) both check
+    rows with it."""
+    label = row["label_0"]
+    if isinstance(label, bool):
+        label = float(label)
+    if not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
+        report.skip(row_id, "bad label_0 (not 0, 0.5 or 1)", f": {label!r}")
+        return None
+    if _caption_or_skip(row, row_id, report) is None:
+        return None
+    bad = check_image_columns(row, ("jpg_0", "jpg_1"))
+    if bad:
+        report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
+        return None
+    return float(label)
+
+
+def checked_feedback_label(row: dict, row_id: int, report: RowReport) -> bool | None:
+    """A feedback row's ``label`` as desirable (True) or not, or None after reporting the row."""
+    label = row["label"]
+    if not (isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1))):
+        report.skip(row_id, "bad label (not 0/1 or a bool)", f": {label!r}")
+        return None
+    if _caption_or_skip(row, row_id, report) is None:
+        return None
+    if check_image_columns(row, ("image",)):
+        report.skip(row_id, "unreadable image bytes", ": image")
+        return None
+    return bool(label)
+
+
 def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = False,
-                   max_rows: int | None = None) -> LazyRows:
+                   max_rows: int | None = None, columns: ColumnMap | None = None) -> LazyRows:
     """Pick-a-Pic v2 rows as ``{"row_id", "winner", "loser", "caption", "tie"}`` (bytes, bytes, str), lazily.
 
     ``label_0 == 1`` means ``jpg_0`` won; ``0`` means ``jpg_1`` won; ``0.5`` is a tie, dropped
     unless ``keep_ties`` (then ``jpg_0`` is stored as "winner" and ``tie`` is True). Any other
     label, a missing caption or unreadable image bytes: the row is reported and skipped.
-    ``max_rows`` limits the rows *read* from the source (before filtering).
+    ``max_rows`` limits the rows *read* from the source (before filtering). ``columns``: the source's names of the
+    columns (`full.data.columns`, the column flags); default the Pick-a-Pic names.
 
     One pass over the source checks every row (an Arrow batch at a time); what is kept is the row ids and labels
     (`LazyRows`), so memory does not grow with the images (docs/scaling.md has the measurement).
     """
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
-    table = open_table(dataset_name, split, PAIR_COLUMNS, max_rows)
+    table = open_table(dataset_name, split, columns or PAIR_COLUMNS, max_rows)
     report, ties = RowReport(dataset_name), 0
     row_ids, jpg_0_won, tie = [], [], []
     for row_id, row in _scan(table, PAIR_COLUMNS):
-        label = row["label_0"]
-        if isinstance(label, bool):
-            label = float(label)
-        if not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
-            report.skip(row_id, "bad label_0 (not 0, 0.5 or 1)", f": {label!r}")
-            continue
-        if _caption_or_skip(row, row_id, report) is None:
-            continue
-        bad = check_image_columns(row, ("jpg_0", "jpg_1"))
-        if bad:
-            report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
+        label = checked_pair_label(row, row_id, report)
+        if label is None:
             continue
         if label == 0.5:
             ties += 1
@@ -204,7 +230,8 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
     return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, _pair_item)
 
 
-def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None) -> LazyRows:
+def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None,
+                       columns: ColumnMap | None = None) -> LazyRows:
     """Binary-feedback rows as ``{"row_id", "image", "caption", "desirable"}``, lazily (`LazyRows`).
 
     ``label`` is 1/0 or True/False. Other labels, captions that are not strings, or unreadable
@@ -212,20 +239,14 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
     """
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
-    table = open_table(dataset_name, split, FEEDBACK_COLUMNS, max_rows)
+    table = open_table(dataset_name, split, columns or FEEDBACK_COLUMNS, max_rows)
     report, row_ids, desirable = RowReport(dataset_name), [], []
     for row_id, row in _scan(table, FEEDBACK_COLUMNS):
-        label = row["label"]
-        if not (isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1))):
-            report.skip(row_id, "bad label (not 0/1 or a bool)", f": {label!r}")
-            continue
-        if _caption_or_skip(row, row_id, report) is None:
-            continue
-        if check_image_columns(row, ("image",)):
-            report.skip(row_id, "unreadable image bytes", ": image")
+        label = checked_feedback_label(row, row_id, report)
+        if label is None:
             continue
         row_ids.append(row_id)
-        desirable.append(bool(label))
+        desirable.append(label)
     if not row_ids:
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): malformed: {report.summary()}")
     n_desirable = sum(desirable)
@@ -234,9 +255,13 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
     return LazyRows(table, row_ids, {"desirable": desirable}, _feedback_item)
 
 
-def detect_format(dataset_name: str) -> str:
-    """"pairs" or "feedback" from a local parquet schema; hub datasets are taken as pairs (Pick-a-Pic)."""
+def detect_format(dataset_name: str, pair_columns: Sequence[str] = ("jpg_0", "jpg_1"),
+                  image_column: str = "image") -> str:
+    """"pairs" or "feedback" from a local source's columns (an image folder is binary feedback); Hub datasets are
+    taken as pairs (Pick-a-Pic). ``pair_columns`` / ``image_column``: the source's names (the column flags)."""
     path = Path(dataset_name).expanduser()
+    if is_image_folder(path):
+        return "feedback"
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) if path.is_dir() else []
     if not files:
         return "pairs"
@@ -246,9 +271,9 @@ def detect_format(dataset_name: str) -> str:
         names = set(pq.read_schema(files[0]).names)
     except Exception as error:  # not a parquet file, truncated footer, ...
         raise ValueError(f"--dataset_name {dataset_name}: cannot read {files[0]} as parquet ({error})") from error
-    if {"jpg_0", "jpg_1"} & names:
+    if set(pair_columns) & names:
         return "pairs"
-    if "image" in names:
+    if image_column in names:
         return "feedback"
-    raise ValueError(f"{files[0]} has neither the pair schema {list(PAIR_COLUMNS)} nor the feedback "
-                     f"schema {list(FEEDBACK_COLUMNS)}; it has {sorted(names)}")
+    raise ValueError(f"{files[0]} has neither the pair columns {list(pair_columns)} (--pair_image_columns) nor "
+                     f"the feedback image column {image_column!r} (--image_column); it has {sorted(names)}")

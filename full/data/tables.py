@@ -8,12 +8,14 @@ Both fail with one line that names the file, the missing columns, or what to do 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from full.data.columns import as_column_map, missing_columns_message
 from full.paths import missing_local_path
 
-def _parquet_files(path: Path, split: str) -> list[Path]:
+
+def parquet_files(path: Path, split: str) -> list[Path]:
     """The parquet files of a local source. A directory may be a Hub snapshot such as
     ``pickapic_v2/data/{train,validation,test}-000NN-of-000MM.parquet``: when some files are named
     or nested after ``split`` only those are used, otherwise every parquet file under it."""
@@ -22,9 +24,33 @@ def _parquet_files(path: Path, split: str) -> list[Path]:
     files = sorted(path.rglob("*.parquet"))
     if not files:
         raise ValueError(f"dataset directory {path} contains no .parquet files")
-    in_split = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
-                or split in f.relative_to(path).parts[:-1]]
-    return in_split or files
+    return in_split([f.relative_to(path) for f in files], split, root=path)
+
+
+def in_split(relative: list, split: str, root=None) -> list:
+    """The files of ``split`` (named ``split-*`` or ``split.parquet``, or under a ``split`` directory), else all."""
+    chosen = [f for f in relative if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
+              or split in f.parts[:-1]] or relative
+    return [root / f for f in chosen] if root is not None else chosen
+
+
+def hub_parquet_files(dataset_name: str, split: str):
+    """``(filesystem, paths)`` of a Hub dataset's parquet files of ``split`` (`huggingface_hub.HfFileSystem`), for
+    the streaming reader, which opens them like local files: one row group in memory at a time."""
+    from pathlib import PurePosixPath
+
+    check_hub_name(dataset_name)
+    try:
+        from huggingface_hub import HfFileSystem
+
+        fs, root = HfFileSystem(), f"datasets/{dataset_name}"
+        found = sorted(fs.glob(f"{root}/**/*.parquet"))
+    except Exception as error:  # offline, no such repo, gated, ...
+        raise ValueError(hub_failure(dataset_name, split, error)) from error
+    if not found:
+        raise ValueError(hub_failure(dataset_name, split, ValueError("no .parquet files in the repository")))
+    relative = [PurePosixPath(f).relative_to(root) for f in found]
+    return fs, [f"{root}/{f}" for f in in_split(relative, split)]
 
 
 def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None
@@ -38,15 +64,14 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
         import pyarrow.parquet as pq
 
         row_id = 0
-        for file in _parquet_files(path, split):
+        for file in parquet_files(path, split):
             try:
                 parquet = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps what it read: memory grows
             except Exception as error:  # not a parquet file, truncated footer, ...
                 raise ValueError(f"cannot read parquet file {file}: {error}") from error
-            missing = [c for c in columns if c not in parquet.schema_arrow.names]
-            if missing:
-                raise ValueError(f"{file} is missing column(s) {missing}; it has "
-                                 f"{parquet.schema_arrow.names}, expected {list(columns)}")
+            message = missing_columns_message(as_column_map(columns), parquet.schema_arrow.names, str(file))
+            if message:
+                raise ValueError(message)
             for batch in parquet.iter_batches(batch_size=256, columns=list(columns)):
                 for row in batch.to_pylist():
                     if max_rows is not None and row_id >= max_rows:
@@ -54,7 +79,7 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
                     yield row_id, row
                     row_id += 1
         return
-    _check_hub_name(dataset_name)
+    check_hub_name(dataset_name)
     try:
         import datasets
     except ImportError as error:
@@ -64,13 +89,12 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
     try:
         hub = datasets.load_dataset(dataset_name, split=split, streaming=True)
     except Exception as error:
-        raise ValueError(_hub_failure(dataset_name, split, error)) from error
-    names = list(hub.features) if hub.features is not None else None
-    if names is not None:
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
-                             f"{missing}; it has {names}")
+        raise ValueError(hub_failure(dataset_name, split, error)) from error
+    if hub.features is not None:
+        message = missing_columns_message(as_column_map(columns), list(hub.features),
+                                          f"Hub dataset {dataset_name!r} (split {split!r})")
+        if message:
+            raise ValueError(message)
     hub = hub.select_columns(list(columns))
     for column, feature in (hub.features or {}).items():
         if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
@@ -82,40 +106,82 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
 
 
 
-def open_table(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None):
-    """The source as a `datasets.Dataset`: Arrow, memory-mapped from disk, restricted to ``columns``.
+def open_table(dataset_name: str, split: str, columns: Sequence[str] | Mapping[str, str], max_rows: int | None):
+    """The source as a `datasets.Dataset`: Arrow, memory-mapped from disk, restricted to ``columns`` and with them
+    renamed to their canonical names (``columns``: a list of names, or a `full.data.columns.ColumnMap`).
 
     A local parquet file or directory is converted once into the `datasets` cache (``HF_DATASETS_CACHE``, the size
-    of the parquet data; later runs reuse it); a Hub name is downloaded into the same cache. Images stay encoded
-    bytes (``Image(decode=False)``): the torch datasets decode them lazily, one item at a time.
+    of the parquet data; later runs reuse it); an image folder with a metadata file (`is_image_folder`) is read by
+    `datasets`' ``imagefolder`` builder (the cache holds the paths, the images stay in their files); a Hub name is
+    downloaded into the same cache. Images stay encoded bytes (``Image(decode=False)``): the torch datasets decode
+    them lazily, one item at a time.
     """
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    columns = as_column_map(columns)
     path = Path(dataset_name).expanduser()
-    if path.exists():
-        files = _parquet_files(path, split)
+    if path.exists() and is_image_folder(path):
+        table = _load_image_folder(datasets, path, split)
+        where = f"image folder {path} (metadata {', '.join(sorted(set(METADATA_FILES) & names_under(path)))})"
+    elif path.exists():
+        files = parquet_files(path, split)
         for file in files:  # the same one-line errors as the streaming reader, before `datasets` sees the files
-            _check_parquet_columns(file, columns)
-        table = _convert_parquet(datasets, [str(f) for f in files])
+            check_parquet_columns(file, columns)
+        table, where = _convert_parquet(datasets, [str(f) for f in files]), str(path)
     else:
-        _check_hub_name(dataset_name)
+        check_hub_name(dataset_name)
         try:
             table = datasets.load_dataset(dataset_name, split=split)
         except Exception as error:
-            raise ValueError(_hub_failure(dataset_name, split, error)) from error
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise ValueError(f"Hub dataset {dataset_name!r} (split {split!r}) is missing column(s) "
-                             f"{missing}; it has {table.column_names}")
-    table = table.select_columns(list(columns))
+            raise ValueError(hub_failure(dataset_name, split, error)) from error
+        where = f"Hub dataset {dataset_name!r} (split {split!r})"
+    message = missing_columns_message(columns, table.column_names, where)
+    if message:
+        raise ValueError(message)
+    table = table.select_columns(columns.sources)
+    renames = {source: name for name, source in columns.items() if source != name}
+    if renames:  # metadata only: the Arrow buffers are shared
+        table = table.rename_columns(renames)
     for column, feature in table.features.items():
         if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
             table = table.cast_column(column, datasets.Image(decode=False))
     if max_rows is not None and max_rows < len(table):
         table = table.select(range(max_rows))  # a contiguous range: an index view, nothing copied
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# A local image folder with a metadata file (the diffusers / `datasets` "imagefolder" convention)
+# ----------------------------------------------------------------------------------------------
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def names_under(path: Path) -> set[str]:
+    return {p.name for p in path.rglob("metadata.*")}
+
+
+def is_image_folder(path: Path) -> bool:
+    """A directory with a ``metadata.jsonl`` (or .csv/.parquet) anywhere under it: one row per image, its
+    ``file_name`` relative to the metadata file, and the other columns (``caption``, ``label``) as they are."""
+    return path.is_dir() and bool(set(METADATA_FILES) & names_under(path))
+
+
+def _load_image_folder(datasets, path: Path, split: str):
+    """`datasets.load_dataset("imagefolder", data_dir=...)`: the images become an ``image`` column, the metadata
+    columns stay. ``drop_labels``: a ``label`` column comes from the metadata, never from the folder names. A folder
+    without ``split``'s subdirectory is all one "train" split."""
+    try:
+        folder = datasets.load_dataset("imagefolder", data_dir=str(path), drop_labels=True)
+    except Exception as error:  # a metadata row naming a missing file, an unparsable metadata line, ...
+        raise ValueError(f"cannot read image folder {path}: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    if split not in folder:
+        raise ValueError(f"image folder {path} has no split {split!r} (it has {sorted(folder)}); "
+                         "pass --dataset_split_name")
+    return folder[split]
 
 
 def _convert_parquet(datasets, files: list[str]):
@@ -134,25 +200,26 @@ def _convert_parquet(datasets, files: list[str]):
         return datasets.load_dataset("parquet", data_files=files, split="train")
 
 
-def _check_parquet_columns(file: Path, columns: Sequence[str]) -> None:
+def check_parquet_columns(file, columns: Sequence[str] | Mapping[str, str]) -> None:
+    """One line naming the flag of each column ``file`` lacks, and the columns it has."""
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(file).names
     except Exception as error:  # not a parquet file, truncated footer, ...
         raise ValueError(f"cannot read parquet file {file}: {error}") from error
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{file} is missing column(s) {missing}; it has {names}, expected {list(columns)}")
+    message = missing_columns_message(as_column_map(columns), names, str(file))
+    if message:
+        raise ValueError(message)
 
 
-def _check_hub_name(dataset_name: str) -> None:
+def check_hub_name(dataset_name: str) -> None:
     if missing_local_path(dataset_name) or "/" not in dataset_name:
         raise ValueError(f"dataset {dataset_name!r} not found: expected a parquet file, a directory of "
                          "parquet files, or a Hub dataset name such as 'yuvalkirstain/pickapic_v2'")
 
 
-def _hub_failure(dataset_name: str, split: str, error: Exception) -> str:
+def hub_failure(dataset_name: str, split: str, error: Exception) -> str:
     """No such repo / split, offline, gated, ...: one line that says what to do instead."""
     return (f"{dataset_name!r} is neither a local path nor a loadable Hub dataset (split {split!r}): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Download its parquet "

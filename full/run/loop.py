@@ -94,10 +94,10 @@ class TrainingRun:
         self.trained = trained or LoraWeights(parts.unet, family)
         self.params = list(self.trained.parameters())
         optimizer, lr_scheduler = make_optimizer(args, self.params, accelerator)
-        if loader is None:
+        if loader is None or getattr(loader, "shards_itself", False):  # a stream is already this process's share
             self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.trained.module, optimizer,
                                                                                lr_scheduler)
-            self.loader = None
+            self.loader = loader
         else:
             self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
                 self.trained.module, optimizer, loader, lr_scheduler)
@@ -146,16 +146,28 @@ class TrainingRun:
         """The rest of the current epoch, resumably: skips the batches a resumed run already saw, counts each
         micro-batch in ``progress``, and skips a batch with no decodable image on *any* process (all together: a
         lone skip would deadlock the gradient all-reduce). When the epoch is exhausted, ``progress`` moves to the
-        next one; a caller that breaks out early stays in this epoch."""
+        next one; a caller that breaks out early stays in this epoch. A stream (`full.data.streaming`) skips ahead
+        itself, and its epoch ends for every process when one process's share runs out."""
         accelerator, progress, loader = self.accelerator, self.progress, self.loader
         loader.set_epoch(progress.epoch)
         resumed, usable = progress.batch_in_epoch, 0
-        for batch in accelerator.skip_first_batches(loader, resumed) if resumed else loader:
+        if not resumed:
+            batches = iter(loader)
+        else:
+            batches = iter(loader.skip_batches(resumed) if getattr(loader, "shards_itself", False)
+                           else accelerator.skip_first_batches(loader, resumed))
+        while True:
+            batch = next(batches, StopIteration)
+            # one gather per micro-batch: 0 a batch, 1 no decodable image in it (None), 2 this process has no more
+            state = 2 if batch is StopIteration else int(batch is None)
+            states = accelerator.gather(torch.tensor([state], device=accelerator.device))
+            if bool((states == 2).any()):
+                break
             progress.batch_in_epoch += 1
             progress.micro_step += 1
             # undecodable images: an item lost from a batch, or a whole batch (None); totalled in `finish`
             self.undecodable += self.args.train_batch_size if batch is None else batch.get("n_undecodable", 0)
-            if bool(accelerator.gather(torch.tensor([batch is None], device=accelerator.device)).any()):
+            if bool((states == 1).any()):
                 logger.warning("micro-batch %d: no decodable image on some process; skipped", progress.micro_step)
                 continue
             usable += 1

@@ -29,6 +29,9 @@ from full.data.embeddings import embeddings_from_column, pair_embeddings
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import data_kind_for, load_training_rows, rows_with_ids
 from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
+from full.data.columns import add_column_arguments
+from full.data.streaming import (add_streaming_arguments, check_streaming_arguments, make_streaming_loader,
+                                 report_stream_rows)
 from full.models.lora import trainable_unet_parts
 from full.models.pipeline import DEFAULT_RESOLUTION, detect_family
 from full.run.global_batch import GlobalBatch
@@ -83,10 +86,12 @@ def build_parser() -> cli.Parser:
            "authors' SDXL code)")
     a("--bce_reference", action="store_true", help="bce: the implicit reward as the logit, not -beta * err")
     add_image_data_arguments(p)
-    a = p.add_argument_group("data").add_argument
+    data = p.add_argument_group("data")
+    a = data.add_argument
     a("--feedback_policy", default="winner_once", help="pairs -> per-image labels (full.data.pairs_to_feedback)")
     a("--keep_ties", action="store_true")
     a("--cached_dir", default=None, help="a cache from `python -m full.cache`: no VAE, no text encoders")
+    add_streaming_arguments(data)
     cli.add_training_arguments(p)
     return p
 
@@ -104,7 +109,8 @@ def add_image_data_arguments(p) -> None:
       help="horizontal flip, the same for both images of a pair (on by default, as in the Diffusion-DPO code; "
            "--no-random_flip to turn it off)")
     a("--caption_dropout", type=float, default=0.0, help="P(a pair or image trains with the empty prompt)")
-    a("--dataloader_num_workers", type=int, default=0)
+    a("--dataloader_num_workers", type=int, default=0, help="with --streaming: threads that decode images")
+    add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
 
 
 def check_image_data_arguments(p, args) -> None:
@@ -134,6 +140,7 @@ def parse_args(argv=None):
     if (args.dataset_name is None) == (args.cached_dir is None):
         parser.error("give exactly one of --dataset_name and --cached_dir")
     check_image_data_arguments(parser, args)
+    check_streaming_arguments(parser, args)
     if args.cached_dir:  # a cache holds one centre-cropped, unflipped latent per image
         for flag in ("--random_crop", "--random_flip"):
             if flag in argv:
@@ -198,6 +205,8 @@ def method_beta(args) -> float | None:
 def make_loader(args, kind: str, accelerator):
     """The DataLoader, and Diff-contrast's embedding table (uncached contrast only)."""
     table = None
+    if args.streaming:
+        return make_streaming_loader(args, kind, accelerator), None
     if args.cached_dir:
         dataset = CachedDataset(args.cached_dir, args.caption_dropout, args.seed)
         check_cache(dataset.meta, args, kind)
@@ -366,4 +375,6 @@ def train(args) -> dict:
         return compute_loss(args, pred, ref_pred, target, inputs, family, global_batch)
 
     run.train_until(args.max_train_steps, step_loss)
+    if args.streaming:
+        report_stream_rows(loader, accelerator)
     return run.finish()

@@ -1,0 +1,89 @@
+"""Which columns of a source hold the images, the label and the caption: the trainers' column flags.
+
+Inside `full/data` every row has the canonical names of the two schemas (SPEC section 6): pairs ``jpg_0, jpg_1,
+label_0, caption`` (Pick-a-Pic v2) and binary feedback ``image, caption, label``. A source that names them otherwise
+is read with these flags (diffusers' names where its scripts have one), and the readers rename its columns:
+
+    --caption_column prompt                     the prompt (diffusers' text-to-image flag)
+    --image_column file                         binary feedback: the image (diffusers' text-to-image flag)
+    --pair_image_columns image_a image_b        pairs: the two images, in the order the label refers to
+    --label_column preferred                    pairs: 1 the first image won, 0 the second, 0.5 a tie;
+                                                binary feedback: 1 desirable, 0 undesirable
+
+A column that is not in the source fails before the model loads, with one line that names the flag, the file and
+the columns that are there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+# canonical name -> the flag that renames it; the defaults are the canonical names themselves
+FLAGS = {"caption": "--caption_column", "image": "--image_column", "jpg_0": "--pair_image_columns",
+         "jpg_1": "--pair_image_columns", "label_0": "--label_column", "label": "--label_column"}
+
+
+class ColumnMap(dict):
+    """``{canonical name: column of the source}`` for one schema; ``flagged`` holds the canonical names whose column
+    was given on the command line (a message then says "--caption_column prompt" rather than "the default")."""
+
+    def __init__(self, names: Mapping[str, str], flagged: Sequence[str] = ()):
+        super().__init__(names)
+        self.flagged = frozenset(flagged)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.values())
+
+    def missing(self, present: Sequence[str]) -> list[str]:
+        """Canonical names whose source column is not in ``present``."""
+        return [name for name, source in self.items() if source not in present]
+
+    def describe(self, name: str) -> str:
+        """How the user asked for a canonical column: ``--caption_column prompt`` or ``'caption' (the default of
+        --caption_column)``."""
+        if name in self.flagged:
+            value = " ".join(self[n] for n in ("jpg_0", "jpg_1")) if FLAGS[name] == "--pair_image_columns" else self[name]
+            return f"{FLAGS[name]} {value}"
+        return f"{self[name]!r} (the default of {FLAGS[name]})"
+
+
+def as_column_map(columns: Sequence[str] | Mapping[str, str]) -> ColumnMap:
+    """A plain list of names reads the columns as they are named."""
+    return columns if isinstance(columns, ColumnMap) else ColumnMap(
+        dict(columns) if isinstance(columns, Mapping) else {name: name for name in columns})
+
+
+def missing_columns_message(columns: ColumnMap, present: Sequence[str], where: str) -> str | None:
+    """One line naming each missing column's flag and listing the columns ``where`` has; None if nothing is missing."""
+    missing = columns.missing(present)
+    if not missing:
+        return None
+    asked = "; ".join(dict.fromkeys(columns.describe(name) for name in missing))  # jpg_0/jpg_1 share one flag
+    return f"{where} is missing column(s): {asked}; it has {list(present)}"
+
+
+def add_column_arguments(group) -> None:
+    """The column flags, into an argparse group (the trainers that read images: offline, SPIN)."""
+    a = group.add_argument
+    a("--caption_column", default=None, help="column of the prompt (default: caption)")
+    a("--image_column", default=None, help="binary feedback: column of the image (default: image)")
+    a("--pair_image_columns", nargs=2, default=None, metavar=("FIRST", "SECOND"),
+      help="pairs: the two image columns, in the order of the label (default: jpg_0 jpg_1)")
+    a("--label_column", default=None,
+      help="pairs: 1 if the first image won, 0 the second, 0.5 a tie (default: label_0); binary feedback: "
+           "1 desirable, 0 undesirable (default: label)")
+
+
+def columns_from_args(args, schema: str) -> ColumnMap:
+    """The `ColumnMap` of ``schema`` ("pairs" or "feedback") from the flags; entry points without the flags (the
+    cache builder, SPM) read the canonical names."""
+    caption, label = getattr(args, "caption_column", None), getattr(args, "label_column", None)
+    if schema == "pairs":
+        images = getattr(args, "pair_image_columns", None)
+        given = {"caption": caption, "jpg_0": images and images[0], "jpg_1": images and images[1], "label_0": label}
+        order = ("jpg_0", "jpg_1", "label_0", "caption")
+    else:
+        given = {"caption": caption, "image": getattr(args, "image_column", None), "label": label}
+        order = ("image", "caption", "label")
+    return ColumnMap({name: given[name] or name for name in order}, [name for name in order if given[name]])

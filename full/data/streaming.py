@@ -1,0 +1,263 @@
+"""`full.train --streaming`: train from the parquet files as a stream, without converting or downloading them first.
+
+The default reader (`full.data.tables.open_table`) converts a source once into a memory-mapped Arrow table and
+indexes it at random: exact resume, `--num_train_epochs`, `--desirable_ratio`. Pick-a-Pic v2 on the Hub is hundreds
+of GB, and that table would be a second copy on disk. With ``--streaming`` the rows are read from the parquet files
+(local, or the Hub's through `huggingface_hub.HfFileSystem`) one row group at a time, as a `datasets`
+`IterableDataset` with one shard per file:
+
+    files -> rows with their row ids  (row id = position in the source, files in sorted order, as everywhere else)
+          -> shuffle                  (seeded: shard order + a buffer of --shuffle_buffer_size rows; new per epoch)
+          -> split_dataset_by_node    (process p of P gets its files, or every P-th row when P does not divide them)
+          -> check                    (malformed rows warned with their row id and counted; ties dropped, counted)
+          -> decode                   (per item, in --dataloader_num_workers threads; undecodable: the run's total)
+
+Resume is a skip-ahead, not `IterableDataset.state_dict()`: that one restores the shard and the row within it, but
+not the shuffle buffer, so the rows in the buffer at the kill would be missed for the epoch and the order after the
+resume would differ. The shuffle is a function of (seed, epoch) and the row check of the row alone, so a resumed
+process reads its share again from the start of the epoch and passes over the ``batch_in_epoch x batch size`` items
+it already trained on *without decoding them*: the same batches follow, and the LoRA is bit-identical to an
+uninterrupted run's (tests/test_streaming.py). The price is reading those rows again (for a Hub source, downloading
+them again); docs/scaling.md has the numbers. An epoch ends for every process when the first one's share runs out
+(the shares differ by the rows dropped in each).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from full.data.columns import ColumnMap, columns_from_args
+from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
+from full.data.rows import source_format
+from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, as_image_bytes, checked_feedback_label,
+                               checked_pair_label)
+from full.data.tables import check_parquet_columns, hub_parquet_files, is_image_folder, parquet_files
+
+logger = logging.getLogger(__name__)
+
+
+def add_streaming_arguments(group) -> None:
+    a = group.add_argument
+    a("--streaming", action="store_true",
+      help="read --dataset_name (local parquet or a Hub name) as a shuffled stream instead of converting it into an "
+           "Arrow table first; resume skips ahead (docs/scaling.md)")
+    a("--shuffle_buffer_size", type=int, default=None,
+      help="--streaming: rows held for the shuffle (default 1000; each holds its encoded images)")
+
+
+def check_streaming_arguments(parser, args) -> None:
+    """What a stream cannot do, at parse time: each needs the whole table before the first step."""
+    if args.shuffle_buffer_size is not None and not args.streaming:
+        parser.error("--shuffle_buffer_size applies to --streaming")
+    if not args.streaming:
+        return
+    if args.shuffle_buffer_size is None:
+        args.shuffle_buffer_size = 1000
+    if args.shuffle_buffer_size <= 0:
+        parser.error(f"--shuffle_buffer_size must be positive, got {args.shuffle_buffer_size}")
+    needs_table = {"cached_dir": "--cached_dir is a latent cache on disk, not a stream",
+                   "num_train_epochs": "a stream has no length: give --max_train_steps",
+                   "desirable_ratio": "--desirable_ratio draws desirable and undesirable images at random from the "
+                                      "whole table",
+                   "embedding_column": "Diff-contrast's embeddings are looked up by row id in a table"}
+    for flag, reason in needs_table.items():
+        if getattr(args, flag, None):
+            parser.error(f"--streaming cannot be used with --{flag}: {reason}; drop --streaming")
+    if args.method == "contrast":
+        parser.error("--streaming cannot be used with --method contrast: its CLIP embeddings are computed for every "
+                     "pair before training; drop --streaming, or build a --cached_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files -> a seeded, shuffled, per-process `datasets.IterableDataset` of rows with their row ids
+# ----------------------------------------------------------------------------------------------
+
+
+def _open(fs, file):
+    return fs.open(file, "rb") if fs is not None else file
+
+
+def _read_files(files: list, offsets: list, columns: dict, max_rows, fs):
+    """The generator behind the stream; `datasets` hands each shard (a slice of ``files`` and ``offsets``) to it."""
+    import pyarrow.parquet as pq
+
+    for file, row_id in zip(files, offsets):
+        if max_rows is not None and row_id >= max_rows:
+            return
+        parquet = pq.ParquetFile(_open(fs, file), pre_buffer=False)  # pre-buffering keeps what it read
+        for batch in parquet.iter_batches(batch_size=64, columns=list(columns.values())):
+            values = {name: batch.column(source).to_pylist() for name, source in columns.items()}
+            for i in range(batch.num_rows):
+                if max_rows is not None and row_id >= max_rows:
+                    return
+                yield {"row_id": row_id, **{name: column[i] for name, column in values.items()}}
+                row_id += 1
+
+
+def open_stream(dataset_name: str, split: str, columns: ColumnMap, max_rows: int | None, *, seed: int,
+                buffer_size: int, process_index: int = 0, num_processes: int = 1):
+    """This process's share of the source as a shuffled `datasets.IterableDataset` of ``{"row_id", <canonical
+    columns>}``. Fails with one line (a missing column names its flag) before anything is decoded."""
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.distributed import split_dataset_by_node
+
+    path = Path(dataset_name).expanduser()
+    if path.exists() and is_image_folder(path):
+        raise ValueError(f"--streaming reads parquet files; {path} is an image folder: drop --streaming (its table "
+                         "holds the image paths only, not the images)")
+    fs, files = (None, [str(f) for f in parquet_files(path, split)]) if path.exists() else \
+        hub_parquet_files(dataset_name, split)
+    for file in files[:1]:  # the schema of the first file; a later file that differs fails when it is reached
+        check_parquet_columns(_open(fs, file), columns)
+    # Each file's first row id, from the footers: ids are positions in the source, as the table reader gives them.
+    sizes = [pq.read_metadata(_open(fs, file)).num_rows for file in files]
+    offsets = [sum(sizes[:i]) for i in range(len(files))]
+    stream = datasets.IterableDataset.from_generator(
+        _read_files, gen_kwargs={"files": files, "offsets": offsets, "columns": dict(columns),
+                                 "max_rows": max_rows, "fs": fs})
+    stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
+    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows -> checked, decoded items, with the skip-ahead of a resume
+# ----------------------------------------------------------------------------------------------
+
+
+class StreamedRows(torch.utils.data.IterableDataset):
+    """The items of one process's stream: rows checked as `full.data.sources` checks a table's (same reasons, same
+    row ids), then decoded by ``images.prepare`` (a `PairDataset` / `FeedbackDataset` without rows)."""
+
+    def __init__(self, stream, kind: str, images, *, name: str, keep_ties: bool = False,
+                 only_desirable: bool = False, decode_threads: int = 0):
+        self.stream, self.kind, self.images, self.name = stream, kind, images, name
+        self.keep_ties, self.only_desirable, self.decode_threads = keep_ties, only_desirable, decode_threads
+        self.epoch, self.skip_items = 0, 0
+        self.counts = {"read": 0, "usable": 0, "ties": 0, "malformed": 0}  # this process, this session
+        self.report = RowReport(name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)  # a new shuffle per epoch, the same on every process
+        self.images.set_epoch(epoch)  # new flips, crops and caption dropouts
+
+    def checked(self, raw: dict) -> dict | None:
+        """The row as the image dataset wants it, or None (reported and counted, or a tie / undesirable dropped)."""
+        row_id = raw["row_id"]
+        self.counts["read"] += 1
+        if self.kind == "pairs":
+            label = checked_pair_label(raw, row_id, self.report)
+            if label is not None and label == 0.5:
+                self.counts["ties"] += 1
+                if not self.keep_ties:
+                    return None
+            row = None if label is None else {
+                "row_id": row_id, "caption": raw["caption"], "tie": label == 0.5,
+                "winner": as_image_bytes(raw["jpg_0" if label >= 0.5 else "jpg_1"]),
+                "loser": as_image_bytes(raw["jpg_1" if label >= 0.5 else "jpg_0"])}
+        else:
+            label = checked_feedback_label(raw, row_id, self.report)
+            row = None if label is None or (self.only_desirable and not label) else {
+                "row_id": row_id, "image": as_image_bytes(raw["image"]), "caption": raw["caption"], "desirable": label}
+        self.counts["malformed"] = sum(self.report.counts.values())
+        self.counts["usable"] += row is not None
+        return row
+
+    def usable_rows(self):
+        return (row for row in map(self.checked, self.stream) if row is not None)
+
+    def __iter__(self):
+        skip, self.skip_items = self.skip_items, 0  # a resume skips once, at the start of its epoch
+        rows = islice(self.usable_rows(), skip, None)  # checked, not decoded: the skip costs reading only
+        yield from self._decoded(rows)
+        logger.info("%s: pass %d of this process's share: %s", self.name, self.epoch, self.summary())
+
+    def _decoded(self, rows):
+        """Items in stream order; with threads, a few items ahead are decoded at once (PIL releases the GIL)."""
+        prepare = lambda row: self.images.prepare(row, row["row_id"])  # noqa: E731  (the row id seeds its flips)
+        if not self.decode_threads:
+            yield from map(prepare, rows)
+            return
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            while chunk := list(islice(rows, 4 * self.decode_threads)):
+                yield from pool.map(prepare, chunk)
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"{c['read']} rows read, {c['usable']} usable, {c['ties']} ties "
+                f"{'kept' if self.keep_ties else 'dropped'}, malformed: {self.report.summary()}")
+
+    def check_usable(self) -> None:
+        """Fail before the model loads when the share holds no usable row (reads until the first one)."""
+        self.set_epoch(0)
+        if next(self.usable_rows(), None) is None:
+            raise ValueError(f"no usable rows in {self.name}: {self.summary()}")
+        self.counts = dict.fromkeys(self.counts, 0)  # the training passes count anew
+        self.report = RowReport(self.name)
+
+
+class StreamingLoader:
+    """Batches of a `StreamedRows`, on the device. `accelerate` does not prepare it (`shards_itself`): the
+    stream is already this process's share. The run loop calls `set_epoch` and, on a resume, `skip_batches`."""
+
+    shards_itself = True
+
+    def __init__(self, rows: StreamedRows, batch_size: int, device):
+        self.rows, self.batch_size, self.device = rows, batch_size, device
+        self.loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=collate_skip_none)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows.set_epoch(epoch)
+
+    def skip_batches(self, batches: int) -> "StreamingLoader":
+        """Resume mid-epoch: the next pass starts after ``batches`` full batches of this process's items."""
+        self.rows.skip_items = batches * self.batch_size
+        return self
+
+    def __iter__(self):
+        from accelerate.utils import send_to_device
+
+        for batch in self.loader:
+            yield None if batch is None else send_to_device(batch, self.device)
+
+
+def make_streaming_loader(args, kind: str, accelerator) -> StreamingLoader:
+    """`full.train --streaming`'s loader: this process's share of --dataset_name, checked and decoded per item."""
+    fmt = source_format(args)
+    if kind == "pairs" and fmt == "feedback":
+        raise ValueError(f"--method {args.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
+                         f"{args.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
+    if kind == "feedback" and fmt == "pairs":
+        raise ValueError(f"--streaming --method {args.method} on pairs: the per-image labels (--feedback_policy) "
+                         "need a pass over every pair first. Convert once (`python -m full.data convert "
+                         f"pairs-to-feedback --input {args.dataset_name} --output feedback.parquet`) and stream "
+                         "that, or drop --streaming")
+    stream = open_stream(args.dataset_name, args.dataset_split_name, columns_from_args(args, fmt),
+                         args.max_train_samples, seed=args.seed, buffer_size=args.shuffle_buffer_size,
+                         process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    images = (PairDataset if kind == "pairs" else FeedbackDataset)(
+        None, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
+        caption_dropout=args.caption_dropout, seed=args.seed)
+    rows = StreamedRows(stream, kind, images, name=f"{args.dataset_name} (stream)", keep_ties=args.keep_ties,
+                        only_desirable=args.method == "sft", decode_threads=args.dataloader_num_workers)
+    rows.check_usable()
+    return StreamingLoader(rows, args.train_batch_size, accelerator.device)
+
+
+def report_stream_rows(loader, accelerator) -> dict[str, int]:
+    """The rows every process read this session, said once: what the stream counterpart of the table's checking
+    pass reports (each malformed row was warned about with its id when it was read)."""
+    keys = list(loader.rows.counts)
+    local = torch.tensor([loader.rows.counts[k] for k in keys], device=accelerator.device)
+    totals = dict(zip(keys, accelerator.reduce(local, reduction="sum").tolist()))
+    if accelerator.is_main_process:
+        logger.warning("%s: this run read %d rows on %d process(es): %d usable, %d ties, %d malformed (row ids in "
+                       "the warnings above)", loader.rows.name, totals["read"], accelerator.num_processes,
+                       totals["usable"], totals["ties"], totals["malformed"])
+    return totals
