@@ -1,10 +1,11 @@
-"""`python -m full.cache` / `minipref-cache`: precompute latents and prompt embeddings (full/data/cache.py)."""
+"""`python -m full.cache` / `minipref-cache` / `accelerate launch -m full.cache`: precompute latents and prompt
+embeddings, shared over the launched processes and resumable (full/data/cache_build.py)."""
 
 import logging
 import sys
 
 from full.cli import entry_point
-from full.data.cache import build_cache
+from full.data.cache_build import build_cache
 
 
 def console() -> int:

@@ -7,18 +7,16 @@ import pytest
 import torch
 
 from full import models
-from full.data import cache, embeddings
+from full.data import cache, cache_build, embeddings
 from full.trainers import offline as train
 from tests import tiny_models
 from tests.conftest import train_argv
 from tests.test_train import assert_lora_loads_and_changes_output, assert_only_lora_trained
+from tests.two_processes import cache_argv, two_process_jobs  # noqa: F401  (a session fixture)
 
 
 def build(model, dataset, out, method, *extra) -> str:
-    return str(cache.build_cache(["--pretrained_model_name_or_path", model, "--dataset_name", dataset,
-                                  "--method", method, "--resolution", "32", "--output_dir", str(out),
-                                  "--cache_dtype", "float32", "--batch_size", "4", "--shard_size", "4",
-                                  "--device", "cpu", *extra]))
+    return str(cache_build.build_cache(cache_argv(model, dataset, out, method, "--device", "cpu", *extra)))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def test_clip_embeddings_are_computed_once(tiny_clip, pickapic_parquet, tmp_path
     w, l = first[rows[0]["row_id"]]
     torch.testing.assert_close(w[:32].norm(), torch.tensor(1.0))
     torch.testing.assert_close(w[32:], l[32:])
-    monkeypatch.setattr(cache, "compute_pair_embeddings", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(embeddings, "compute_pair_embeddings", lambda *a, **k: pytest.fail("recomputed"))
     again = embeddings.pair_embeddings(rows, tiny_clip, tmp_path / "emb.safetensors", source="x")
     assert all(torch.equal(first[k], again[k]) for k in first)
 
@@ -123,3 +121,89 @@ def test_training_refuses_a_cache_of_another_checkpoint_and_augmentation_flags(s
             train.parse_args(train_argv(tiny_sd15, None, tmp_path / "out", "dpo", flag, cached_dir=sd15_pair_cache))
     args = train.parse_args(train_argv(tiny_sd15, None, tmp_path / "out", "dpo", cached_dir=sd15_pair_cache))
     assert args.random_flip is False  # the default flip is off from a cache (and args.json says so)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A killed build resumes; several processes share a build (full/data/cache_build.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cache_tensors(cache_dir) -> dict:
+    """{(file, key): tensor} of every shard, and the shard list: what two equal caches must share."""
+    from safetensors.torch import load_file
+
+    meta = cache.read_cache_meta(cache_dir)
+    return {(s["file"], k): v for s in meta["shards"] for k, v in load_file(f"{cache_dir}/{s['file']}").items()}
+
+
+def test_a_killed_build_resumes_to_the_cache_of_an_unkilled_one(tiny_sd15, tmp_path, monkeypatch, capsys):
+    """Killed after 2 of 3 shards (and in the middle of writing the third): the same command keeps the 2 shards,
+    encodes only the third, and gives the cache an unkilled build gives, bit for bit; other flags or another
+    checkpoint are refused with one line."""
+    import shutil
+
+    from full import cli
+    from tests import tiny_models
+
+    data = tiny_models.make_pickapic_parquet(tmp_path / "d.parquet", 10, 32, truncated_rows=[5])
+    flags = ["--shard_size", "4", "--batch_size", "2"]  # shards: rows 0-3, 4-7 (row 5 undecodable), 8-9
+    whole = build(tiny_sd15, data, tmp_path / "whole", "dpo", *flags)
+    written = []
+
+    def killed_after_two(path, tensors, n_undecodable):
+        if len(written) == 2:
+            path.with_name(path.name + ".partial").write_bytes(b"half a shard")  # killed while writing it
+            raise KeyboardInterrupt("killed")
+        written.append(path.name)
+        real_write(path, tensors, n_undecodable)
+
+    real_write = cache_build.write_shard
+    monkeypatch.setattr(cache_build, "write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_sd15, data, tmp_path / "resumed", "dpo", *flags)
+    building = tmp_path / ".resumed.building"
+    assert written == ["shard-00000.safetensors", "shard-00001.safetensors"] and not (tmp_path / "resumed").exists()
+    kept = {name: (building / name).stat().st_mtime_ns for name in written}
+
+    # Another checkpoint, or other flags: refused with one line naming what changed; the partial build is kept.
+    other = shutil.copytree(tiny_sd15, tmp_path / "other_sd15")
+    for model, extra, changed in ((str(other), flags, "--pretrained_model_name_or_path"),
+                                  (tiny_sd15, ["--shard_size", "5", "--batch_size", "2"], "--shard_size 4 -> 5")):
+        argv = cache_argv(model, data, tmp_path / "resumed", "dpo", *extra)
+        capsys.readouterr()
+        assert cli.entry_point(cache_build.build_cache, argv, prog="full.cache") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "has an unfinished build" in err and changed in err, err
+    assert {name: (building / name).stat().st_mtime_ns for name in written} == kept
+
+    monkeypatch.setattr(cache_build, "write_shard", real_write)
+    encoded = []
+    real_encode = cache_build.encode_shard
+    monkeypatch.setattr(cache_build, "encode_shard", lambda parts, ds, shard, *a: encoded.append(shard.start)
+                        or real_encode(parts, ds, shard, *a))
+    resumed = build(tiny_sd15, data, tmp_path / "resumed", "dpo", *flags)
+    assert encoded == [8]  # only the third shard was encoded again
+    assert {name: (tmp_path / "resumed" / name).stat().st_mtime_ns for name in written} == kept
+    meta, meta_whole = cache.read_cache_meta(resumed), cache.read_cache_meta(whole)
+    assert meta["n_undecodable"] == meta_whole["n_undecodable"] == 1  # counted before the kill, kept in the shard
+    assert meta["n_items"] == 9 and meta["shards"] == meta_whole["shards"]
+    a, b = cache_tensors(whole), cache_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "resumed").glob("*.partial"))
+
+
+
+@pytest.mark.xdist_group("two_processes")
+def test_two_processes_build_the_cache_of_one_process(sd15_pair_cache, two_process_jobs):
+    """`full.cache` launched as 2 processes (gloo, CPU): process 0 encodes shards 0 and 2, process 1 shards 1 and 3,
+    and the cache equals the 1-process one item by item (latents, prompt and CLIP embeddings). Measured: bit for
+    bit (the same batches, one thread each); the tolerance allows the round-off of another thread count."""
+    out, result = two_process_jobs
+    for p in (0, 1):
+        assert f"process {p} of 2: 2 of its 2 shards to encode" in result.stderr, result.stderr[-2000:]
+    meta_one, meta_two = cache.read_cache_meta(sd15_pair_cache), cache.read_cache_meta(out / "cache")
+    assert meta_two["shards"] == meta_one["shards"] and meta_two["n_items"] == 14
+    one, two = cache_tensors(sd15_pair_cache), cache_tensors(out / "cache")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=str(key))

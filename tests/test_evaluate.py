@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from full.eval import evaluate, scorers
+from tests.two_processes import two_process_jobs  # noqa: F401  (a session fixture)
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a city skyline at night"]
 
@@ -466,3 +467,31 @@ def test_a_bad_scorer_name_is_one_clear_error_before_anything_is_generated(name,
         scorers.scorer_factory(name)
     with pytest.raises(SystemExit, match="scorer"):  # the CLI stops with one line, no manifest needed
         evaluate.main(["--out", str(tmp_path), "--stages", "score", "--scorers", name])
+
+
+@pytest.mark.xdist_group("two_processes")
+def test_two_processes_generate_and_score_what_one_process_does(tiny_sd15, tiny_clip, two_process_jobs, tmp_path):
+    """`full.evaluate` launched as 2 processes (gloo, CPU; tests/two_processes.py): each generates 2 of the 4 images
+    and scores 2, and the images equal a 1-process run's pixel for pixel (batch size 1 in both: the same
+    computation); the CLIP scores agree to float32 round-off (rel 1e-5)."""
+    from tests.two_processes import evaluate_argv
+
+    out, result = two_process_jobs
+    two = out / "eval"
+    for p in (0, 1):
+        assert f"process {p}: generated 2 new image(s)" in result.stdout, result.stdout[-2000:]
+        assert f"process {p}: scored 2 image(s)" in result.stdout, result.stdout[-2000:]
+    assert not list(two.glob("*.part-*.jsonl"))  # manifest and score parts merged
+    one = tmp_path / "one"
+    evaluate.main([*evaluate_argv(tiny_sd15, tiny_clip, one), "--device", "cpu"])
+    key = lambda r: (r["model"], r["prompt_id"], r["seed"])  # noqa: E731
+    rows_one = sorted(evaluate.read_manifest(one), key=key)
+    rows_two = sorted(evaluate.read_manifest(two), key=key)
+    assert [key(r) for r in rows_one] == [key(r) for r in rows_two] and len(rows_one) == 4
+    for a, b in zip(rows_one, rows_two):
+        assert np.array_equal(np.asarray(Image.open(one / a["path"])), np.asarray(Image.open(two / b["path"])))
+    scores_one = {key(r): r["score"] for r in evaluate.read_jsonl(one / "scores.jsonl")}
+    scores_two = {key(r): r["score"] for r in evaluate.read_jsonl(two / "scores.jsonl")}
+    assert scores_two.keys() == scores_one.keys() and len(scores_one) == 4
+    assert all(scores_two[k] == pytest.approx(scores_one[k], rel=1e-5) for k in scores_one)
+    assert json.loads((two / "results.json").read_text())["means"]["clip"]["base"]["n_images"] == 4

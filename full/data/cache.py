@@ -9,9 +9,12 @@ the gain). Build a cache, then train from it:
         --dataset_name yuvalkirstain/pickapic_v2 --method dpo --resolution 512 --output_dir cache/pickapic-sd15
     accelerate launch -m full.train --cached_dir cache/pickapic-sd15 --method dpo ...
 
-Layout of a cache directory (written to a temporary name and renamed, so a crash never leaves half a cache):
+Several processes share the encoding (`accelerate launch -m full.cache ...`, same flags), and a killed build
+resumes when the same command is run again: full/data/cache_build.py says how. Layout of a cache directory
+(built in `.<name>.building/` and renamed when complete, so a crash never leaves half a cache):
 
-    cache_meta.json             family, model, resolution, kind ("pairs" | "feedback"), shard list, ...
+    cache_meta.json             family, model, revision, resolution, kind ("pairs" | "feedback"), shard list, ...
+    build.json                  the flags that made it (a resumed build must repeat them)
     shard-00000.safetensors     per item i: latents [i, n, 4, h, w], prompt_embeds [i, n, L, D],
                                 pooled [i, n, P] and time_ids [i, n, 6] (SDXL), desirable [i] (feedback),
                                 embeddings [i, n, E] (CLIP, optional), row_ids [i];  n = 2 (pairs) or 1
@@ -26,16 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor
-
-from full.data.embeddings import compute_pair_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +151,7 @@ def check_cache_model(meta: dict, cache_dir, model: str, revision: str | None, v
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building a cache
+# The flags of a build (full/data/cache_build.py builds it)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard_size", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--cache_dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="default: each process's own device under accelerate launch, else cuda if available, else cpu")
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="dtype of the frozen encoders while caching")
     p.add_argument("--seed", type=int, default=0)
@@ -191,108 +190,3 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.feedback_policy not in FEEDBACK_POLICIES:
         p.error(f"--feedback_policy must be one of {', '.join(FEEDBACK_POLICIES)}, got {args.feedback_policy!r}")
     return args
-
-
-def build_cache(argv=None) -> Path:
-    from safetensors.torch import save_file
-    from full.progress import progress_bar
-
-    from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
-    from full.data.rows import data_kind_for, load_training_rows
-    from full.models import pipeline as models
-    from full.models.pipeline import WEIGHT_DTYPES
-    from minipref import csft_prompts
-
-    args = parse_args(argv)
-    kind = data_kind_for(args.method)
-    out = Path(args.output_dir)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    rows = load_training_rows(args, kind)
-    device, dtype = torch.device(args.device), WEIGHT_DTYPES[args.mixed_precision]
-    store_dtype = getattr(torch, args.cache_dtype)
-    parts = models.load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                   vae_path=args.pretrained_vae_model_name_or_path)
-    models.place_components(parts, device, dtype, fixed_vae=bool(args.pretrained_vae_model_name_or_path))
-    embeddings = None
-    if args.clip_model_name_or_path:
-        if kind != "pairs":
-            raise ValueError("--clip_model_name_or_path: Diff-contrast embeddings are for pairs")
-        embeddings = compute_pair_embeddings(rows, args.clip_model_name_or_path, device)
-
-    dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, args.resolution, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_skip_none)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards, pending = [], []
-
-    def flush():
-        if not pending:
-            return
-        stacked = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in stacked.items()}, str(tmp / name))
-        shards.append({"file": name, "n": len(stacked["row_ids"])})
-        pending.clear()
-
-    with torch.no_grad():
-        empty = models.encode_prompts(parts, [""], device)
-        save_file({"prompt_embeds": empty.hidden[0].to(store_dtype).cpu().contiguous(),
-                   **({"pooled": empty.pooled[0].to(store_dtype).cpu()} if empty.pooled is not None else {})},
-                  str(tmp / EMPTY_NAME))
-        for batch in progress_bar(loader, desc="caching latents and prompts", unit="batch"):
-            if batch is None:
-                continue
-            if embeddings is not None:  # keep only the items CLIP could read
-                keep = [i for i, r in enumerate(batch["row_ids"]) if r in embeddings]
-                batch = _select(batch, keep)
-                if batch is None:
-                    continue
-            pixels = batch["pixel_values"]  # (B, n, 3, R, R)
-            b, n = pixels.shape[:2]
-            latents = models.encode_images(parts, pixels.flatten(0, 1).to(device), generator)  # (B*n, 4, h, w)
-            captions = [c for c in batch["captions"] for _ in range(n)]  # item-major, like the latents
-            if args.method == "csft":  # a binary method: kind == "feedback", n == 1
-                captions = csft_prompts(captions, batch["desirable"])
-            prompt = models.encode_prompts(parts, captions, device)
-            item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
-                    "prompt_embeds": prompt.hidden.reshape(b, n, *prompt.hidden.shape[1:])}
-            if parts.family == "sdxl":
-                item["pooled"] = prompt.pooled.reshape(b, n, -1)
-                item["time_ids"] = models.sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                        args.resolution)  # (B, n, 6)
-            if embeddings is not None:
-                item["embeddings"] = torch.stack([embeddings[r] for r in batch["row_ids"]])
-            item = {k: v.to(store_dtype).cpu() for k, v in item.items()}
-            item["row_ids"] = torch.tensor(batch["row_ids"], dtype=torch.long)
-            if kind == "feedback":
-                item["desirable"] = batch["desirable"].to(torch.uint8)
-            pending.append(item)
-            if sum(len(p["row_ids"]) for p in pending) >= args.shard_size:
-                flush()
-        flush()
-    if not shards:
-        raise ValueError(f"nothing could be cached from {args.dataset_name}: every image failed to decode")
-    meta = {"version": CACHE_VERSION, "family": parts.family, "pretrained": args.pretrained_model_name_or_path,
-            "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path, "resolution": args.resolution, "kind": kind,
-            "csft_prompts": args.method == "csft", "has_embeddings": embeddings is not None,
-            "dataset_name": args.dataset_name, "n_items": sum(s["n"] for s in shards), "shards": shards,
-            "dtype": args.cache_dtype}
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    logger.info("cached %d items in %d shards at %s", meta["n_items"], len(shards), out)
-    return out
-
-
-def _select(batch: dict, keep: list[int]) -> dict | None:
-    if not keep:
-        return None
-    index = torch.tensor(keep)
-    return {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep] if isinstance(v, list) else v)
-            for k, v in batch.items()}
-
-

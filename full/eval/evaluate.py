@@ -7,8 +7,9 @@
 
 On several GPUs, `accelerate launch -m full.evaluate ...` (same flags): process p of P generates every P-th image
 of each model, with the same seed per (prompt, seed) as one process would, so the images are the same; the
-processes' manifest parts are merged at the end, and scoring and the report run on the main process. The scorers
-are loaded once before anything is generated: one that cannot load stops the run at once.
+processes' manifest parts are merged, then process p scores every P-th image of the merged manifest and the main
+process merges the scores and writes the report. The scorers are loaded once before anything is generated: one
+that cannot load stops the run at once.
 
 Three stages, each reading what the previous one wrote under `--out`, so any of them can be re-run alone
 (`--stages score,report` rescores without regenerating):
@@ -53,21 +54,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Stage 2: scoring (and FID).
 
 
-def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, batch_size: int = 16) -> dict:
-    """Score every manifest image with each scorer into scores.jsonl (replacing those scorers' old rows).
-    Returns {scorer: reason} for the optional scorers that were skipped."""
-    rows = read_manifest(out)
-    if not rows:
-        raise ValueError(f"{out / 'manifest.jsonl'} is empty or missing: run the generate stage first")
+def score_images(out: Path, rows: list[dict], scorer_names: list[str], scorer_options: dict, batch_size: int = 16,
+                 main_process: bool = True) -> tuple[list[dict], dict]:
+    """Score `rows` of the manifest with each scorer: (score rows, {scorer: reason} for the optional scorers that
+    were skipped). One image's score does not depend on the other rows given, so any split of the manifest over
+    processes gives the scores of one process (up to the round-off of another batch composition)."""
     new_rows, skipped = [], {}
-    for name in scorer_names:
+    for name in scorer_names if rows else []:
         try:
             scorer = scorers.build_scorer(name, **scorer_options.get(name, {}))
         except scorers.ScorerUnavailable as error:
             print(f"skipping scorer {name}: {error}", file=sys.stderr)
             skipped[name] = str(error)
             continue
-        for start in progress_bar(range(0, len(rows), batch_size), desc=f"score {name}", unit="batch"):
+        for start in progress_bar(range(0, len(rows), batch_size), desc=f"score {name}", unit="batch",
+                                  main_process=main_process):
             batch = rows[start:start + batch_size]
             images = []
             for r in batch:
@@ -81,6 +82,11 @@ def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, bat
                                  "scorer": name, "score": float(value)})
         del scorer
         gc.collect()
+    return new_rows, skipped
+
+
+def write_scores(out: Path, new_rows: list[dict], skipped: dict) -> dict:
+    """scores.jsonl with `new_rows` replacing their scorers' old rows, and skipped_scorers.json; returns the skipped."""
     scored = {r["scorer"] for r in new_rows}
     # Earlier scorers' rows stay (a skipped scorer keeps its old scores); re-run scorers are replaced.
     kept = [r for r in read_jsonl(out / "scores.jsonl") if r["scorer"] not in scored]
@@ -90,6 +96,38 @@ def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, bat
     skipped = {**{k: v for k, v in previous.items() if k not in scored}, **skipped}
     skipped_path.write_text(json.dumps(skipped, indent=1))
     return skipped
+
+
+def manifest_to_score(out: Path) -> list[dict]:
+    """The manifest's rows in a fixed order (model, prompt, seed): every process cuts the same list."""
+    rows = sorted(read_manifest(out), key=lambda r: (r["model"], r["prompt_id"], r["seed"]))
+    if not rows:
+        raise ValueError(f"{out / 'manifest.jsonl'} is empty or missing: run the generate stage first")
+    return rows
+
+
+def score_manifest(out: Path, scorer_names: list[str], scorer_options: dict, batch_size: int = 16) -> dict:
+    """Score every manifest image with each scorer into scores.jsonl (replacing those scorers' old rows), in this
+    process. Returns {scorer: reason} for the optional scorers that were skipped."""
+    new_rows, skipped = score_images(out, manifest_to_score(out), scorer_names, scorer_options, batch_size)
+    return write_scores(out, new_rows, skipped)
+
+
+def score_across_processes(out: Path, state, scorer_names: list[str], scorer_options: dict, batch_size: int) -> None:
+    """Process p of P scores every P-th image into scores.part-<p>.jsonl; the main process merges the parts in
+    process order (a score row names its image, so the order does not matter to the report)."""
+    rows = manifest_to_score(out)
+    new_rows, skipped = score_images(out, rows[state.process_index::state.num_processes], scorer_names,
+                                     scorer_options, batch_size, main_process=state.is_main_process)
+    print(f"process {state.process_index}: scored {len({(r['model'], r['prompt_id'], r['seed']) for r in new_rows})}"
+          f" image(s)")
+    _write_jsonl(out / f"scores.part-{state.process_index}.jsonl", new_rows)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        parts = [out / f"scores.part-{p}.jsonl" for p in range(state.num_processes)]
+        write_scores(out, [r for path in parts for r in read_jsonl(path)], skipped)
+        for path in parts:
+            path.unlink()
 
 
 def fid_per_model(out: Path, reference_dir: str, *, weights_path: str | None = None, device: str | None = None) -> dict:
@@ -275,9 +313,9 @@ def run(args: argparse.Namespace) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from accelerate import PartialState
+    from full.processes import process_state
 
-    state = PartialState()  # one process, or those of `accelerate launch -m full.evaluate`
+    state = process_state()  # one process, or those of `accelerate launch -m full.evaluate`
     device = args.device or (str(state.device) if state.num_processes > 1 else scorers.default_device())
     names, options = scorer_options(args, device) if "score" in stages else ([], {})
     if "generate" in stages:
@@ -308,13 +346,17 @@ def run(args: argparse.Namespace) -> dict | None:
         state.wait_for_everyone()
         if state.is_main_process:
             merge_manifest_parts(out)
-    if not state.is_main_process:  # scoring and the report run once, on the main process
-        return None
+        state.wait_for_everyone()  # every process reads the merged manifest
     if "score" in stages:
         with torch.no_grad():
-            score_manifest(out, names, options, args.score_batch_size)
-            if args.fid_reference:
+            if state.num_processes > 1:
+                score_across_processes(out, state, names, options, args.score_batch_size)
+            else:
+                score_manifest(out, names, options, args.score_batch_size)
+            if args.fid_reference and state.is_main_process:
                 fid_per_model(out, args.fid_reference, weights_path=args.fid_inception_weights, device=device)
+    if not state.is_main_process:  # the report is written once, by the main process
+        return None
     if "report" in stages:
         summary = report(out, focus=args.focus, n_resamples=args.bootstrap, confidence=args.confidence,
                          bootstrap_seed=args.bootstrap_seed, zero_method=args.zero_method, grid_prompts=args.grid_prompts)

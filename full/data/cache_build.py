@@ -1,0 +1,257 @@
+"""Building a latent cache (`python -m full.cache`, or `accelerate launch -m full.cache` on several GPUs): fixed
+shards of rows, each encoded by one process, written atomically, so a killed build resumes where it stopped.
+
+Rows `0 .. N-1` (the checked rows of `full.data.rows.load_training_rows`, in their order) are cut into shards of
+`--shard_size`: shard `k` holds rows `[k S, (k+1) S)`. Process `p` of `P` encodes the shards `k = p, p + P, ...`
+and writes each as `shard-<k>.safetensors` in `.<output_dir>.building/` (to a temporary name first, then renamed:
+a file with the final name is always complete). When every process has finished, the main process writes
+`cache_meta.json` and renames the directory to `--output_dir`.
+
+What makes the result independent of `P`, of the batch that an image fell in and of the shards already built:
+
+* each image's VAE posterior sample comes from its own generator, seeded by `(--seed, row index, image slot)`,
+  never from a generator shared by the whole build;
+* batches never cross a shard boundary: shard `k` is always encoded in the same batches, whichever process
+  encodes it and whenever (so a 2-process build gives the same tensors as a 1-process one, `tests/test_cache.py`);
+* the build directory keeps `build.json`, the flags that decide what the cache holds: a rerun with the same flags
+  skips the shards on disk and encodes the rest, a rerun with other flags or another checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from full.data.cache import CACHE_VERSION, EMPTY_NAME, META_NAME, parse_args
+
+logger = logging.getLogger(__name__)
+
+BUILD_NAME = "build.json"
+# The flags that decide what a cache holds; a resumed build must repeat them (not --output_dir, --device, --overwrite:
+# they say where and how, not what). --batch_size is here because float sums depend on what is batched together.
+CONTENT_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+                 "dataset_name", "dataset_split_name", "data_format", "feedback_policy", "keep_ties",
+                 "max_train_samples", "method", "resolution", "clip_model_name_or_path", "shard_size", "batch_size",
+                 "cache_dtype", "mixed_precision", "seed")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def build_record(args, rows) -> dict:
+    """What this build makes: its content flags, and the rows it reads (their number and a digest of their ids)."""
+    digest = hashlib.sha256(rows.row_ids.tobytes()).hexdigest()[:16]
+    return {"version": CACHE_VERSION, "flags": {name: getattr(args, name) for name in CONTENT_FLAGS},
+            "n_rows": len(rows), "rows_digest": digest}
+
+
+def check_resumable(building: Path, record: dict, output_dir) -> bool:
+    """True when `building` holds a build of the same record (resume it); raises when it holds another one."""
+    path = building / BUILD_NAME
+    if not path.is_file():
+        return False
+    previous = json.loads(path.read_text())
+    changed = [f"--{k} {previous['flags'].get(k)!r} -> {v!r}" for k, v in record["flags"].items()
+               if previous["flags"].get(k) != v]
+    if previous.get("n_rows") != record["n_rows"] or previous.get("rows_digest") != record["rows_digest"]:
+        changed.append(f"the rows ({previous.get('n_rows')} -> {record['n_rows']})")
+    if changed:
+        raise ValueError(f"--output_dir {output_dir} has an unfinished build ({building}) made with other flags: "
+                         f"{'; '.join(changed)}. Rerun with the same flags to finish it, or pass --overwrite to "
+                         "start over")
+    return True
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor], n_undecodable: int) -> None:
+    """Write a shard atomically: a shard under its final name is complete. A shard whose every image failed to
+    decode is a file without tensors (it still counts as done), its drop count in the metadata."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
+              metadata={"n_undecodable": str(n_undecodable)})
+    os.replace(partial, path)
+
+
+def image_generators(seed: int, indices: list[int], n: int, device) -> list[torch.Generator]:
+    """One generator per image, `n` per item: the VAE sample of image `slot` of row `index` is the same whichever
+    process, batch or run draws it."""
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + index) * 2 + slot)
+            for index in indices for slot in range(n)]
+
+
+def encode_batch(parts, batch: dict, indices: list[int], args, kind: str, embeddings, device) -> dict[str, Tensor]:
+    """One collated batch (`full.data.images.collate_skip_none`) -> the shard tensors of its items."""
+    from full.models import pipeline as models
+    from minipref import csft_prompts
+
+    pixels = batch["pixel_values"]  # (B, n, 3, R, R)
+    b, n = pixels.shape[:2]
+    generators = image_generators(args.seed, indices, n, device)
+    latents = models.encode_images(parts, pixels.flatten(0, 1).to(device), generators)  # (B*n, 4, h, w)
+    captions = [c for c in batch["captions"] for _ in range(n)]  # item-major, like the latents
+    if args.method == "csft":  # a binary method: kind == "feedback", n == 1
+        captions = csft_prompts(captions, batch["desirable"])
+    prompt = models.encode_prompts(parts, captions, device)
+    item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
+            "prompt_embeds": prompt.hidden.reshape(b, n, *prompt.hidden.shape[1:])}
+    if parts.family == "sdxl":
+        item["pooled"] = prompt.pooled.reshape(b, n, -1)
+        item["time_ids"] = models.sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                                args.resolution)  # (B, n, 6)
+    if embeddings is not None:
+        item["embeddings"] = torch.stack([embeddings[r] for r in batch["row_ids"]])
+    item = {k: v.to(getattr(torch, args.cache_dtype)).cpu() for k, v in item.items()}
+    item["row_ids"] = torch.tensor(batch["row_ids"], dtype=torch.long)
+    if kind == "feedback":
+        item["desirable"] = batch["desirable"].to(torch.uint8)
+    return item
+
+
+def encode_shard(parts, dataset, shard: range, args, kind: str, embeddings, device, bar) -> tuple[dict, int]:
+    """The tensors of one shard (its batches never cross the shard's edges) and how many items it dropped."""
+    from full.data.images import collate_skip_none
+
+    pieces, dropped = [], 0
+    for start in range(shard.start, shard.stop, args.batch_size):
+        indices = list(range(start, min(start + args.batch_size, shard.stop)))
+        items = [dataset[i] for i in indices]  # None: the image did not decode (reported with its row id)
+        if embeddings is not None:  # and the items CLIP could not read
+            items = [None if it is None or it["row_id"] not in embeddings else it for it in items]
+        kept = [i for i, it in zip(indices, items) if it is not None]
+        dropped += len(indices) - len(kept)
+        batch = collate_skip_none(items)
+        if batch is not None:
+            pieces.append(encode_batch(parts, batch, kept, args, kind, embeddings, device))
+        bar.update(1)
+    tensors = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
+    return tensors, dropped
+
+
+def _write_empty_prompt(parts, path: Path, store_dtype, device) -> None:
+    """The embedding of "" (caption dropout from a cache), with the model family in its metadata: the main process
+    reads the family back when it writes cache_meta.json, even after a resume that loaded no model."""
+    from safetensors.torch import save_file
+
+    from full.models import pipeline as models
+
+    empty = models.encode_prompts(parts, [""], device)
+    tensors = {"prompt_embeds": empty.hidden[0].to(store_dtype).cpu().contiguous()}
+    if empty.pooled is not None:
+        tensors["pooled"] = empty.pooled[0].to(store_dtype).cpu().contiguous()
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"family": parts.family})
+    os.replace(partial, path)
+
+
+def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
+    """Main process, once every process is done: index the shards, write cache_meta.json, rename into place."""
+    from safetensors import safe_open
+
+    shards, n_undecodable = [], 0
+    for k in range(n_shards):
+        path = building / shard_name(k)
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing after every process finished; rerun the same command to build it")
+        with safe_open(str(path), framework="pt") as f:
+            n = f.get_slice("row_ids").get_shape()[0] if "row_ids" in f.keys() else 0
+            n_undecodable += int(f.metadata()["n_undecodable"])
+        if n:
+            shards.append({"file": path.name, "n": n})
+        else:
+            path.unlink()  # nothing in it: not part of the cache
+    if not shards:
+        raise ValueError(f"nothing could be cached from {args.dataset_name}: every image failed to decode")
+    with safe_open(str(building / EMPTY_NAME), framework="pt") as f:
+        family = f.metadata()["family"]
+    meta = {"version": CACHE_VERSION, "family": family, "pretrained": args.pretrained_model_name_or_path,
+            "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path,
+            "resolution": args.resolution, "kind": kind, "csft_prompts": args.method == "csft",
+            "has_embeddings": args.clip_model_name_or_path is not None, "dataset_name": args.dataset_name,
+            "n_items": sum(s["n"] for s in shards), "n_undecodable": n_undecodable, "shards": shards,
+            "dtype": args.cache_dtype}
+    (building / META_NAME).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(building, out)
+    logger.info("cached %d items in %d shards at %s (%d items dropped: undecodable images)", meta["n_items"],
+                len(shards), out, n_undecodable)
+    return meta
+
+
+def build_cache(argv=None) -> Path:
+    from full.data.embeddings import compute_pair_embeddings
+    from full.data.images import FeedbackDataset, PairDataset
+    from full.data.rows import data_kind_for, load_training_rows
+    from full.models import pipeline as models
+    from full.models.pipeline import WEIGHT_DTYPES
+    from full.processes import process_state
+    from full.progress import progress_bar
+
+    args = parse_args(argv)
+    state = process_state()
+    kind = data_kind_for(args.method)
+    if kind != "pairs" and args.clip_model_name_or_path:
+        raise ValueError("--clip_model_name_or_path: Diff-contrast embeddings are for pairs")
+    out = Path(args.output_dir)
+    building = out.with_name(f".{out.name}.building")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    with state.main_process_first():  # the first process converts the source into datasets' Arrow cache
+        rows = load_training_rows(args, kind)
+    record = build_record(args, rows)
+    resumed = not args.overwrite and check_resumable(building, record, out)  # every process checks: all refuse
+    state.wait_for_everyone()  # ... before the main process touches the directory
+    if state.is_main_process:
+        if not resumed:
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            (building / BUILD_NAME).write_text(json.dumps(record, indent=1))
+    state.wait_for_everyone()
+
+    ranges = [range(s, min(s + args.shard_size, len(rows))) for s in range(0, len(rows), args.shard_size)]
+    mine = list(range(state.process_index, len(ranges), state.num_processes))
+    todo = [k for k in mine if not (building / shard_name(k)).is_file()]
+    logger.info("process %d of %d: %d of its %d shards to encode (%d of all %d shards)%s", state.process_index,
+                state.num_processes, len(todo), len(mine), len(todo), len(ranges),
+                " (resuming)" if resumed else "")
+    need_empty = state.is_main_process and not (building / EMPTY_NAME).is_file()
+    if todo or need_empty:
+        device = torch.device(args.device or (state.device if state.num_processes > 1 else
+                                              "cuda" if torch.cuda.is_available() else "cpu"))
+        parts = models.load_components(args.pretrained_model_name_or_path, revision=args.revision,
+                                       variant=args.variant, vae_path=args.pretrained_vae_model_name_or_path)
+        models.place_components(parts, device, WEIGHT_DTYPES[args.mixed_precision],
+                                fixed_vae=bool(args.pretrained_vae_model_name_or_path))
+        with torch.no_grad():
+            if need_empty:
+                _write_empty_prompt(parts, building / EMPTY_NAME, getattr(torch, args.cache_dtype), device)
+            embeddings = None
+            if args.clip_model_name_or_path and todo:  # f(y, x) for the rows of this process's shards only
+                import numpy as np
+
+                keep = np.zeros(len(rows), dtype=bool)
+                for k in todo:
+                    keep[ranges[k].start:ranges[k].stop] = True
+                embeddings = compute_pair_embeddings(rows.subset(keep), args.clip_model_name_or_path, device,
+                                                     batch_size=args.batch_size)
+            dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, args.resolution, seed=args.seed)
+            n_batches = sum(-(-len(ranges[k]) // args.batch_size) for k in todo)
+            with progress_bar(total=n_batches, desc="caching latents and prompts", unit="batch",
+                              main_process=state.is_main_process) as bar:
+                for k in todo:
+                    tensors, dropped = encode_shard(parts, dataset, ranges[k], args, kind, embeddings, device, bar)
+                    write_shard(building / shard_name(k), tensors, dropped)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finish(building, out, len(ranges), args, kind)
+    state.wait_for_everyone()  # every process returns once the cache is in place
+    return out
