@@ -44,6 +44,24 @@ def test_cache_holds_the_encoder_outputs(sd15_pair_cache, tiny_sd15):
     torch.testing.assert_close(dropped[0], models.encode_prompts(parts, [""], "cpu").hidden[0])
 
 
+def test_each_image_draws_its_own_posterior_sample(sd15_pair_cache, tiny_sd15, pickapic_parquet):
+    """latents = scale * (mean + std * eps) with eps from the image's own generator, seeded by (--seed, row index,
+    slot): recovered from the VAE's posterior, eps is that generator's draw, and differs between the two images."""
+    from full.data import load_pair_rows
+    from full.data.images import PairDataset
+
+    parts = models.load_components(tiny_sd15)
+    item = cache.CachedDataset(sd15_pair_cache)[0]
+    pixels = PairDataset(load_pair_rows(pickapic_parquet), 32)[0]["pixel_values"]  # (2, 3, 32, 32)
+    with torch.no_grad():
+        posterior = parts.vae.encode(pixels).latent_dist
+    eps = (item["latents"] / parts.vae.config.scaling_factor - posterior.mean) / posterior.std
+    for slot in (0, 1):  # row index 0, seed 0
+        expected = torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(slot))
+        torch.testing.assert_close(eps[slot], expected, rtol=1e-3, atol=1e-3)
+    assert (eps[0] - eps[1]).abs().max() > 1.0
+
+
 @pytest.mark.parametrize("method", ["dpo", "contrast"])
 def test_training_from_a_pair_cache(sd15_pair_cache, tiny_sd15, tmp_path, run_train, method):
     summary = run_train(tiny_sd15, None, tmp_path, method, cached_dir=sd15_pair_cache)
