@@ -28,14 +28,14 @@ import torch
 
 from full.lab import shapes
 from full.lab.presets import PretrainConfig
-from full.lab.pretrain import build_tokenizer, optimizer_step, token_ids
+from full.lab.pretrain import VOCABULARY, build_tokenizer, optimizer_step, token_ids
 
 
 def build_clip(config: PretrainConfig):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(config.seed + 3)
-    tokenizer = build_tokenizer([w for c in shapes.ALL_CAPTIONS for w in c.split()])
+    tokenizer = build_tokenizer(VOCABULARY)
     width = config.clip_width
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,

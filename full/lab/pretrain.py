@@ -29,17 +29,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from minipref.sft import BAD_PREFIX, GOOD_PREFIX
 
 from full.lab import shapes
 from full.lab.presets import PretrainConfig
 
-TOKEN_LENGTH = 16  # "a magenta triangle on a light background" is 7 words + start and end tokens
+# The words the tokenizer spells as one token each: every caption word, and the words of CSFT's prompt prefixes
+# ("good image, " / "bad image, ", paper 001 Sec. 5.1.2; the comma is one byte, already a token). Spelt byte by byte
+# the prefix was 8 tokens pretraining never saw and pushed the prompt past the context.
+VOCABULARY = sorted({w for text in (*shapes.ALL_CAPTIONS, GOOD_PREFIX, BAD_PREFIX) for w in re.findall(r"[a-z]+", text)})
+# The longest prompt any method uses, "good image, a magenta triangle on a light background", is 12 tokens:
+# start, 10 words and the comma, end.
+TOKEN_LENGTH = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,13 +83,18 @@ def build_tokenizer(words: list[str], max_length: int = TOKEN_LENGTH):
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, pad_token="<|endoftext|>")
 
 
+def cache_key(config: PretrainConfig) -> dict:
+    """What decides a pretrained model: its config and its tokenizer (a cached model with other words is stale)."""
+    return {**vars(config), "vocabulary": VOCABULARY, "context": TOKEN_LENGTH}
+
+
 def build_parts(config: PretrainConfig) -> dict:
     """Untrained tokenizer, text encoder, VAE, UNet and the sampling scheduler, seeded by `config.seed`."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer([w for c in shapes.ALL_CAPTIONS for w in c.split()])
+    tokenizer = build_tokenizer(VOCABULARY)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=2 * config.text_width,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKEN_LENGTH,
@@ -230,7 +243,7 @@ def pretrain(out, config: PretrainConfig, log=lambda *a, **k: None) -> dict:
     out = Path(out)
     start = time.perf_counter()
     parts = build_parts(config)
-    report = {"config": vars(config)}
+    report = {"config": cache_key(config)}
     report.update(train_vae(parts["vae"], config, log))
     report["vae_seconds"] = time.perf_counter() - start
     means, stds, captions = encode_pool(parts["vae"], config)

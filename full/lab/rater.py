@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from minipref.sft import GOOD_PREFIX
 
 from full.lab import reader
 from full.lab.shapes import parse_caption
@@ -61,8 +62,9 @@ class Fidelity:
 
 
 def attribute_matches(image, prompt: str) -> np.ndarray:
-    """[colour, shape, background] read correctly, as a boolean array of 3."""
-    colour, shape, background = parse_caption(prompt)
+    """[colour, shape, background] read correctly, as a boolean array of 3. CSFT samples with "good image, "
+    before the caption (paper 001 Sec. 5.1.2): the caption it must follow is what comes after the prefix."""
+    colour, shape, background = parse_caption(prompt.removeprefix(GOOD_PREFIX))
     found = reader.read(image)
     return np.array([found.colour == colour, found.shape == shape, found.background == background])
 
