@@ -67,6 +67,7 @@ def test_rater_prefers_the_larger_shape_and_fidelity_checks_every_attribute():
     wrong = [shapes.caption("red", "circle", "light"), shapes.caption("green", "square", "light"),
              shapes.caption("green", "circle", "dark")]
     assert fidelity.score(images[:1], [prompt]) == [1.0]
+    assert fidelity.score(images[:1], ["good image, " + prompt]) == [1.0]  # CSFT's prompt at sampling time
     assert fidelity.score(images[:1] * 3, wrong) == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         rater.Rater().score(images[:2], [prompt])
@@ -87,14 +88,22 @@ def test_label_pairs_ties_the_closest_pairs_and_flips_the_requested_fraction():
         rater.label_pairs(a, b, label_noise=0.5)
 
 
-def test_tokenizer_spells_every_caption_word_as_one_token():
-    from full.lab.pretrain import build_tokenizer
+def test_tokenizer_spells_every_caption_and_csft_prefix_word_as_one_token():
+    from minipref.sft import BAD_PREFIX, GOOD_PREFIX
 
-    words = sorted({w for c in shapes.ALL_CAPTIONS for w in c.split()})
-    tokenizer = build_tokenizer(words)
+    from full.lab.pretrain import TOKEN_LENGTH, VOCABULARY, build_tokenizer
+
+    tokenizer = build_tokenizer(VOCABULARY)
     ids = tokenizer("a magenta triangle on a light background").input_ids
     assert len(ids) == 2 + 7  # start, seven words, end
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a magenta triangle on a light background"
+    for prefix in (GOOD_PREFIX, BAD_PREFIX):  # CSFT's prompts: "good image, a ..." = start, 3 + 7 pieces, end
+        ids = tokenizer(prefix + "a magenta triangle on a light background").input_ids
+        assert len(ids) == 2 + 3 + 7 <= TOKEN_LENGTH, tokenizer.convert_ids_to_tokens(ids)
+    # the longest prefixed caption is encoded whole (nothing truncated) by the pipeline's own call
+    longest = max(shapes.ALL_CAPTIONS, key=lambda c: len(tokenizer(c).input_ids))
+    ids = tokenizer(GOOD_PREFIX + longest, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == (GOOD_PREFIX + longest).replace(",", " ,")
     assert len(tokenizer("an unknown word!").input_ids) > 4  # any text tokenizes, byte by byte
 
 
@@ -119,6 +128,21 @@ def test_each_method_is_an_entry_point_argv_with_its_own_data_and_flags(tmp_path
     # one preset per family: every reference-based method trains with the same beta, lr and steps
     for name in ("dpo", "kto_kahneman_tversky", "dspo", "contrast", "bce", "spin"):
         assert value(argvs[name][1], "--beta") == "5000.0" and value(argvs[name][1], "--max_train_steps") == "300"
+    # DSPO at Diffusion-DPO's beta takes gamma = 1/(2 beta): its start is then 3/4 SFT, not -2499 x SFT
+    for name in ("dspo", "dspo_e", "dspo_ref"):
+        assert float(value(argvs[name][1], "--dspo_gamma")) * 2 * 5000.0 == pytest.approx(1.0)
+    assert "--dspo_gamma" not in argvs["dpo"][1]
+
+
+def test_evaluation_deals_models_over_runs_and_samples_csft_with_its_prefix():
+    from full.lab.run import evaluation_runs
+
+    trained = {name: {"prompt_prefix": "good image, " if name == "csft" else ""}
+               for name in ("sft", "csft", "dpo", "kto", "spo")}
+    runs = evaluation_runs(trained, workers=2)
+    assert [(r["name"], r["prefix"], r["models"]) for r in runs] == [
+        ("part0", "", ["base", "dpo", "spo"]), ("part1", "", ["sft", "kto"]), ("prefix_csft", "good image, ", ["csft"])]
+    assert [r["models"] for r in evaluation_runs({"dpo": {"prompt_prefix": ""}}, workers=3)] == [["base"], ["dpo"]]
 
 
 def test_lab_cli_names_an_unknown_method_in_one_line(capsys):
@@ -166,5 +190,9 @@ def test_quick_lab_every_method_writes_a_lora_that_evaluate_loads(quick_lab):
         assert 0.0 <= entry["fidelity"] <= 1.0
         # full.evaluate drew this method's images with its LoRA loaded: they are not the base model's
         assert reward[name] != reward["base"], name
+    # CSFT was sampled as it was trained, "good image, <caption>"; every other model with the plain caption
+    manifest = [json.loads(line) for line in (out / "eval" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["prompt"].startswith("good image, ") for r in manifest if r["model"] == "csft"} == {True}
+    assert {r["prompt"].startswith("a ") for r in manifest if r["model"] != "csft"} == {True}
     assert 0.0 <= results["base"]["fidelity"] <= 1.0 and results["wall_s"] > 0
     assert (out / "lab.png").is_file()

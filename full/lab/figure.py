@@ -20,7 +20,7 @@ def lab_figure(eval_dir: Path, results: dict, path: Path, n_prompts: int = 9) ->
     rows = [json.loads(line) for line in (Path(eval_dir) / "manifest.jsonl").read_text().splitlines() if line.strip()]
     seed = min(r["seed"] for r in rows)
     prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in rows))[:n_prompts]
-    captions = {r["prompt_id"]: r["prompt"] for r in rows}
+    captions = {r["prompt_id"]: r["prompt"] for r in rows if r["model"] == "base"}  # CSFT's carry its prefix
     names = ["base", *results["methods"]]
     where = {(r["model"], r["prompt_id"]): r["path"] for r in rows if r["seed"] == seed}
 

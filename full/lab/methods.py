@@ -25,6 +25,7 @@ from pathlib import Path
 
 from minipref.dspo import VARIANTS as DSPO_VARIANTS
 from minipref.kto import UTILITY_NAMES
+from minipref.sft import GOOD_PREFIX
 
 from full.lab.presets import COMMON_FLAGS, FAMILIES, LabConfig
 
@@ -36,11 +37,13 @@ class Method:
     family: str  # which preset of presets.FAMILIES
     flags: dict  # method-specific flags
     data: str  # "pairs", "feedback" or "pairs_swapped": which file of the preference data
+    prompt_prefix: str = ""  # what the trained model is prompted with before each caption at sampling time
 
 
 def all_methods() -> list[Method]:
     methods = [Method("sft", "full.train", "sft", {"method": "sft"}, "feedback"),
-               Method("csft", "full.train", "sft", {"method": "csft"}, "feedback"),
+               # CSFT learns "good image, <caption>" and "bad image, <caption>", and is sampled with the first
+               Method("csft", "full.train", "sft", {"method": "csft"}, "feedback", prompt_prefix=GOOD_PREFIX),
                # BCE with the implicit reward as its logit: the reference form of paper 000 Eq. (3)
                Method("bce", "full.train", "reference", {"method": "bce", "bce_reference": True}, "feedback"),
                Method("dpo", "full.train", "reference", {"method": "dpo"}, "pairs"),
@@ -49,7 +52,7 @@ def all_methods() -> list[Method]:
                 for u in UTILITY_NAMES]
     methods.append(Method("contrast", "full.train", "reference", {"method": "contrast"}, "pairs"))
     # dspo_sdxl is the authors' switch for SDXL (full/presets/sdxl-dspo.json); the lab's model is SD1.5-shaped
-    methods += [Method(v, "full.train", "reference", {"method": "dspo", "dspo_variant": v}, "pairs")
+    methods += [Method(v, "full.train", "dspo", {"method": "dspo", "dspo_variant": v}, "pairs")
                 for v in DSPO_VARIANTS if v != "dspo_sdxl"]
     methods.append(Method("spin", "full.spin", "reference", {"num_iterations": 2}, "pairs"))
     methods.append(Method("spo", "full.spo", "spo", {}, "prompts"))
@@ -101,8 +104,9 @@ def spm_argv(lab: LabConfig, model: Path, clip: Path, pairs: Path, out: Path) ->
                       "num_validation_pairs": 8 if smoke else 64, "seed": 0})
 
 
-def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path) -> float:
-    """Run one entry point; returns wall seconds. `launcher`: "accelerate" (a subprocess, as users do) or "inprocess"."""
+def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path, threads: int | None = None) -> float:
+    """Run one entry point; returns wall seconds. `launcher`: "accelerate" (a subprocess, as users do) or "inprocess".
+    `threads`: the subprocess's torch threads (OMP_NUM_THREADS), for running several at once on a few cores."""
     start = time.perf_counter()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if launcher == "inprocess":
@@ -113,11 +117,14 @@ def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path) -> 
         return time.perf_counter() - start
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = ([sys.executable, "-m", entry] if entry == "full.train_spm" else [*launch, "-m", entry]) + argv
+    # the preference model's trainer and the evaluation are plain scripts; the trainers are accelerate programs
+    plain = entry in ("full.train_spm", "full.evaluate")
+    command = ([sys.executable, "-m", entry] if plain else [*launch, "-m", entry]) + argv
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log_file, "w") as log:
         log.write(" ".join(command) + "\n\n")
         log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = log_file.read_text()[-1500:]
         raise RuntimeError(f"{entry} failed with exit status {done.returncode}; see {log_file}:\n{tail}")

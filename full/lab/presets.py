@@ -14,16 +14,16 @@ class PretrainConfig:
     vae_channels: tuple = (16, 32, 32)  # 3 blocks: 32 px -> 8 x 8 latents, a factor 4 (SD's 8 is overkill at 32 px)
     unet_channels: tuple = (32, 64)  # 8 x 8 -> 4 x 4, cross-attention in both levels and the middle
     text_width: int = 64  # = the UNet's cross-attention width
-    vae_steps: int = 400
+    vae_steps: int = 300  # MSE ~0.01 (the reader still reads the reconstructions)
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4  # small: bounded latents, not a prior to sample from (the UNet is the prior)
     pool_size: int = 8000  # encoded scenes the UNet trains on (~220 per caption)
-    unet_steps: int = 3000
+    unet_steps: int = 1500  # ~100k scenes seen; 3000 steps followed the captions as well (fidelity 0.72)
     unet_batch: int = 64
     unet_lr: float = 1e-3  # tiny models take large steps; warm-up 5%, cosine to 10%
     caption_dropout: float = 0.1  # SD1.5 trained with 10% empty prompts, for classifier-free guidance
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995  # averages the last ~200 steps: a horizon well inside the run
     clip_width: int = 64  # the tiny CLIP (full/lab/clip.py) for Diff-contrast's f(y, x) and SPO's preference model
     clip_steps: int = 300
     clip_lr: float = 1e-3
@@ -52,6 +52,9 @@ class LabConfig:
     eval_seeds: int = 8  # images per held-out caption and model (18 captions: the bootstrap runs over them)
     train_scale: float = 1.0  # multiplies every method's steps (quick: fewer)
     methods: tuple = ()  # empty: all
+    # `make lab` (subprocesses): this many trainers, and evaluation runs, at once, one torch thread each. Two on two
+    # cores: a small model's step is too short to split over threads well, and two runs keep both cores busy.
+    workers: int = 2
     # quick only: every method except these trains `smoke_steps` steps on `smoke_rows` rows (it must run to the end
     # and write a LoRA that loads); these train `train_scale` of their preset, enough to move the reward
     measured: tuple = ("sft", "dpo", "dpo_swapped")
@@ -72,16 +75,26 @@ QUICK = LabConfig("quick", QUICK_PRETRAIN, images_per_caption=16, sample_steps=1
 # steps only); checkpoints only at the end; 32 px is the lab's resolution.
 COMMON_FLAGS = {"resolution": 32, "rank": 8, "lr_warmup_steps": 0, "lr_scheduler": "constant", "seed": 0}
 
+# Reference-based objectives (DPO, DSPO, Diff-contrast, KTO, BCE with reference, SPIN): Diffusion-DPO's beta 5000
+# (minipref convention; paper 000/004 use it for SD1.5) and the same lr as SFT, so that the families differ only in
+# their objective.
+REFERENCE_FLAGS = {"learning_rate": 1e-3, "train_batch_size": 16, "max_train_steps": 300, "beta": 5000.0}
+
 FAMILIES = {
     # SFT / CSFT: plain regression on the chosen images; no reference, no beta. lr 1e-3: the LoRA must move a
     # model whose own weights were trained at 1e-3, in a few hundred steps.
     "sft": dict(flags={"learning_rate": 1e-3, "train_batch_size": 32, "max_train_steps": 300},
                 reason="no beta; lr as the pretraining's peak so a few hundred steps can move the LoRA"),
-    # Reference-based objectives (DPO, DSPO, Diff-contrast, KTO, BCE with reference, SPIN): Diffusion-DPO's
-    # beta 5000 (minipref convention; paper 000/004 use it for SD1.5) and the same lr as SFT, so that the
-    # families differ only in their objective.
-    "reference": dict(flags={"learning_rate": 1e-3, "train_batch_size": 16, "max_train_steps": 300, "beta": 5000.0},
+    "reference": dict(flags=REFERENCE_FLAGS,
                       reason="Diffusion-DPO's beta 5000 unchanged; batch 16 pairs = 32 images, as SFT's 32"),
+    # DSPO (all three variants): the reference family's settings, and gamma = 1 / (2 beta) instead of the paper's 1.
+    # At theta = ref DSPO's gradient is (1 - beta gamma / 2) times SFT's on the winners (SPEC identity 8): at beta
+    # 5000 and gamma 1 that is -2499 x SFT, an anti-SFT start that undoes the pretraining (the lab measured it: no
+    # move at all). gamma = 1/(2 beta) is Theorem 1's value: the start is 3/4 SFT and the gate weights the
+    # correction (docs/methods.md, "DSPO"). dspo_ref (Eq. 47) has no gamma; it takes the family's flags unchanged.
+    "dspo": dict(flags={**REFERENCE_FLAGS, "dspo_gamma": 1.0 / (2.0 * REFERENCE_FLAGS["beta"])},
+                 reason="the reference family's beta 5000 with gamma = 1/(2 beta) = 1e-4 (Theorem 1): the paper's "
+                        "gamma 1 makes the start -2499 x SFT at this beta"),
     # SPO: its own sampler-in-the-loop trainer; paper 003's beta 10 and clip 0.1 (full/presets/sd15-spo.json).
     "spo": dict(flags={"learning_rate": 1e-3, "train_batch_size": 8, "beta": 10.0},
                 reason="paper 003's beta and clip; the lr of the other families"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,9 +63,9 @@ def cached(path: Path, marker: str, config: dict) -> bool:
 
 def ensure_pretrained(out: Path, lab: LabConfig, progress: Progress) -> tuple[Path, Path]:
     from full.lab.clip import pretrain_clip
-    from full.lab.pretrain import pretrain
+    from full.lab.pretrain import cache_key, pretrain
 
-    config = asdict(lab.pretrain)
+    config = cache_key(lab.pretrain)
     model, clip = out / "model", out / "clip"
     bar = StepLog(progress)
     if cached(model, "pretrain.json", config):
@@ -101,25 +102,68 @@ class StepLog:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def ensure_preference_data(out: Path, lab: LabConfig, model: Path, progress: Progress) -> dict:
+    """The base model's rated samples (cached while the model and the data settings are unchanged)."""
+    from full.lab.pretrain import cache_key
+
+    settings = ("images_per_caption", "sample_steps", "guidance", "tie_rate", "label_noise", "desirable_quantile")
+    config = {"model": cache_key(lab.pretrain), **{name: getattr(lab, name) for name in settings}}
+    if cached(out / "data", "data.json", config):
+        progress(f"preference data: cached in {out / 'data'}")
+        return json.loads((out / "data" / "data.json").read_text())
+    for stale in ("data", "train"):  # LoRAs trained on other data are stale too
+        shutil.rmtree(out / stale, ignore_errors=True)
+    start = time.perf_counter()
+    data = preferences.make_preference_data(model, out / "data", images_per_caption=lab.images_per_caption,
+                                            steps=lab.sample_steps, guidance=lab.guidance, tie_rate=lab.tie_rate,
+                                            label_noise=lab.label_noise, desirable_quantile=lab.desirable_quantile,
+                                            log=progress)
+    data["config"] = config
+    (out / "data" / "data.json").write_text(json.dumps(data, indent=1))
+    progress.timed("preference data", time.perf_counter() - start)
+    return data
+
+
+def in_parallel(jobs: list, run, workers: int) -> list:
+    """`run(job)` for every job, `workers` at a time (threads that wait on subprocesses), results in job order."""
+    if workers <= 1:
+        return [run(job) for job in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, jobs))
+
+
 def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *, launcher: str,
               progress: Progress) -> dict[str, dict]:
     """Train every selected method; returns {name: {"lora": dir, "seconds": s, "argv": [...]}}."""
-    selected = [m for m in methods_lib.all_methods() if not lab.methods or m.name in lab.methods]
-    trained, spm = {}, out / "train" / "spm"
-    for method in selected:
-        if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():
+    by_name = {m.name: m for m in methods_lib.all_methods()}
+    selected = [by_name[name] for name in lab.methods or by_name]  # in the order asked for
+    spm = out / "train" / "spm"
+    # Subprocesses run `lab.workers` at once with one thread each; in this process, one at a time.
+    workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
+
+    def train(method) -> dict:
+        if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():  # SPO's preference model first
             argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
-            seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, log_file=out / "logs" / "spm.log")
+            seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
+                                            log_file=out / "logs" / "spm.log")
             progress.timed("train_spm", seconds)
         target = out / "train" / method.name
-        shutil.rmtree(target, ignore_errors=True)
         argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
-        seconds = methods_lib.run_entry(method.entry, argv, launcher=launcher,
+        entry = {"lora": str(target), "family": method.family, "prompt_prefix": method.prompt_prefix,
+                 "command": f"{method.entry} " + " ".join(argv)}
+        # A LoRA trained by this very command on this data is reused (the data's cache clears train/ when it changes)
+        if cached(target, "lab_train.json", entry["command"]):
+            progress(f"train {method.name}: cached in {target}")
+            return {**entry, "seconds": json.loads((target / "lab_train.json").read_text())["seconds"]}
+        shutil.rmtree(target, ignore_errors=True)
+        seconds = methods_lib.run_entry(method.entry, argv, launcher=launcher, threads=threads,
                                         log_file=out / "logs" / f"{method.name}.log")
-        trained[method.name] = {"lora": str(target), "seconds": round(seconds, 1), "family": method.family,
-                                "command": f"{method.entry} " + " ".join(argv)}
         progress.timed(f"train {method.name}", seconds)
-    return trained
+        entry["seconds"] = round(seconds, 1)
+        (target / "lab_train.json").write_text(json.dumps({"config": entry["command"], "seconds": entry["seconds"]}))
+        return entry
+
+    return {m.name: entry for m, entry in zip(selected, in_parallel(selected, train, workers))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,20 +171,53 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict) -> dict:
-    """full.evaluate on the held-out captions: generate (every LoRA loaded by it), score, report."""
+def evaluation_runs(trained: dict, workers: int) -> list[dict]:
+    """How the models are split over full.evaluate runs: the base model and the LoRAs sampled with the plain
+    caption dealt over `workers` runs, and one run per prompt prefix (CSFT samples "good image, <caption>")."""
+    plain = ["base", *(name for name, entry in trained.items() if not entry["prompt_prefix"])]
+    runs = [{"name": f"part{i}", "prefix": "", "models": plain[i::workers]} for i in range(workers)]
+    for prefix in dict.fromkeys(entry["prompt_prefix"] for entry in trained.values() if entry["prompt_prefix"]):
+        models = [name for name, entry in trained.items() if entry["prompt_prefix"] == prefix]
+        runs.append({"name": "prefix_" + "_".join(models), "prefix": prefix, "models": models})
+    return [r for r in runs if r["models"]]
+
+
+def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher: str) -> dict:
+    """full.evaluate on the held-out captions: generate (every LoRA loaded by it) and score in one or more runs,
+    then one report over all of them (the runs' manifests and scores merged: a comparison pairs images by prompt
+    id and seed, so CSFT's prefixed prompts are compared with the base model's plain ones)."""
     from full import evaluate as evaluate_entry
 
     eval_dir = out / "eval"
     shutil.rmtree(eval_dir, ignore_errors=True)  # a stale image of a retrained LoRA must not be reused
     eval_dir.mkdir(parents=True)
-    prompts = eval_dir / "held_out_prompts.txt"
-    prompts.write_text("".join(f"p{i:02d}\t{c}\n" for i, c in enumerate(HELD_OUT_CAPTIONS)))
-    common = ["--out", str(eval_dir), "--base_model", str(model), "--prompts", str(prompts),
-              "--seeds", str(lab.eval_seeds), "--steps", str(lab.sample_steps), "--guidance", str(lab.guidance),
-              "--batch_size", "64", "--device", "cpu", "--grid_prompts", "0"]
-    common += [arg for name, entry in trained.items() for arg in ("--lora", f"{name}={entry['lora']}")]
-    return evaluate_entry.main(common + ["--scorers", ",".join(SCORERS.values())])
+    workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
+    runs = evaluation_runs(trained, workers)
+
+    def generate_and_score(run: dict) -> None:
+        run_dir = eval_dir / run["name"]
+        run_dir.mkdir()
+        prompts = run_dir / "held_out_prompts.txt"
+        prompts.write_text("".join(f"p{i:02d}\t{run['prefix']}{c}\n" for i, c in enumerate(HELD_OUT_CAPTIONS)))
+        argv = ["--out", str(run_dir), "--base_model", str(model), "--prompts", str(prompts),
+                "--seeds", str(lab.eval_seeds), "--steps", str(lab.sample_steps), "--guidance", str(lab.guidance),
+                "--batch_size", "64", "--device", "cpu", "--stages", "generate,score",
+                "--scorers", ",".join(SCORERS.values())]
+        argv += [] if "base" in run["models"] else ["--no_base"]
+        argv += [arg for name in run["models"] if name != "base" for arg in ("--lora", f"{name}={trained[name]['lora']}")]
+        methods_lib.run_entry("full.evaluate", argv, launcher=launcher, threads=threads,
+                              log_file=out / "logs" / f"eval_{run['name']}.log")
+
+    in_parallel(runs, generate_and_score, workers)
+    for kind in ("manifest", "scores"):  # one manifest and one score file; image paths relative to eval_dir
+        with (eval_dir / f"{kind}.jsonl").open("w") as merged:
+            for run in runs:
+                for line in (eval_dir / run["name"] / f"{kind}.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    if kind == "manifest":
+                        row["path"] = f"{run['name']}/{row['path']}"
+                    merged.write(json.dumps(row) + "\n")
+    return evaluate_entry.main(["--out", str(eval_dir), "--stages", "report", "--grid_prompts", "0"])
 
 
 def lab_results(summary: dict, trained: dict, base_name: str = "base") -> dict:
@@ -189,15 +266,10 @@ def run_lab(out, lab: LabConfig, *, launcher: str = "accelerate", quiet: bool = 
     progress = Progress(quiet)
     progress(f"lab '{lab.name}' in {out} (launcher: {launcher})")
     model, clip = ensure_pretrained(out, lab, progress)
-    start = time.perf_counter()
-    data = preferences.make_preference_data(model, out / "data", images_per_caption=lab.images_per_caption,
-                                            steps=lab.sample_steps, guidance=lab.guidance, tie_rate=lab.tie_rate,
-                                            label_noise=lab.label_noise, desirable_quantile=lab.desirable_quantile,
-                                            log=progress)
-    progress.timed("preference data", time.perf_counter() - start)
+    data = ensure_preference_data(out, lab, model, progress)
     trained = train_all(out, lab, model, clip, data, launcher=launcher, progress=progress)
     start = time.perf_counter()
-    summary = evaluate(out, lab, model, trained)
+    summary = evaluate(out, lab, model, trained, launcher=launcher)
     progress.timed("evaluate", time.perf_counter() - start)
     results = lab_results(summary, trained)
     results["base"]["attributes"] = attribute_accuracy(out / "eval")
