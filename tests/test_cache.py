@@ -213,12 +213,12 @@ def test_a_killed_build_resumes_to_the_cache_of_an_unkilled_one(tiny_sd15, tmp_p
 
 @pytest.mark.xdist_group("two_processes")
 def test_two_processes_build_the_cache_of_one_process(sd15_pair_cache, two_process_jobs):
-    """`full.cache` launched as 2 processes (gloo, CPU): process 0 encodes shards 0 and 2, process 1 shards 1 and 3,
+    """`full.cache` launched as 2 processes (gloo, CPU): each encodes 2 of the 4 shards (0 and 2, 1 and 3),
     and the cache equals the 1-process one item by item (latents, prompt and CLIP embeddings). Measured: bit for
     bit (the same batches, one thread each); the tolerance allows the round-off of another thread count."""
     out, result = two_process_jobs
     for p in (0, 1):
-        assert f"process {p} of 2: 2 of its 2 shards to encode" in result.stderr, result.stderr[-2000:]
+        assert f"process {p} of 2: 2 shards to encode (4 of 4 left)" in result.stderr, result.stderr[-2000:]
     meta_one, meta_two = cache.read_cache_meta(sd15_pair_cache), cache.read_cache_meta(out / "cache")
     assert meta_two["shards"] == meta_one["shards"] and meta_two["n_items"] == 14
     one, two = cache_tensors(sd15_pair_cache), cache_tensors(out / "cache")

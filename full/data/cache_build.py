@@ -2,10 +2,11 @@
 shards of rows, each encoded by one process, written atomically, so a killed build resumes where it stopped.
 
 Rows `0 .. N-1` (the checked rows of `full.data.rows.load_training_rows`, in their order) are cut into shards of
-`--shard_size`: shard `k` holds rows `[k S, (k+1) S)`. Process `p` of `P` encodes the shards `k = p, p + P, ...`
-and writes each as `shard-<k>.safetensors` in `.<output_dir>.building/` (to a temporary name first, then renamed:
-a file with the final name is always complete). When every process has finished, the main process writes
-`cache_meta.json` and renames the directory to `--output_dir`.
+`--shard_size`: shard `k` holds rows `[k S, (k+1) S)`. The processes list the shards not on disk yet, and process
+`p` of `P` encodes every `P`-th of them, starting at the `p`-th (disjoint and balanced, also on a resume with
+another `P`), writing each as `shard-<k>.safetensors` in `.<output_dir>.building/` (to a temporary name first,
+then renamed: a file with the final name is always complete). When every process has finished, the main process
+writes `cache_meta.json` and renames the directory to `--output_dir`.
 
 What makes the result independent of `P`, of the batch that an image fell in and of the shards already built:
 
@@ -13,6 +14,8 @@ What makes the result independent of `P`, of the batch that an image fell in and
   never from a generator shared by the whole build;
 * batches never cross a shard boundary: shard `k` is always encoded in the same batches, whichever process
   encodes it and whenever (so a 2-process build gives the same tensors as a 1-process one, `tests/test_cache.py`);
+  Diff-contrast's CLIP embeddings are computed in batches of `--batch_size` over a process's shards, the same
+  batches when `--shard_size` is a multiple of `--batch_size` (else equal up to float round-off);
 * the build directory keeps `build.json`, the flags that decide what the cache holds: a rerun with the same flags
   skips the shards on disk and encodes the rest, a rerun with other flags or another checkpoint is refused.
 """
@@ -205,8 +208,9 @@ def build_cache(argv=None) -> Path:
     building = out.with_name(f".{out.name}.building")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    with state.main_process_first():  # the first process converts the source into datasets' Arrow cache
-        rows = load_training_rows(args, kind)
+    # Every process reads the rows, as the trainer does (datasets' file lock lets one convert a parquet source):
+    # no collective waits on this pass, which takes long on a large source.
+    rows = load_training_rows(args, kind)
     record = build_record(args, rows)
     resumed = not args.overwrite and check_resumable(building, record, out)  # every process checks: all refuse
     state.wait_for_everyone()  # ... before the main process touches the directory
@@ -218,11 +222,11 @@ def build_cache(argv=None) -> Path:
     state.wait_for_everyone()
 
     ranges = [range(s, min(s + args.shard_size, len(rows))) for s in range(0, len(rows), args.shard_size)]
-    mine = list(range(state.process_index, len(ranges), state.num_processes))
-    todo = [k for k in mine if not (building / shard_name(k)).is_file()]
-    logger.info("process %d of %d: %d of its %d shards to encode (%d of all %d shards)%s", state.process_index,
-                state.num_processes, len(todo), len(mine), len(todo), len(ranges),
-                " (resuming)" if resumed else "")
+    remaining = [k for k in range(len(ranges)) if not (building / shard_name(k)).is_file()]
+    state.wait_for_everyone()  # every process has listed the shards on disk before any process writes one
+    todo = remaining[state.process_index::state.num_processes]  # the same lists everywhere: disjoint, balanced
+    logger.info("process %d of %d: %d shards to encode (%d of %d left%s)", state.process_index, state.num_processes,
+                len(todo), len(remaining), len(ranges), ", resuming" if resumed else "")
     need_empty = state.is_main_process and not (building / EMPTY_NAME).is_file()
     if todo or need_empty:
         device = torch.device(args.device or (state.device if state.num_processes > 1 else
