@@ -218,7 +218,8 @@ def build_cache(argv=None) -> Path:
         if not resumed:
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
-            (building / BUILD_NAME).write_text(json.dumps(record, indent=1))
+            (building / f"{BUILD_NAME}.partial").write_text(json.dumps(record, indent=1))
+            os.replace(building / f"{BUILD_NAME}.partial", building / BUILD_NAME)  # a record is whole or absent
     state.wait_for_everyone()
 
     ranges = [range(s, min(s + args.shard_size, len(rows))) for s in range(0, len(rows), args.shard_size)]
