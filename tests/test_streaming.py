@@ -137,6 +137,23 @@ def test_a_killed_streaming_run_resumes_to_the_same_rows_and_lora(tiny_sd15, tmp
     assert any((mid[k] - a[k]).abs().max() > 1e-5 for k in a)  # the steps after the checkpoint changed the LoRA
 
 
+def test_two_processes_end_each_epoch_together_when_their_shares_differ(tiny_sd15, tmp_path):
+    """2 real processes (gloo): rank 0's share of the stream holds 5 usable pairs, rank 1's 2 (row 0 is corrupt, row 8
+    a tie). An epoch is 2 micro-batches for both, so after 3 steps the run is at epoch 1, batch 1; were the shorter
+    share not to end the epoch for both, rank 0 (whose progress the checkpoint holds) would be at epoch 0, batch 3."""
+    from tests.two_processes import ROOT, launch_two
+
+    source = tiny_models.make_pickapic_parquet(tmp_path / "pp.parquet", 9, 32, n_ties=1, corrupt_rows=[0])
+    shares = [epoch_ids(stream_rows(source, rank=rank, world=2, buffer=1000)) for rank in (0, 1)]
+    assert [len(share) for share in shares] == [5, 2] and sorted(sum(shares, [])) == list(range(1, 8))
+    argv = train_argv(tiny_sd15, source, tmp_path / "out", "dpo", "--streaming", "--train_batch_size", "1",
+                      "--checkpointing_steps", "3", steps=3)
+    result = launch_two(str(ROOT / "full" / "train.py"), *argv)
+    assert "on 2 process(es)" in result.stderr  # report_stream_rows: the rows of both processes, said once
+    progress = torch.load(tmp_path / "out" / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert (progress["epoch"], progress["batch_in_epoch"], progress["global_step"]) == (1, 1, 3)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--num_train_epochs", "1"], "--streaming cannot be used with --num_train_epochs: a stream has no length"),
     (["--desirable_ratio", "0.8"], "--desirable_ratio draws"),

@@ -11,6 +11,10 @@ rows: the bytes are all stored, only the encoding is saved), then runs two reade
   builder (`python -m full.cache`) reads through this same loader, then runs the encoders.
 * `stream`: `iter_source` (the streaming reader of the converters and Hub sources) decoding both images of every
   row, in order.
+* `train-stream`: what `full.train --streaming` reads (`full.data.streaming`): the shuffled stream (buffer of 1000
+  rows), rows checked, `PairDataset` items at 256 px with flips, batches of 8, every image decoded.
+* `skip`: what a resumed `--streaming` run does to reach its position: the same stream, rows checked, nothing
+  decoded (`--readers` picks among the four).
 
 It prints the loader's start-up (`load s`: the parquet converted into the `datasets` Arrow cache and the checking
 pass), rows/s of the iteration after it, and peak memory: `anon` is the peak of the process's anonymous resident memory (RssAnon: what the
@@ -38,6 +42,7 @@ ROW_SIZES = (1000, 4000, 16000)
 # system allocator for Arrow, and mmap for blocks >= 64 KB in glibc, hand them back: docs/scaling.md.
 ALLOCATORS = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": "65536"}
 POOL = 64  # distinct JPEGs
+READERS = ("loader", "stream", "train-stream", "skip")
 
 
 def jpeg_pool(n: int = POOL, size: int = 256, quality: int = 95) -> list[bytes]:
@@ -103,6 +108,8 @@ def run_reader(mode: str, path: str) -> dict:
     from full.data.sources import iter_source, load_pair_rows
 
     torch.set_num_threads(1)
+    if mode in ("train-stream", "skip"):
+        import datasets  # noqa: F401  (its import, seconds on a busy machine, is not the reader's time)
     memory, start, rows, load_seconds, load_memory = PeakMemory(), time.perf_counter(), 0, 0.0, {}
     if mode == "loader":
         dataset = PairDataset(load_pair_rows(path), resolution=256, random_flip=True)
@@ -113,6 +120,18 @@ def run_reader(mode: str, path: str) -> dict:
                                              generator=torch.Generator().manual_seed(0))
         for batch in loader:
             rows += len(batch["row_ids"])
+    elif mode in ("train-stream", "skip"):
+        from full.data.columns import ColumnMap
+        from full.data.streaming import StreamedRows, StreamingLoader, open_stream
+
+        stream = open_stream(path, "train", ColumnMap({c: c for c in ("jpg_0", "jpg_1", "label_0", "caption")}),
+                             None, seed=0, buffer_size=1000)
+        streamed = StreamedRows(stream, "pairs", PairDataset(None, resolution=256, random_flip=True), name=path)
+        streamed.set_epoch(0)
+        if mode == "skip":
+            rows = sum(1 for _ in streamed.usable_rows())
+        else:
+            rows = sum(len(batch["row_ids"]) for batch in StreamingLoader(streamed, 8, "cpu"))
     else:
         from PIL import Image
 
@@ -148,6 +167,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--allocator", choices=("system", "default"), default="system",
                    help="system: the readers run with ALLOCATORS (flat memory); default: Arrow's mimalloc and glibc's "
                         "heap as they come, which keep freed image buffers and grow with the rows read")
+    p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS[:2]),
+                   help="which readers to run (default: loader stream)")
     p.add_argument("--_reader", nargs=2, help=argparse.SUPPRESS)  # internal: mode, path (one fresh process each)
     args = p.parse_args(argv)
     if args._reader:
@@ -160,17 +181,17 @@ def main(argv=None) -> list[dict]:
     print(f"allocators: {ALLOCATORS if args.allocator == 'system' else 'defaults'}")
     print(f"JPEG pool: {POOL} images, mean {sum(map(len, pool)) / POOL / 1024:.1f} KB; decode only: "
           f"{decode_rate(pool):.0f} rows/s (2 JPEGs a row)")
-    print(f"{'rows':>6} {'reader':>7} {'load s':>7} {'load anon MB':>13} {'rows/s':>8} {'peak anon MB':>13} "
+    print(f"{'rows':>6} {'reader':>12} {'load s':>7} {'load anon MB':>13} {'rows/s':>8} {'peak anon MB':>13} "
           f"{'peak rss MB':>12} {'parquet MB':>11}")
     figures = []
     for n in args.rows:
         path = write_pickapic(workdir / f"pickapic-{n}" / "train.parquet", n, pool)
-        for mode in ("loader", "stream"):
+        for mode in args.readers:
             out = subprocess.run([sys.executable, "-m", "full.bench", "--data", "--_reader", mode, str(path)],
                                  env=env, capture_output=True, text=True, check=True)
             result = {"n_rows": n, "parquet_mb": path.stat().st_size / 2**20, **json.loads(out.stdout.splitlines()[-1])}
             figures.append(result)
-            print(f"{n:>6} {mode:>7} {result['load_seconds']:>7.1f} {result.get('load_anon_mb', 0):>13.0f} "
+            print(f"{n:>6} {mode:>12} {result['load_seconds']:>7.1f} {result.get('load_anon_mb', 0):>13.0f} "
                   f"{result['rows_per_s']:>8.0f} {result['anon_mb']:>13.0f} "
                   f"{result['rss_mb']:>12.0f} {result['parquet_mb']:>11.0f}", flush=True)
     if args.out:
