@@ -24,9 +24,9 @@ from filelock import FileLock  # a diffusers dependency
 from minipref import gaussian_step_log_prob
 from toy.cli import build_parser, main, parse_args
 from toy.data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings, log_density_ratio
-from toy.evaluate import ceiling_margin, energy_distance
+from toy.evaluate import _pair_errors, ceiling_margin, energy_distance
 from toy.methods import METHODS, resolve
-from toy.model import EpsMLP, TimestepEmbedding, condition, make_noise_scheduler
+from toy.model import EpsMLP, TimestepEmbedding, condition, denoising_error, make_noise_scheduler
 from toy.run import RunConfig, run
 from toy.sampling import ddim_step_gaussian, ddim_step_std, ddim_step_with_log_prob, make_ddim, make_sampler, sample
 from toy.schedule import DDIMSteps, DPMSolver, NoiseSchedule
@@ -265,6 +265,36 @@ def test_noise_schedule_and_add_noise_are_diffusers_bit_for_bit():
 def test_timestep_embedding_is_diffusers_bit_for_bit(dim):
     t = torch.randint(0, 1000, (513,), generator=torch.Generator().manual_seed(dim))
     assert torch.equal(Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)(t), TimestepEmbedding(dim)(t))
+
+
+def test_timestep_embedding_table_covers_every_step_and_refuses_any_other():
+    # The embedding is a (T, dim) table looked up by integer t; fractional t is computed. Both are diffusers' bits.
+    theirs, ours = Timesteps(32, flip_sin_to_cos=True, downscale_freq_shift=0), TimestepEmbedding(32)
+    every_step = torch.arange(1000)
+    assert torch.equal(theirs(every_step), ours(every_step))
+    assert torch.equal(theirs(every_step + 0.5), ours(every_step + 0.5))
+    for outside in (-1, 1000):  # a plain table[t] would wrap -1 round to step 999 without a word
+        with pytest.raises(IndexError):
+            ours(torch.tensor([outside]))
+
+
+def test_rows_of_a_forward_do_not_interact_bit_for_bit():
+    # What the held-out evaluation in parts and SPO's reuse of its scoring forward rest on: a row's output is the
+    # same bits whatever else is in the batch, from 16 rows up (smaller batches take another matmul kernel).
+    g = torch.Generator().manual_seed(0)
+    model = EpsMLP(hidden=64, depth=2).requires_grad_(False)
+    x, t = torch.randn(8192, 2, generator=g), torch.randint(0, 1000, (8192,), generator=g)
+    whole = model(x, t)
+    for rows in (slice(0, 16), slice(0, 128), slice(128, 640), slice(3, 517), slice(100, 8192)):
+        assert torch.equal(model(x[rows], t[rows]), whole[rows]), rows
+    scheduler = NoiseSchedule()
+    x_w, x_l, noise = x[:3000], x[3000:6000], torch.randn(3000, 2, generator=g)
+    cond = condition("good", 3000)
+    one_forward = _pair_errors(model, scheduler, x_w, x_l, t[:3000], noise, cond, pairs_per_forward=3000)
+    in_parts = _pair_errors(model, scheduler, x_w, x_l, t[:3000], noise, cond, pairs_per_forward=13)  # 231 parts
+    assert all(torch.equal(a, b) for a, b in zip(one_forward, in_parts))
+    assert torch.equal(one_forward[0], denoising_error(model, scheduler, x_w, t[:3000], noise, cond)[0])  # winners
+    assert torch.equal(one_forward[1], denoising_error(model, scheduler, x_l, t[:3000], noise, cond)[0])  # losers
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 25])

@@ -86,18 +86,18 @@ def train_preference_model(
     return spm.requires_grad_(False).eval(), losses
 
 
-def score_candidates(ctx: "FineTuneContext", x_prev: Tensor, t_prev: int) -> Tensor:
-    """Preference scores ``(n,)`` of candidates ``x_{t-1}`` ``(n, 2)`` at step ``t_prev`` (-1 = clean)."""
+def score_candidates(ctx: "FineTuneContext", x_prev: Tensor, t_prev: int) -> tuple[Tensor, Tensor | None]:
+    """Preference scores ``(n,)`` of candidates ``x_{t-1}`` ``(n, 2)`` at step ``t_prev`` (-1 = clean), and the
+    policy's noise prediction ``(n, 2)`` for them at ``t_prev`` that the scores were made from (None if none was)."""
     n = len(x_prev)
     if ctx.spec.options["oracle"]:
         alpha_bar = torch.ones(n) if t_prev < 0 else ctx.scheduler.alphas_cumprod[t_prev].expand(n)
-        return log_density_ratio(x_prev, alpha_bar)
+        return log_density_ratio(x_prev, alpha_bar), None
     if t_prev < 0:  # a clean sample is its own prediction
-        x0_hat, t_score = x_prev, torch.zeros(n, dtype=torch.long)
-    else:
-        t_score = torch.full((n,), t_prev)
-        x0_hat = predict_x0(ctx.policy(x_prev, t_score), x_prev, ctx.scheduler.alphas_cumprod[t_score])
-    return ctx.state["spm"](x0_hat, t_score)
+        return ctx.state["spm"](x_prev, torch.zeros(n, dtype=torch.long)), None
+    t_score = torch.full((n,), t_prev)
+    eps = ctx.policy(x_prev, t_score)
+    return ctx.state["spm"](predict_x0(eps, x_prev, ctx.scheduler.alphas_cumprod[t_score]), t_score), eps
 
 
 @torch.no_grad()
@@ -110,23 +110,27 @@ def rollout(ctx: "FineTuneContext") -> dict[str, Tensor]:
     b, k = ctx.spec.batch, opts["candidates"]
     x = torch.randn(b, 2, generator=g)
     columns = torch.arange(b)
-    kept: dict[str, list[Tensor]] = {"x_t": [], "t": [], "x_w": [], "x_l": []}
+    known = (None, None)  # (t, the policy's eps for x at t) when scoring already computed it
+    steps = []  # per pair-making step: x_t, t, best and worst candidate, whether the pair is kept
     for t in ddim.timesteps.tolist():
-        mean, std = ddim_step_gaussian(ddim, ctx.policy(x, torch.full((b,), t)), t, x)  # (b, 2), float
+        eps = known[1] if known[0] == t else ctx.policy(x, torch.full((b,), t))
+        mean, std = ddim_step_gaussian(ddim, eps, t, x)  # (b, 2), float
         if t >= opts["t_max"]:  # early, very noisy steps: plain sampling, no pairs (paper 003 Sec. 4.3)
             x = mean + std * torch.randn(b, 2, generator=g)
             continue
         candidates = mean + std * torch.randn(k, b, 2, generator=g)  # k draws from the shared x_t: (k, b, 2)
-        scores = score_candidates(ctx, candidates.reshape(k * b, 2), previous_timestep(ddim, t)).reshape(k, b)
-        best, worst = scores.argmax(0), scores.argmin(0)  # (b,)
-        pair_probs = torch.softmax(torch.stack([scores[best, columns], scores[worst, columns]]), dim=0)  # (2, b)
+        t_prev = previous_timestep(ddim, t)
+        scores, candidate_eps = score_candidates(ctx, candidates.reshape(k * b, 2), t_prev)
+        (best_score, best), (worst_score, worst) = scores.reshape(k, b).max(0), scores.reshape(k, b).min(0)  # (b,)
+        pair_probs = torch.softmax(torch.stack([best_score, worst_score]), dim=0)  # (2, b)
         keep = (pair_probs[0] - pair_probs[1]) > opts["threshold"]  # the authors' compare function
-        kept["x_t"].append(x[keep])
-        kept["t"].append(torch.full((int(keep.sum()),), t))
-        kept["x_w"].append(candidates[best, columns][keep])
-        kept["x_l"].append(candidates[worst, columns][keep])
-        x = candidates[torch.randint(k, (b,), generator=g), columns]  # continue from a random candidate (Sec. 4.3)
-    return {key: torch.cat(value) for key, value in kept.items()}
+        steps.append((x, torch.full((b,), t), candidates[best, columns], candidates[worst, columns], keep))
+        chosen = torch.randint(k, (b,), generator=g)
+        x = candidates[chosen, columns]  # continue from a random candidate (Sec. 4.3)
+        if candidate_eps is not None:  # the next step needs the policy's eps for x at t_prev: scoring computed it
+            known = (t_prev, candidate_eps.reshape(k, b, 2)[chosen, columns])  # (rows of a forward are independent)
+    x_t, t, x_w, x_l, keep = (torch.cat(column) for column in zip(*steps))
+    return {"x_t": x_t[keep], "t": t[keep], "x_w": x_w[keep], "x_l": x_l[keep]}
 
 
 def step_log_probs(ctx: "FineTuneContext", model: nn.Module, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
