@@ -1,6 +1,8 @@
 """Preference data for the full-scale trainers: where rows come from, how images become tensors, in what order.
 
-tables.py      where rows come from: parquet file / directory / Hub dataset, streamed or as a memory-mapped table
+tables.py      where rows come from: parquet file / directory / image folder / Hub dataset, as a memory-mapped table
+columns.py     the column flags (--caption_column, --image_column, ...): a source's names -> the canonical ones
+streaming.py   `full.train --streaming`: a seeded, shuffled, per-process stream of the parquet files; skip-ahead resume
 sources.py     checked pair or feedback rows (bad rows named), lazily over the table (`LazyRows`)
 rows.py        the rows one offline method trains on (pairs, or per-image feedback converted from pairs)
 images.py      decode, crop, flip: torch datasets of pairs and single images; `collate_skip_none`

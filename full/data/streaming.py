@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from contextlib import nullcontext
+from itertools import accumulate, islice
 from pathlib import Path
 
 import torch
@@ -79,7 +80,8 @@ def check_streaming_arguments(parser, args) -> None:
 
 
 def _open(fs, file):
-    return fs.open(file, "rb") if fs is not None else file
+    """A local path as it is (pyarrow opens it), a Hub file as a file object of ``fs`` that reads byte ranges."""
+    return fs.open(file, "rb") if fs is not None else nullcontext(file)
 
 
 def _read_files(files: list, offsets: list, columns: dict, max_rows, fs):
@@ -89,14 +91,15 @@ def _read_files(files: list, offsets: list, columns: dict, max_rows, fs):
     for file, row_id in zip(files, offsets):
         if max_rows is not None and row_id >= max_rows:
             return
-        parquet = pq.ParquetFile(_open(fs, file), pre_buffer=False)  # pre-buffering keeps what it read
-        for batch in parquet.iter_batches(batch_size=64, columns=list(columns.values())):
-            values = {name: batch.column(source).to_pylist() for name, source in columns.items()}
-            for i in range(batch.num_rows):
-                if max_rows is not None and row_id >= max_rows:
-                    return
-                yield {"row_id": row_id, **{name: column[i] for name, column in values.items()}}
-                row_id += 1
+        with _open(fs, file) as handle:
+            parquet = pq.ParquetFile(handle, pre_buffer=False)  # pre-buffering keeps what it read
+            for batch in parquet.iter_batches(batch_size=64, columns=list(columns.values())):
+                values = {name: batch.column(source).to_pylist() for name, source in columns.items()}
+                for i in range(batch.num_rows):
+                    if max_rows is not None and row_id >= max_rows:
+                        return
+                    yield {"row_id": row_id, **{name: column[i] for name, column in values.items()}}
+                    row_id += 1
 
 
 def open_stream(dataset_name: str, split: str, columns: ColumnMap, max_rows: int | None, *, seed: int,
@@ -113,11 +116,14 @@ def open_stream(dataset_name: str, split: str, columns: ColumnMap, max_rows: int
                          "holds the image paths only, not the images)")
     fs, files = (None, [str(f) for f in parquet_files(path, split)]) if path.exists() else \
         hub_parquet_files(dataset_name, split)
-    for file in files[:1]:  # the schema of the first file; a later file that differs fails when it is reached
-        check_parquet_columns(_open(fs, file), columns)
+    with _open(fs, files[0]) as first:  # its schema; a later file that differs fails when it is reached
+        check_parquet_columns(first, columns, name=files[0])
     # Each file's first row id, from the footers: ids are positions in the source, as the table reader gives them.
-    sizes = [pq.read_metadata(_open(fs, file)).num_rows for file in files]
-    offsets = [sum(sizes[:i]) for i in range(len(files))]
+    sizes = []
+    for file in files:
+        with _open(fs, file) as handle:
+            sizes.append(pq.read_metadata(handle).num_rows)
+    offsets = [0, *accumulate(sizes)][:-1]
     stream = datasets.IterableDataset.from_generator(
         _read_files, gen_kwargs={"files": files, "offsets": offsets, "columns": dict(columns),
                                  "max_rows": max_rows, "fs": fs})

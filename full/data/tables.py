@@ -200,15 +200,17 @@ def _convert_parquet(datasets, files: list[str]):
         return datasets.load_dataset("parquet", data_files=files, split="train")
 
 
-def check_parquet_columns(file, columns: Sequence[str] | Mapping[str, str]) -> None:
-    """One line naming the flag of each column ``file`` lacks, and the columns it has."""
+def check_parquet_columns(file, columns: Sequence[str] | Mapping[str, str], name: str | None = None) -> None:
+    """One line naming the flag of each column ``file`` (a path or an open file called ``name``) lacks, and the
+    columns it has."""
     import pyarrow.parquet as pq
 
+    name = name or str(file)
     try:
         names = pq.read_schema(file).names
     except Exception as error:  # not a parquet file, truncated footer, ...
-        raise ValueError(f"cannot read parquet file {file}: {error}") from error
-    message = missing_columns_message(as_column_map(columns), names, str(file))
+        raise ValueError(f"cannot read parquet file {name}: {error}") from error
+    message = missing_columns_message(as_column_map(columns), names, name)
     if message:
         raise ValueError(message)
 
