@@ -15,6 +15,7 @@ the real command in a fresh process, and prints both times, the ratio, the phase
     python -m toy.bench                 # quick, then full
     python -m toy.bench --only quick    # or: --only full
     python -m toy.bench --check         # also compare metrics.json with the recorded seed-0 numbers
+    python -m toy.bench --record        # re-record those numbers (only after a change that is meant to move them)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"quick": 1.5, "full": 4.0}
-GOLDEN = REPO / "tests" / "toy_golden_seed0.json"  # metrics.json of seed 0 before any speed-up (timings removed)
+GOLDEN = REPO / "tests" / "toy_golden_seed0.json"  # metrics.json of seed 0, timings removed (its note: since when)
 
 
 def find_calib() -> Path | None:
@@ -93,11 +94,37 @@ def check(label: str, metrics: dict) -> None:
           f"(recorded with torch {golden['torch']}, CPU {golden['cpu_capability']})")
 
 
+def record(recorded: dict[str, dict]) -> None:
+    """Write the seed-0 numbers of this checkout (``--record``): what ``--check`` and tests/test_toy.py compare with."""
+    import torch  # here: the benchmark itself does not need torch
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    commit = git("rev-parse", "HEAD").stdout.strip() or "unknown"
+    if git("diff", "--quiet", "HEAD", "--", "toy", "minipref").returncode:
+        commit += " with uncommitted changes in toy/ or minipref/ (those of the commit that adds this file)"
+    golden = {
+        "note": f"metrics.json of `python -m toy --out ... [--quick]`, seed 0, recorded by `python -m toy.bench "
+                f"--record` at commit {commit} (timings removed); tests/test_toy.py and "
+                f"`python -m toy.bench --check` compare against it",
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{label: {"methods": methods} for label, methods in recorded.items()},
+    }
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"\nrecorded {', '.join(recorded)} in {GOLDEN.relative_to(REPO)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m toy.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("quick", "full"), help="run one configuration only")
     parser.add_argument("--check", action="store_true", help="compare metrics.json with the recorded seed-0 numbers")
+    parser.add_argument("--record", action="store_true",
+                        help=f"write this checkout's seed-0 numbers to {GOLDEN.relative_to(REPO)} (quick and full)")
     args = parser.parse_args(argv)
+    if args.record and args.only:
+        parser.error("--record records quick and full together: drop --only")
     calib = find_calib()
     if calib is None:
         sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository "
@@ -106,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
     start_s, _, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
     print(f"interpreter start + toy imports: {start_s:.2f} s")
+    recorded = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("quick", "full"):
             if args.only not in (None, label):
@@ -119,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             report(label, process_s, cpu_s, calib_s, metrics)
             if args.check:
                 check(label, metrics)
+            recorded[label] = without_timings(metrics)
+    if args.record:
+        record(recorded)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (1-minute average; it includes these runs)")
 
 

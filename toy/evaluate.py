@@ -47,13 +47,25 @@ def energy_distance(x: Tensor, y: Tensor, within_y: float | None = None) -> floa
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"energy distance needs at least 2 points per sample, got {len(x)} and {len(y)}")
     within_y = mean_within(y) if within_y is None else within_y
-    return (2 * torch.cdist(x.double(), y.double()).mean()).item() - mean_within(x) - within_y
+    # 2 E|X - Y| - E|X - X'| - E|Y - Y'|
+    return 2 * distance_sum(x, y) / (len(x) * len(y)) - mean_within(x) - within_y
 
 
 def mean_within(x: Tensor) -> float:
     """``E|X - X'|`` over distinct pairs (the zero diagonal excluded: the unbiased U-statistic)."""
     n = len(x)
-    return (torch.cdist(x.double(), x.double()).sum() / (n * (n - 1))).item()
+    return distance_sum(x, x) / (n * (n - 1))
+
+
+def distance_sum(x: Tensor, y: Tensor, rows: int = 256) -> float:
+    """``sum_ij |x_i - y_j|`` over every row of ``x`` ``(n, 2)`` and ``y`` ``(m, 2)``, in float64.
+
+    ``rows`` rows of the distance matrix at a time: all 3500 x 3500 doubles are 98 MB, which torch writes and reads
+    back four times (product, clamp, square root, sum), while 256 rows (7 MB) stay in cache: ~3x faster. The
+    distances are the same bits as one ``cdist``; their sum is rounded in another order (a 1e-16 relative change).
+    """
+    x, y = x.double(), y.double()
+    return sum(torch.cdist(x[i:i + rows], y).sum().item() for i in range(0, len(x), rows))
 
 
 def sample_metrics(samples: Tensor, desirable_reference: Tensor, reference_within: float | None = None) -> dict:
