@@ -403,3 +403,21 @@ def test_data_benchmark_runs_and_reads_every_row(tmp_path):
     figures = bench.main(["--rows", "24", "--workdir", str(tmp_path), "--out", str(tmp_path / "f.json")])
     assert [(f["n_rows"], f["mode"], f["rows"]) for f in figures] == [(24, "loader", 24), (24, "stream", 24)]
     assert all(f["anon_mb"] > 0 and f["rows_per_s"] > 0 for f in figures) and (tmp_path / "f.json").is_file()
+
+
+def test_parquet_is_converted_once_and_again_when_a_file_changes(tmp_path):
+    from full.data.tables import open_table
+
+    path = write_parquet(tmp_path / "src" / "train.parquet", pickapic_rows([1, 0, 1]))
+    first = open_table(str(path), "train", data.PAIR_COLUMNS, None)
+    arrow_file = first.cache_files[0]["filename"]
+    assert open_table(str(path), "train", data.PAIR_COLUMNS, None).cache_files[0]["filename"] == arrow_file
+    write_parquet(path, pickapic_rows([0, 0]))  # same path, new content: a new conversion
+    again = open_table(str(path), "train", data.PAIR_COLUMNS, None)
+    assert again.cache_files[0]["filename"] != arrow_file and again["label_0"] == [0.0, 0.0]
+    write_parquet(tmp_path / "two" / "train-0.parquet", pickapic_rows([1]))
+    other = [{**row, "label_0": "one"} for row in pickapic_rows([1])]  # a string label: not the first file's type
+    write_parquet(tmp_path / "two" / "train-1.parquet", other)
+    with pytest.raises(ValueError, match=r"train-1\.parquet does not have the columns and types of .*train-0"):
+        open_table(str(tmp_path / "two"), "train", data.PAIR_COLUMNS, None)
+    assert not list((Path(arrow_file).parent).glob("*.partial"))  # the failed conversion left nothing behind
