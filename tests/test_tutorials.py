@@ -5,8 +5,10 @@ exited cleanly, printed no `[FAILED]`, wrote the figures its text points to, and
 (`<lesson>.json`) say what the lesson's text says. A lesson that rots (an API it calls changed, a claim no longer
 holds) fails this test.
 
-Budget: about 93 CPU seconds for the five, serially (tutorials/README.md has the measured table; lesson 5 builds a
-tiny SD1.5 pipeline and trains it for 8 steps).
+Budget: about 130 CPU seconds for the five lessons, serially (tutorials/README.md has the measured table), on top
+of the quick CPU image lab that lesson 5 trains on: the session fixture `quick_lab` (tests/conftest.py), which
+tests/test_lab.py builds anyway on the same xdist worker. Lesson 5 trains DPO for 120 steps on it and evaluates the
+LoRA on the 18 held-out captions (about 67 CPU seconds).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ LESSONS = {  # script -> the figures it must write
     "02_dpo": ["02_dpo_curves"],
     "03_kto": ["03_utilities", "03_kto_loss_vs_progress", "03_toy_samples"],
     "04_beyond_pairs": ["04_contrast_weights", "04_spo_clip", "04_toy_samples"],
-    "05_scaling_up": ["05_tensorboard_scalars"],
+    "05_scaling_up": ["05_lab_pairs", "05_tensorboard_scalars", "05_lab_samples"],
 }
 
 
-def run_lesson(name: str, out: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {**os.environ, "MINIPREF_TUTORIAL_OUT": str(out), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+def run_lesson(name: str, out: Path, **extra_env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "MINIPREF_TUTORIAL_OUT": str(out), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **extra_env}
     env.pop("MINIPREF_QUICK", None)  # --quick on the command line is the path under test
     result = subprocess.run([sys.executable, str(TUTORIALS / f"{name}.py"), "--quick"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -114,15 +116,36 @@ def test_04_beyond_pairs(tmp_path):
     assert toy["dspo"]["mean"][0] < toy["sft"]["mean"][0] - 0.02  # DSPO extrapolates past the desirable mean
 
 
-def test_05_scaling_up(tmp_path):
-    result, r = run_lesson("05_scaling_up", tmp_path)
+# Lesson 5 trains on the quick CPU image lab's pretrained model and pairs (conftest.py's quick_lab): on the worker
+# that already built it for tests/test_lab.py.
+@pytest.mark.xdist_group("quick_lab")
+def test_05_scaling_up(tmp_path, quick_lab):
+    lab_dir, _ = quick_lab
+    result, r = run_lesson("05_scaling_up", tmp_path, MINIPREF_LAB=str(lab_dir))
+    assert r["lab"] == str(lab_dir)
     assert "-m accelerate.commands.launch" in result.stdout and "8gpu_ddp.yaml" in result.stdout
     assert "%|" not in result.stdout + result.stderr  # no progress bars in the lesson's output
     assert {"train/loss", "train/implicit_acc", "train/margin"} <= set(r["logged_tags"])
-    assert math.isfinite(r["metrics"]["loss"]) and r["lora_pixel_change"] > 0
+    # the curves the text calls a healthy start: log 2 first, then accuracy and margin rise
+    assert abs(r["first_loss"] - math.log(2)) < 1e-4 and r["margin_identity_gap"] < 5e-3
+    assert r["accuracy_z"] > 4 and r["accuracy_thirds"][1] > r["accuracy_thirds"][0]
+    assert r["margin_thirds"][1] > 0 and r["loss_first_third"] > math.log(2) and r["spread_share"] > 0.9
+    # and the samples moved the rater's way on held-out captions
+    assert r["held_out_area"]["dpo"] > r["held_out_area"]["base"] and r["win_rate"] > 0.5
+    assert r["lora_pixel_change"] > 0
     work = tmp_path / "05_work"
     assert (work / "dpo-run" / "pytorch_lora_weights.safetensors").is_file()
     assert (work / "eval" / "results.json").is_file()
+
+
+def test_05_without_a_lab_says_what_to_run(tmp_path):
+    """No lab folder: one line naming the command that builds one, a non-zero exit, no traceback."""
+    env = {**os.environ, "MINIPREF_TUTORIAL_OUT": str(tmp_path), "MINIPREF_LAB": str(tmp_path / "no-lab")}
+    result = subprocess.run([sys.executable, str(TUTORIALS / "05_scaling_up.py"), "--quick"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "no-lab" in message[0] and "python -m full.lab --out runs/lab-quick --quick" in message[0]
 
 
 def test_lessons_are_jupytext_notebooks():

@@ -16,36 +16,64 @@
 #
 # The toy and the full-scale scripts call the **same** minipref functions; what changes is where the errors come
 # from (a UNet on VAE latents instead of an MLP on points), the data (Pick-a-Pic pairs, per-image feedback), and
-# the machinery (diffusers pipelines, peft LoRA, accelerate). This lesson walks through that machinery on a *tiny*
-# Stable Diffusion 1.5 pipeline built from a config (random weights, 32 px images) so it runs on a laptop CPU in
-# seconds; every command takes a hub id in its place for real runs:
+# the machinery (diffusers pipelines, peft LoRA, accelerate). This lesson trains with that machinery on the **CPU
+# image lab** (docs/lab.md): a real, tiny Stable-Diffusion-shaped pipeline pretrained on coloured shapes ("a red
+# circle on a dark background", 32 px), a synthetic rater whose taste is *bigger shapes are better* (no caption asks
+# for size, so the pretrained model is indifferent to it), and Pick-a-Pic-schema pairs of the model's own samples
+# labelled by that rater. So the run below has something to learn, and we can measure whether it learned it. Every
+# command takes a hub id in place of the lab's folders for a real run:
 #
 # | here | for real |
 # |---|---|
-# | `tests.tiny_models.build_tiny_sd15(dir)` | `stable-diffusion-v1-5/stable-diffusion-v1-5` or `stabilityai/stable-diffusion-xl-base-1.0` |
-# | `tests.tiny_models.make_pickapic_parquet(...)` | `yuvalkirstain/pickapic_v2` (or its parquet files) |
-# | `tests.tiny_models.build_tiny_clip(dir)` | `yuvalkirstain/PickScore_v1`, `openai/clip-vit-large-patch14` |
-# | `--resolution 32`, a few steps, CPU | `--preset sd15-dpo` (512 px, 10k steps), `full/launch/train.sh` on A100s |
+# | `runs/lab/model` (the lab's pretrained pipeline, `make lab`) | `stable-diffusion-v1-5/stable-diffusion-v1-5` or `stabilityai/stable-diffusion-xl-base-1.0` |
+# | `runs/lab/data/pairs.parquet` (the model's samples, rated) | `yuvalkirstain/pickapic_v2` (or its parquet files) |
+# | `--scorers full.lab.rater:Rater` (the shape's area) | `pickscore`, `clip`, `hpsv2`, ... (`full/eval/scorers.py`) |
+# | 32 px, batch 16, a few hundred steps, CPU | `--preset sd15-dpo` (512 px, 10k steps), `full/launch/train.sh` on A100s |
+#
+# **Which lab.** The lesson uses the lab folder in `MINIPREF_LAB` if set, else `runs/lab` (`make lab`: the full
+# pretraining and every method; docs/lab.md states what it costs), else `runs/lab-quick`. If there is none it stops
+# and says what to run; the quickest is `python -m full.lab --out runs/lab-quick --quick --methods dpo` from the
+# repository root (a weaker model pretrained in a few minutes, its preference data, one DPO run and its evaluation;
+# tutorials/README.md has the measured time).
 
 # %%
-import contextlib
 import inspect
 import io
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lesson
 import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 QUICK = lesson.QUICK
-STEPS = 8 if QUICK else 40
+STEPS = 120 if QUICK else 300  # the full lab's DPO run is 300 steps; on the quick lab's weaker model 60 lift the curves too little
 WORK = lesson.OUT / "05_work"
 started = time.perf_counter()
+
+
+def find_lab() -> Path:
+    """The first lab folder with a pretrained pipeline and its pairs: $MINIPREF_LAB, runs/lab, runs/lab-quick."""
+    candidates = [Path(os.environ["MINIPREF_LAB"])] if os.environ.get("MINIPREF_LAB") else [
+        lesson.ROOT / "runs/lab", lesson.ROOT / "runs/lab-quick"]
+    for folder in candidates:
+        if (folder / "model" / "model_index.json").is_file() and (folder / "data" / "pairs.parquet").is_file():
+            return folder
+    sys.exit(f"lesson 5 trains on the CPU image lab, and there is none in {', '.join(map(str, candidates))}: run "
+             "`python -m full.lab --out runs/lab-quick --quick --methods dpo` from the repository root (a few minutes) or "
+             "`make lab` (the full lab), or set MINIPREF_LAB to a lab's --out folder")
+
+
+LAB = find_lab()
+model_dir, pairs_path = str(LAB / "model"), str(LAB / "data" / "pairs.parquet")
+print(f"the lab: {LAB}")
 
 # %% [markdown]
 # ## 1. The same function, three call sites
@@ -66,29 +94,61 @@ lesson.check("full/trainers/offline.py and toy/methods.py both call minipref's d
              and "objective(ctx)(" in inspect.getsource(toy_methods.dpo_step)
              and toy_methods.METHODS["dpo"].objective == "dpo")
 
+
 # %% [markdown]
 # ## 2. A pipeline and a dataset
 #
-# The tiny pipeline is a real `StableDiffusionPipeline` directory (UNet, VAE, CLIP text encoder, tokenizer,
-# scheduler) written with `save_pretrained`, so the scripts load it the way they load a hub id. The dataset has
-# Pick-a-Pic v2's schema: `jpg_0`, `jpg_1` (JPEG bytes), `label_0` (1: `jpg_0` won, 0: `jpg_1` won, 0.5: a tie),
-# `caption`. Ties carry no preference: the loader drops them and says how many (`--keep_ties` keeps them).
+# The lab's model is a real `StableDiffusionPipeline` directory (UNet, VAE, CLIP text encoder, tokenizer,
+# scheduler) written with `save_pretrained`, so the scripts load it the way they load a hub id; only the sizes
+# differ from SD1.5's (docs/lab.md has the table).
 
 # %%
-from tests.tiny_models import build_tiny_clip, build_tiny_sd15, make_pickapic_parquet  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
-WORK.mkdir(parents=True, exist_ok=True)
-model_dir = build_tiny_sd15(WORK / "tiny-sd15")  # for real: "stable-diffusion-v1-5/stable-diffusion-v1-5"
-pairs_path = make_pickapic_parquet(WORK / "pickapic.parquet", 16 if QUICK else 64, 32, n_ties=2)
-table = pq.read_table(pairs_path)
-print(table.schema)
-print("label_0 values:", sorted(set(table.column("label_0").to_pylist())))
+pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+pipe.set_progress_bar_config(disable=True)
+unet_parameters = sum(p.numel() for p in pipe.unet.parameters())
+print({name: type(part).__name__ for name, part in pipe.components.items() if part is not None})
+print(f"UNet: {unet_parameters / 1e6:.2f} M parameters (SD1.5's: 860 M); images {pipe.vae.config.sample_size} px")
+lesson.check("the lab's model loads as a StableDiffusionPipeline with a UNet of about a million parameters",
+             0.5e6 < unet_parameters < 2e6, f"{unet_parameters:,}")
 
+# %% [markdown]
+# The pairs have Pick-a-Pic v2's schema: `jpg_0`, `jpg_1` (JPEG bytes), `label_0` (1: `jpg_0` won, 0: `jpg_1` won,
+# 0.5: a tie), `caption`; the lab adds the rater's `score_0`, `score_1` (the fraction of the image the shape
+# covers). Each pair is two samples of the pretrained model for one *training* caption; the larger shape wins,
+# except for the 5% of labels the lab flips on purpose (a crowd of raters is not an oracle), and the 10% closest
+# pairs are ties. Ties carry no preference: the loader drops them and says how many (`--keep_ties` keeps them).
+
+# %%
 from full import data as full_data  # noqa: E402
 
+table = pq.read_table(pairs_path)
+print(table.schema)
+label_0, score_0, score_1 = (np.array(table.column(c).to_pylist()) for c in ("label_0", "score_0", "score_1"))
+decided = label_0 != 0.5
+disagree = np.mean((label_0[decided] == 1) != (score_0[decided] > score_1[decided]))
+print(f"{table.num_rows} pairs, {np.sum(~decided)} ties, {len(set(table.column('caption').to_pylist()))} captions")
 full_data.main(["check", pairs_path])
-lesson.check("the loader keeps the 14 (or 62) decided pairs and drops the 2 ties",
-             len(full_data.load_pair_rows(pairs_path)) == table.num_rows - 2)
+lab_data = json.loads((LAB / "data" / "data.json").read_text())  # what the lab wrote about its data
+lesson.check("the lab flipped 5% of the labels and tied the 10% closest pairs", lab_data["label_noise"] == 0.05
+             and lab_data["tie_rate"] == 0.1 and np.sum(~decided) == round(0.1 * table.num_rows),
+             f"{np.sum(~decided)} ties of {table.num_rows}")
+lesson.check("the loader keeps the decided pairs and drops the ties",
+             len(full_data.load_pair_rows(pairs_path)) == int(decided.sum()), f"{decided.sum()} of {table.num_rows}")
+lesson.check_range("the label disagrees with the rater's score on about 5% of the decided pairs (the flipped ones)",
+                   disagree, 0.0, 0.12)
+
+fig, axes = plt.subplots(2, 6, figsize=(9, 3.4))
+for column, row in enumerate(np.flatnonzero(decided)[::decided.sum() // 6][:6]):  # six pairs spread over the captions
+    winner_first = label_0[row] == 1
+    for ax, side in zip(axes[:, column], (0, 1) if winner_first else (1, 0)):
+        ax.imshow(Image.open(io.BytesIO(table.column(f"jpg_{side}")[row].as_py())))
+        ax.set_title(f"{'won' if ax is axes[0, column] else 'lost'}: {[score_0, score_1][side][row]:.2f}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[1, column].set_xlabel(table.column("caption")[row].as_py().replace(" on a ", "\non a "), fontsize=7)
+fig.suptitle("the lab's pairs: winner (top) and loser (bottom), the rater's score (shape area)", fontsize=9)
+lesson.save_figure(fig, "05_lab_pairs")
 
 # %% [markdown]
 # **Per-image feedback** (KTO, BCE, CSFT, SFT) has the schema `image, caption, label`. The trainer converts pairs on
@@ -96,44 +156,19 @@ lesson.check("the loader keeps the 14 (or 62) decided pairs and drops the 2 ties
 #
 # * `pairs-to-feedback --policy winner_once`: desirable = won at least once (Diffusion-KTO, paper 001 App. C.1);
 #   `--policy always_win`: desirable = never lost (paper 000's "exclusive win", the BCE preset);
-# * `scores-to-pairs` / `scores-to-feedback`: from a scalar score column (a reward model's);
+# * `scores-to-pairs` / `scores-to-feedback`: from a scalar score column (a reward model's; the lab's
+#   `feedback.parquet` is its top 30% by area);
 # * `red-filter`: the synthetic user of paper 001 Sec. 6, who likes red-tinted images.
 
 # %%
+WORK.mkdir(parents=True, exist_ok=True)
 feedback_path = WORK / "feedback.parquet"
 full_data.main(["convert", "pairs-to-feedback", "--input", pairs_path, "--output", str(feedback_path)])
-print(pq.read_table(feedback_path).schema)
-
-# %% [markdown]
-# **Data with something to learn.** The tiny Pick-a-Pic file above has random images and random labels: nothing
-# a model could learn from it. For the training run below we make the red-filter user's data (paper 001 Sec. 6)
-# with the same CLI: every image of the file, red-filtered (desirable) and original (undesirable). For DPO we pair
-# each red copy (winner) with its original (loser), on alternating sides, in Pick-a-Pic's schema. The only
-# difference a model can learn is "redder is better".
-
-# %%
-import pyarrow as pa  # noqa: E402
-
-red_feedback_path = WORK / "red_feedback.parquet"
-subprocess.run([sys.executable, "-m", "full.data", "convert", "red-filter", "--input", pairs_path, "--input_schema",
-                "pairs", "--output", str(red_feedback_path)], cwd=lesson.ROOT, check=True, capture_output=True, text=True)
-red = pq.read_table(red_feedback_path).to_pylist()  # rows come as (red copy, label 1), (original, label 0)
-pairs = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
-for i in range(0, len(red) - 1, 2):
-    winner, loser = red[i], red[i + 1]
-    assert winner["label"] == 1 and loser["label"] == 0 and winner["caption"] == loser["caption"]
-    first, second = (winner, loser) if (i // 2) % 2 == 0 else (loser, winner)  # the winner on alternating sides
-    pairs["caption"].append(winner["caption"])
-    pairs["jpg_0"].append(first["image"])
-    pairs["jpg_1"].append(second["image"])
-    pairs["label_0"].append(float(first is winner))
-    pairs["label_1"].append(float(second is winner))
-red_pairs_path = str(WORK / "red_pairs.parquet")
-pq.write_table(pa.table(pairs), red_pairs_path)
-lesson.check("one red-filter pair per distinct image of the file, winner on alternating sides",
-             len(pairs["caption"]) == len(red) // 2 and 0 < sum(pairs["label_0"]) < len(pairs["label_0"]),
-             f"{len(pairs['caption'])} pairs")
-
+feedback = pq.read_table(feedback_path)
+print(feedback.schema)
+lesson.check("winner_once: two images per decided pair, one of them desirable",
+             feedback.num_rows == 2 * decided.sum() and sum(feedback.column("label").to_pylist()) == decided.sum(),
+             f"{feedback.num_rows} rows, {sum(feedback.column('label').to_pylist())} desirable")
 # %% [markdown]
 # ## 3. Presets: the papers' settings, each with its source
 #
@@ -196,23 +231,32 @@ for model, config in (("sd15", "1gpu"), ("sd15", "8gpu_ddp"), ("sdxl", "1gpu"), 
 # (`--cached_dir` then trains without the VAE and text encoders); `python -m full.bench` measures the per-step
 # cost of each method against SFT. docs/faq.md collects the problems people run into.
 
+
 # %% [markdown]
-# ## 5. Training for a few steps
+# ## 5. Training
 #
-# `full.train.main(argv)` is the entry point `accelerate launch -m full.train` runs, callable in-process. Here:
-# DPO on the red-filter pairs, rank-8 LoRA, 32 px, batch 4, lr 1e-4 (the SD1.5 presets'), `--report_to tensorboard`. It returns a summary and writes the LoRA in
-# diffusers format (`pytorch_lora_weights.safetensors`) plus LoRA-only checkpoints.
+# `full.train.main(argv)` is the entry point `accelerate launch -m full.train` runs, callable in-process. Here: DPO
+# on the lab's pairs with the lab's preset for the reference-based methods (`full/lab/presets.py`): rank-8 LoRA,
+# 32 px, batch 16 pairs, lr 1e-3 constant, Diffusion-DPO's beta 5000, `--report_to tensorboard`; 300 steps as the
+# full lab trains, 120 in quick mode (twice the quick lab's 60: its model, pretrained for minutes, learns slowly). It returns a summary and writes the LoRA in
+# diffusers format (`pytorch_lora_weights.safetensors`) plus LoRA-only checkpoints. Its progress bar honours
+# `TQDM_DISABLE`, which `lesson.py` sets (`TQDM_DISABLE=0` shows it).
 
 # %%
+from full.lab.methods import flag_list  # noqa: E402  ({"rank": 8, ...} -> ["--rank", "8", ...])
+from full.lab.presets import COMMON_FLAGS, FAMILIES  # noqa: E402
+
+preset = {**COMMON_FLAGS, **FAMILIES["reference"]["flags"], "max_train_steps": STEPS}
+lesson.check("the lab's preset is the one this text describes", preset["rank"] == 8 and preset["resolution"] == 32
+             and preset["train_batch_size"] == 16 and preset["learning_rate"] == 1e-3 and preset["beta"] == 5000
+             and preset["lr_scheduler"] == "constant" and preset["lr_warmup_steps"] == 0, str(preset))
+BETA = preset["beta"]
 run_dir = WORK / "dpo-run"
-quiet = contextlib.redirect_stderr(io.StringIO())  # the trainer's own progress bar: useful in a terminal, noise here
-with quiet:
-    summary = full_train.main([
-        "--pretrained_model_name_or_path", model_dir, "--method", "dpo", "--dataset_name", red_pairs_path,
-        "--output_dir", str(run_dir), "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", str(STEPS),
-        "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--checkpointing_steps", str(STEPS), "--seed", "0",
-        "--report_to", "tensorboard",
-    ])
+argv = ["--pretrained_model_name_or_path", model_dir, "--method", "dpo", "--dataset_name", pairs_path,
+        "--output_dir", str(run_dir), "--report_to", "tensorboard", "--checkpointing_steps", str(STEPS),
+        *flag_list(preset)]
+print("accelerate launch -m full.train " + " ".join(argv))
+summary = full_train.main(argv)
 print({k: round(v, 4) for k, v in summary["metrics"].items()})
 lesson.check("the run finished and saved a diffusers-format LoRA",
              summary["global_step"] == STEPS and (run_dir / "pytorch_lora_weights.safetensors").is_file())
@@ -220,88 +264,177 @@ lesson.check("the run finished and saved a diffusers-format LoRA",
 # %% [markdown]
 # ## 6. Reading the logs
 #
-# Every metric the loss reports goes to TensorBoard under `train/` (`tensorboard --logdir runs/.../logs`), averaged
-# over gradient-accumulation micro-batches and processes. For DPO: `loss`, `implicit_acc`, `margin`, `reward_w`,
-# `reward_l`, `mse_w`, `mse_l`, `ref_mse_w`, `ref_mse_l`, `lr`. What to look at first (lesson 2): `implicit_acc` and
-# `margin` rising while `loss` sits near 0.693 is a healthy start; `mse_w` and `ref_mse_w` drifting far apart means
-# the policy is moving away from the reference fast (lower the lr or raise beta).
-#
-# **What this run can and cannot show.** The red-filter pairs have something to learn, but this UNet has random
-# weights and gets a handful of CPU steps of 4 pairs. Its LoRA barely moves at lr 1e-4: the loss stays within 0.15
-# of `log 2` (checked below), and the per-batch accuracy of 4 pairs wanders around 0.5 without the rise a real run
-# shows; in our trials neither more steps (24) nor lr 3e-4 or 1e-3 gave a rising accuracy on this tiny model. So
-# the curves below show the mechanics (what is logged, where, and the exact `log 2` start), not learning; lesson 2
-# shows a healthy start on the toy.
+# Every metric the loss reports goes to TensorBoard under `train/` (`tensorboard --logdir <output_dir>/logs`),
+# averaged over gradient-accumulation micro-batches and processes. For DPO: `loss`, `implicit_acc`, `margin`,
+# `reward_w`, `reward_l`, `mse_w`, `mse_l`, `ref_mse_w`, `ref_mse_l`, `lr`. Each point is one batch of 16 pairs,
+# so the curves are noisy: the figure draws every step faintly and a running mean over a sixth of the run on top.
 
 # %%
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-event_files = sorted((run_dir / "logs").rglob("events.out.tfevents.*"))
 scalars = {}
-for path in event_files:
+for path in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
     accumulator = EventAccumulator(str(path))
     accumulator.Reload()
     for tag in accumulator.Tags()["scalars"]:
-        scalars[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        scalars[tag] = np.array([e.value for e in accumulator.Scalars(tag)])
 print(sorted(scalars))
-lesson.check("every step logged loss and implicit_acc", len(scalars.get("train/loss", [])) == STEPS
-             and len(scalars.get("train/implicit_acc", [])) == STEPS)
-lesson.check("the first logged loss is log 2 (the LoRA starts as a no-op: B = 0)",
-             abs(scalars["train/loss"][0][1] - np.log(2)) < 1e-4, f"{scalars['train/loss'][0][1]:.5f}")
-largest_departure = max(abs(v - np.log(2)) for _, v in scalars["train/loss"])
-lesson.check_range("at lr 1e-4 the loss stays within 0.15 of log 2 for the whole run", largest_departure, high=0.15)
+lesson.check("every step logged loss, implicit_acc and margin",
+             all(len(scalars.get(f"train/{tag}", [])) == STEPS for tag in ("loss", "implicit_acc", "margin")))
+loss, accuracy, margin = scalars["train/loss"], scalars["train/implicit_acc"], scalars["train/margin"]
+third = STEPS // 3
+first, last = slice(0, third), slice(STEPS - third, STEPS)
+
+# %% [markdown]
+# **A healthy start.** The LoRA starts as a no-op (its B matrices are zero), so at step 1 the policy *is* the
+# reference: every implicit reward is 0, the loss is exactly `log 2`, the accuracy exactly 0.5 (a zero margin counts
+# half) and the margin 0. Then `implicit_acc` and `margin` rise: the model's denoising error drops on the larger shape
+# of a pair relative to the reference's, more than on the smaller one.
+
+# %%
+lesson.check_close("the first logged loss is log 2 (the LoRA starts as a no-op: B = 0)", loss[0], np.log(2),
+                   abs_tol=1e-4)
+lesson.check_close("the first implicit accuracy is 0.5 and the first margin 0", abs(accuracy[0] - 0.5) + abs(margin[0]),
+                   0.0, abs_tol=1e-4)
+# implicit_acc of a batch counts the pairs with a positive margin: a coin would average 0.5 with a standard error of
+# sqrt(0.25 / n) over the n pairs of the run after step 1
+pairs_seen = 16 * (STEPS - 1)
+accuracy_z = (accuracy[1:].mean() - 0.5) / np.sqrt(0.25 / pairs_seen)
+lesson.check_range("implicit_acc after step 1 averages above 0.5 by more than 4 standard errors of a coin",
+                   accuracy_z, 4.0, detail=f"mean {accuracy[1:].mean():.3f} over {pairs_seen} pairs")
+lesson.check_range("implicit_acc: the last third of the run is above the first third",
+                   accuracy[last].mean() - accuracy[first].mean(), 0.0,
+                   detail=f"{accuracy[first].mean():.3f} -> {accuracy[last].mean():.3f}")
+lesson.check_range("margin: positive on average after step 1, and in the last third", min(margin[1:].mean(), margin[last].mean()),
+                   0.0, detail=f"run {margin[1:].mean():.2f}, last third {margin[last].mean():.2f}")
+
+# %% [markdown]
+# **Why the loss is the noisiest curve, and starts by rising.** The logged loss is the batch mean of
+# `softplus(-m)` over the pairs' margins `m`, and the logged margin their mean; `softplus` is convex, so by Jensen the
+# loss is at least `softplus(-mean margin)` at every step, by as much as the margins are spread. At beta 5000 a tiny
+# change of the denoising error is a large reward: `r = -(beta/2)(mse - ref_mse)`, so the logged margin is
+# `-(beta/2)((mse_w - ref_mse_w) - (mse_l - ref_mse_l))` at every step (both checked below from the logged means)
+# while the policy's error stays within a few percent of the reference's. The first updates spread the margins
+# before they sort them, and a pair the model gets badly wrong (a margin of -5 costs 5 nats) outweighs several right
+# ones: over the first third of the run the mean batch loss is *above* `log 2` although the accuracy is not below
+# 0.5, and more than 90% of that excess is the Jensen gap, i.e. the spread. That is lesson 2's large-beta regime,
+# not a failure. Judge a run by `implicit_acc` and `margin` first;
+# `mse_w` drifting far from `ref_mse_w` is the sign of a policy leaving the reference fast (lower the lr or raise
+# beta).
+
+# %%
+# r = -(beta/2)(err - err_ref) per image, margin = r_w - r_l: linear, so it holds for the batch means TensorBoard logs
+margin_from_errors = -(BETA / 2) * ((scalars["train/mse_w"] - scalars["train/ref_mse_w"])
+                                    - (scalars["train/mse_l"] - scalars["train/ref_mse_l"]))
+lesson.check_close("margin = -(beta/2)((mse_w - ref_mse_w) - (mse_l - ref_mse_l)) at every step",
+                   float(np.abs(margin_from_errors - margin).max()), 0.0, abs_tol=5e-3)
+# Jensen: mean(softplus(-m_i)) >= softplus(-mean(m_i)), with equality only when every margin is the same
+jensen_gap = loss - np.logaddexp(0.0, -margin)
+lesson.check_range("loss >= softplus(-margin) at every step (Jensen)", float(jensen_gap.min()), -1e-5,
+                   detail=f"largest gap {jensen_gap.max():.3f}")
+relative_drift = float(np.max(np.abs(scalars["train/mse_w"] / scalars["train/ref_mse_w"] - 1)))
+lesson.check_range("the policy's error on the winners stays within 5% of the reference's", relative_drift, high=0.05)
+lesson.check_range("over the first third the mean batch loss is above log 2", loss[first].mean(), np.log(2),
+                   detail=f"accuracy {accuracy[first].mean():.3f}")
+lesson.check_range("while the accuracy over the first third is not below 0.5", accuracy[first].mean(), 0.5 - 1e-9)
+spread_share = float(jensen_gap[first].mean() / (loss[first].mean() - np.log(2)))
+lesson.check_range("more than 90% of the first third's excess over log 2 is the Jensen gap (the margins' spread)",
+                   spread_share, 0.9)
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-for ax, tag in zip(axes, ("train/loss", "train/implicit_acc", "train/margin")):
-    steps, values = zip(*scalars[tag])
-    ax.plot(steps, values, marker="o")
-    ax.set_title(tag)
+window = max(2, STEPS // 6)
+for ax, (tag, values, baseline) in zip(axes, (("loss", loss, np.log(2)), ("implicit_acc", accuracy, 0.5),
+                                              ("margin", margin, 0.0))):
+    steps = np.arange(1, STEPS + 1)
+    ax.plot(steps, values, color="C0", alpha=0.3, lw=0.8, label="per batch")
+    running = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], running, color="C0", lw=2, label=f"mean of {window} steps")
+    ax.axhline(baseline, color="0.5", ls=":", label="at the reference" if tag == "loss" else None)
+    ax.set_title(f"train/{tag}")
     ax.set_xlabel("step")
-axes[0].axhline(np.log(2), color="0.6", ls=":")
+axes[0].legend(fontsize=7)
+fig.suptitle(f"DPO on the lab's pairs (beta {BETA:g}, lr 1e-3, batch 16): TensorBoard's scalars", fontsize=10, y=1.03)
 lesson.save_figure(fig, "05_tensorboard_scalars")
 
 # %% [markdown]
 # ## 7. Loading the LoRA and evaluating
 #
-# The saved LoRA loads into a fresh pipeline with `pipe.load_lora_weights(dir)`, as users will load it.
-# `python -m full.evaluate` generates with fixed seeds (the same seeds for every model: a paired comparison),
-# scores with reward models and reports mean +- std, win rates with bootstrap CIs, and Wilcoxon p-values
-# (docs/evaluation.md). The tiny CLIP here has random weights, so its scores mean nothing; the mechanics are real.
+# The saved LoRA loads into the pipeline with `pipe.load_lora_weights(dir)`, as users will load it. Then the
+# question the training curves cannot answer: did the *samples* change the way the rater wants, on captions the
+# model never trained on? (Exercise 1 asks what the curves of a run on swapped labels would look like.)
+# `python -m full.evaluate` generates with fixed seeds (the same seeds for every model: a paired
+# comparison), scores with reward models and reports mean +- std, win rates with bootstrap CIs over prompts, and
+# Wilcoxon p-values (docs/evaluation.md). The lab's rater and its caption check (`Fidelity`: 1 when the reader finds
+# the caption's colour, shape and background) plug in through `--scorers module.path:ClassName`, the extension point
+# for your own reward. The caption check is there because alignment must not buy reward by forgetting the prompt.
 
 # %%
-from diffusers import StableDiffusionPipeline  # noqa: E402
-
-pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-pipe.set_progress_bar_config(disable=True)
+from full.lab.shapes import HELD_OUT_CAPTIONS  # noqa: E402
 
 
-def draw():
-    return pipe(["a photo of a cat"], num_inference_steps=4, height=32, width=32, output_type="np",
+def draw(caption):
+    return pipe([caption], num_inference_steps=10, guidance_scale=3.0, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
-before = draw()
+before = draw(HELD_OUT_CAPTIONS[0])
 pipe.load_lora_weights(str(run_dir))
-after = draw()
+after = draw(HELD_OUT_CAPTIONS[0])
 print(f"largest pixel change from the LoRA: {np.abs(after - before).max():.4f}")
 lesson.check("the LoRA loads with load_lora_weights and changes the samples", np.abs(after - before).max() > 0)
 
-clip_dir = build_tiny_clip(WORK / "tiny-clip")  # for real: the defaults, yuvalkirstain/PickScore_v1 and CLIP ViT-L/14
 from full.eval import evaluate  # noqa: E402
 
 eval_dir = WORK / "eval"
+prompts_file = WORK / "held_out_prompts.txt"  # the 18 captions no pair was made for
+prompts_file.write_text("".join(f"p{i:02d}\t{caption}\n" for i, caption in enumerate(HELD_OUT_CAPTIONS)))
+RATER, FIDELITY = "full.lab.rater:Rater", "full.lab.rater:Fidelity"
 report = evaluate.main([
-    "--out", str(eval_dir), "--base-model", model_dir, "--lora", f"dpo={run_dir}", "--prompts", "paper000",
-    "--max-prompts", "2" if QUICK else "6", "--seeds", "2" if QUICK else "3", "--steps", "2" if QUICK else "10",
-    "--device", "cpu", "--scorers", "pickscore,clip", "--pickscore-model", clip_dir, "--clip-model", clip_dir,
-    "--bootstrap", "200" if QUICK else "2000",
+    "--out", str(eval_dir), "--base_model", model_dir, "--lora", f"dpo={run_dir}", "--prompts", str(prompts_file),
+    "--seeds", "2" if QUICK else "4", "--steps", "10" if QUICK else "20", "--guidance", "3", "--batch_size", "64",
+    "--device", "cpu", "--scorers", f"{RATER},{FIDELITY}", "--bootstrap", "1000", "--grid_prompts", "0",
 ])
 lesson.check("evaluate wrote results.json, results.md and the plots",
              all((eval_dir / f).exists() for f in ("results.json", "results.md", "plots/means.png", "plots/win_rates.png")))
+area = {model: report["means"][RATER][model]["mean"] for model in ("base", "dpo")}
+versus_base = next(c for c in report["win_rates"][RATER] if c["model"] == "dpo" and c["baseline"] == "base")
+fidelity = {model: report["means"][FIDELITY][model]["mean"] for model in ("base", "dpo")}
+print(f"held-out mean area: base {area['base']:.4f}, dpo {area['dpo']:.4f}; DPO's win rate over base "
+      f"{versus_base['win_rate']:.2f} [{versus_base['ci_low']:.2f}, {versus_base['ci_high']:.2f}], "
+      f"Wilcoxon p {versus_base['wilcoxon']['p_value']:.2g}; caption fidelity {fidelity['base']:.2f} -> "
+      f"{fidelity['dpo']:.2f}")
+lesson.check_range("on held-out captions DPO's shapes are larger on average than the base model's",
+                   area["dpo"] - area["base"], 0.0, detail=f"{area['base']:.4f} -> {area['dpo']:.4f}")
+lesson.check_range("and DPO wins on more than half of the held-out captions", versus_base["win_rate"], 0.5)
+lesson.check_range("without buying it by forgetting the captions: DPO's caption fidelity is within 0.1 of the base's",
+                   fidelity["dpo"] - fidelity["base"], -0.1)
+
+# %% [markdown]
+# The same seeds through both models, side by side (the images full.evaluate drew):
+
+# %%
+manifest = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+scores = [json.loads(line) for line in (eval_dir / "scores.jsonl").read_text().splitlines() if line.strip()]
+rated = {(r["model"], r["prompt_id"], r["seed"]): r["score"] for r in scores if r["scorer"] == RATER}
+shown = [row for row in manifest if row["seed"] == 0 and row["model"] == "base"][::2]  # 9 of the 18 captions
+fig, axes = plt.subplots(2, len(shown), figsize=(1.3 * len(shown), 3.6))
+for column, base_row in enumerate(shown):
+    for ax, model in zip(axes[:, column], ("base", "dpo")):
+        row = next(r for r in manifest if r["model"] == model and r["prompt_id"] == base_row["prompt_id"] and r["seed"] == 0)
+        ax.imshow(plt.imread(eval_dir / row["path"]))
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(f"area {rated[(model, row['prompt_id'], 0)]:.2f}", fontsize=7)
+    axes[0, column].set_title(base_row["prompt"].replace("a ", "", 1).split(" on ")[0], fontsize=7)
+axes[0, 0].set_ylabel("base", fontsize=8)
+axes[1, 0].set_ylabel("DPO LoRA", fontsize=8)
+fig.suptitle("held-out captions, seed 0: the pretrained model and the DPO LoRA", fontsize=9)
+lesson.save_figure(fig, "05_lab_samples")
 
 # %% [markdown]
 # ## Where to go from here
 #
+# * docs/lab.md: every objective on the lab (`python -m full.lab`), their win rates and what the deliberately broken
+#   run (`dpo_swapped`) shows.
 # * docs/methods.md: one row per objective (paper, equation, file, data, the papers' hyperparameters, our preset).
 # * docs/conventions.md: the one beta and its table across implementations.
 # * docs/faq.md: the flat 0.693 loss, beta 2500 vs 5000, NaN with SDXL's VAE, LoRA keys, out of memory.
@@ -311,7 +444,7 @@ lesson.check("evaluate wrote results.json, results.md and the plots",
 # ```bash
 # full/launch/train.sh dpo sd15 8gpu_ddp                 # 10k steps of the sd15-dpo preset on 8 A100s
 # tensorboard --logdir runs/sd15-dpo-8gpu_ddp/logs
-# python -m full.evaluate --base-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+# python -m full.evaluate --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
 #     --lora dpo=runs/sd15-dpo-8gpu_ddp --prompts paper000 --scorers pickscore,clip --out eval/sd15
 # ```
 
@@ -320,22 +453,30 @@ lesson.check("evaluate wrote results.json, results.md and the plots",
 #
 # * The trainers call the same minipref functions as the toy; what changes is where the errors come from (a UNet on
 #   latents), the data loaders and converters, and the machinery (LoRA, accelerate, presets, launch scripts).
-# * A LoRA run starts exactly at `log 2` (B = 0), logs every metric the loss reports, and saves a LoRA that loads
-#   with `load_lora_weights`.
-# * A few CPU steps of a random-weight model show the mechanics, not learning: judge a real run by
-#   `train/implicit_acc` and `train/margin` over thousands of steps (lesson 2).
+# * A LoRA run starts exactly at `log 2`, accuracy 0.5, margin 0 (B = 0); a healthy run's `implicit_acc` and
+#   `margin` then rise. At beta 5000 the batch loss is the noisiest curve and may sit above `log 2` while the
+#   accuracy rises: read accuracy and margin first.
+# * Training curves say the model fits its labels, not that the labels are right: only an evaluation on held-out
+#   prompts with a reward (here the rater, through `full.evaluate --scorers module:Class`) says the samples moved
+#   the way the rater wants.
 #
 # ## Exercises
 #
-# 1. Train with `--method kto` on `red_feedback.parquet` (per-image labels) instead of the pairs, and predict which
-#    metrics TensorBoard will show that DPO's run did not.
-# 2. Predict the first logged loss of a KTO run (Kahneman-Tversky utility) before running it. (Lesson 3.)
-# 3. Read `DRY_RUN=1 full/launch/train.sh dpo sdxl 8gpu_ddp`'s output and work out the effective batch size.
+# 1. Train on `LAB/data/pairs_swapped.parquet` (every winner and loser exchanged) and predict, before you run it,
+#    the `train/implicit_acc` curve and DPO's held-out win rate over the base model. (docs/lab.md, `dpo_swapped`.)
+# 2. Rerun with `--beta 500`: predict how the loss curve sits against `log 2` and how large the margins get. (Lesson 2.)
+# 3. Train `--method kto` on `LAB/data/feedback.parquet` (per-image labels, top 30% by area) and predict which
+#    TensorBoard scalars it logs that DPO did not, and its first logged loss. (Lesson 3.)
 
 # %%
 elapsed = time.perf_counter() - started
 print(f"lesson 5 took {elapsed:.1f} s")
 lesson.save_results("05_scaling_up", {
-    "quick": QUICK, "steps": STEPS, "metrics": summary["metrics"], "logged_tags": sorted(scalars),
+    "quick": QUICK, "lab": str(LAB), "steps": STEPS, "metrics": summary["metrics"], "logged_tags": sorted(scalars),
+    "first_loss": float(loss[0]), "accuracy_z": float(accuracy_z), "accuracy_thirds": [float(accuracy[first].mean()), float(accuracy[last].mean())],
+    "margin_thirds": [float(margin[first].mean()), float(margin[last].mean())],
+    "margin_identity_gap": float(np.abs(margin_from_errors - margin).max()), "jensen_min_gap": float(jensen_gap.min()),
+    "loss_first_third": float(loss[first].mean()), "spread_share": spread_share,
+    "held_out_area": area, "win_rate": versus_base["win_rate"], "fidelity": fidelity,
     "lora_pixel_change": float(np.abs(after - before).max()), "seconds": elapsed,
 })
