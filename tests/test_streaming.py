@@ -20,7 +20,7 @@ from full.trainers import offline as train
 from tests import tiny_models
 from tests.conftest import train_argv
 from tests.data_helpers import pickapic_rows, write_parquet
-from tests.test_train_resume import fail_on_call, lora_weights
+from tests.test_train_resume import killed_inside_step_3, lora_weights
 
 PAIRS = ColumnMap({name: name for name in data.PAIR_COLUMNS})
 
@@ -116,15 +116,9 @@ def test_a_killed_streaming_run_resumes_to_the_same_rows_and_lora(tiny_sd15, tmp
     assert uninterrupted["global_step"] == 4 and len(order) == 8
     assert sorted(order[:6]) == list(range(6))  # epoch 0: every usable row once (row 6 is a tie)
 
-    def crash(real, *args, **kwargs):
-        raise KeyboardInterrupt("simulated kill after checkpoint-2")
-
     seen.clear()
     argv = train_argv(tiny_sd15, source, tmp_path / "b", "dpo", *flags, steps=4)
-    with monkeypatch.context() as patch:
-        fail_on_call(patch, train, "compute_loss", 6, crash)  # micro-batch 6: inside step 3
-        with pytest.raises(KeyboardInterrupt):
-            train.main(argv)
+    killed_inside_step_3(monkeypatch, argv)
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
     seen.clear()
     resumed = train.main(argv + ["--resume_from_checkpoint", "latest"])

@@ -36,18 +36,25 @@ def fail_on_call(monkeypatch, module, name: str, call: int, make_error):
     monkeypatch.setattr(module, name, wrapper)
 
 
+def killed_inside_step_3(monkeypatch, argv) -> None:
+    """Run `full.train` with 2 micro-batches per step and kill it at micro-batch 6 (inside step 3), as a
+    KeyboardInterrupt would, after `checkpoint-2` was written."""
+
+    def crash(real, *args, **kwargs):
+        raise KeyboardInterrupt("simulated kill after checkpoint-2")
+
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, train, "compute_loss", 6, crash)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+
+
 def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_run(tiny_sd15, pickapic_parquet, tmp_path, monkeypatch):
     uninterrupted = train.main(train_argv(tiny_sd15, pickapic_parquet, tmp_path / "a", "dpo", *FLAGS, steps=4))
     assert uninterrupted["global_step"] == 4
 
-    def crash(real, *args, **kwargs):
-        raise KeyboardInterrupt("simulated crash after checkpoint-2")
-
     argv = train_argv(tiny_sd15, pickapic_parquet, tmp_path / "b", "dpo", *FLAGS, steps=4)
-    with monkeypatch.context() as patch:
-        fail_on_call(patch, train, "compute_loss", 6, crash)  # micro-batch 6: inside step 3
-        with pytest.raises(KeyboardInterrupt):
-            train.main(argv)
+    killed_inside_step_3(monkeypatch, argv)
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
     assert not (tmp_path / "b" / models.LORA_WEIGHT_NAME).exists()
 
