@@ -5,10 +5,10 @@ exited cleanly, printed no `[FAILED]`, wrote the figures its text points to, and
 (`<lesson>.json`) say what the lesson's text says. A lesson that rots (an API it calls changed, a claim no longer
 holds) fails this test.
 
-Budget: about 130 CPU seconds for the five lessons, serially (tutorials/README.md has the measured table), on top
+Budget: about 125 CPU seconds for the five lessons, serially (tutorials/README.md has the measured table), on top
 of the quick CPU image lab that lesson 5 trains on: the session fixture `quick_lab` (tests/conftest.py), which
 tests/test_lab.py builds anyway on the same xdist worker. Lesson 5 trains DPO for 120 steps on it and evaluates the
-LoRA on the 18 held-out captions (about 67 CPU seconds).
+LoRA on the 18 held-out captions (61-67 CPU seconds, 112-123 s wall at load average 5-7 on 2 cores).
 """
 
 from __future__ import annotations
