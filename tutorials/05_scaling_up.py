@@ -456,9 +456,9 @@ lesson.save_figure(fig, "05_lab_samples")
 # * A LoRA run starts exactly at `log 2`, accuracy 0.5, margin 0 (B = 0); a healthy run's `implicit_acc` and
 #   `margin` then rise. At beta 5000 the batch loss is the noisiest curve and may sit above `log 2` while the
 #   accuracy rises: read accuracy and margin first.
-# * Training curves say the model fits its labels, not that the labels are right: only an evaluation on held-out
-#   prompts with a reward (here the rater, through `full.evaluate --scorers module:Class`) says the samples moved
-#   the way the rater wants.
+# * Training curves measure how well the model fits its labels, whatever they say; only an evaluation on held-out
+#   prompts with a reward (here the rater, through `full.evaluate --scorers module:Class`) says whether the samples
+#   moved the way the rater wants. Exercise 1 puts this to the test.
 #
 # ## Exercises
 #
