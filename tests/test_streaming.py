@@ -148,6 +148,13 @@ def test_two_processes_end_each_epoch_together_when_their_shares_differ(tiny_sd1
     assert (progress["epoch"], progress["batch_in_epoch"], progress["global_step"]) == (1, 1, 3)
 
 
+def test_an_unreachable_hub_dataset_says_what_to_do_instead():
+    # conftest sets HF_HUB_OFFLINE: the Hub's file listing fails as it would offline, gated or renamed
+    with pytest.raises(ValueError, match=r"'someone/nothing' is neither a local path nor a loadable Hub dataset.*"
+                                         r"--dataset_name pickapic_v2/data"):
+        open_stream("someone/nothing", "train", PAIRS, None, seed=0, buffer_size=2)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--num_train_epochs", "1"], "--streaming cannot be used with --num_train_epochs: a stream has no length"),
     (["--desirable_ratio", "0.8"], "--desirable_ratio draws"),
