@@ -9,6 +9,7 @@ images.py      decode, crop, flip: torch datasets of pairs and single images; `c
 samplers.py    per-epoch orders that are the same on every process and after a resume
 embeddings.py  Diff-contrast's CLIP embeddings f(y, x)
 cache.py       precomputed latents and prompt embeddings (`python -m full.cache`, then `--cached_dir`)
+cache_build.py building a cache: shards per process, written atomically, resumable (`python -m full.cache`)
 converters.py  other feedback -> the two schemas (`python -m full.data convert ...`, `... check`)
 bench.py       the data benchmark (`python -m full.bench --data`): memory and rows/s against the number of rows
 

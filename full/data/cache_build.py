@@ -247,7 +247,7 @@ def build_cache(argv=None) -> Path:
                 for k in todo:
                     keep[ranges[k].start:ranges[k].stop] = True
                 embeddings = compute_pair_embeddings(rows.subset(keep), args.clip_model_name_or_path, device,
-                                                     batch_size=args.batch_size)
+                                                     batch_size=args.batch_size, main_process=state.is_main_process)
             dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, args.resolution, seed=args.seed)
             n_batches = sum(-(-len(ranges[k]) // args.batch_size) for k in todo)
             with progress_bar(total=n_batches, desc="caching latents and prompts", unit="batch",

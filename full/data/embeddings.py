@@ -56,15 +56,17 @@ def _decode_rgb(data: bytes):
         return image.convert("RGB")
 
 
-def compute_pair_embeddings(rows: Sequence[dict], clip_model: str, device="cpu", batch_size: int = 64
-                            ) -> dict[int, Tensor]:
+def compute_pair_embeddings(rows: Sequence[dict], clip_model: str, device="cpu", batch_size: int = 64, *,
+                            main_process: bool = True) -> dict[int, Tensor]:
     """`{row_id: [f(winner, caption), f(loser, caption)]}` (2, E) for pair rows of `full.data.load_pair_rows`.
-    A row whose image does not decode is reported and left out (its training item is dropped anyway)."""
+    A row whose image does not decode is reported and left out (its training item is dropped anyway).
+    `main_process=False` hides the bar (under `accelerate launch` every process encodes its own share)."""
     from full.progress import progress_bar
 
     encoder = ClipPairEncoder(clip_model, device=device)
     out: dict[int, Tensor] = {}
-    for start in progress_bar(range(0, len(rows), batch_size), desc="CLIP embeddings", unit="batch"):
+    for start in progress_bar(range(0, len(rows), batch_size), desc="CLIP embeddings", unit="batch",
+                              main_process=main_process):
         images, captions, ids = [], [], []
         for row in rows[start : start + batch_size]:
             try:
