@@ -1,7 +1,8 @@
-"""The processes of a job that is not training: `accelerate launch -m full.cache` / `-m full.evaluate`.
+"""The processes of a launch: how many `accelerate launch` / torchrun started, and accelerate's view of them.
 
-These jobs split work by process index and meet at barriers; they need no `Accelerator` (no model is prepared, no
-gradient is reduced), only accelerate's `PartialState`: how many processes, which one this is, its device.
+Training builds an `Accelerator` (full/run/accelerator.py); the jobs that are not training (`-m full.cache`,
+`-m full.evaluate`) split work by process index and meet at barriers, so they need only accelerate's `PartialState`:
+how many processes, which one this is, its device. Both ask accelerate for the CPU in the same case, here.
 """
 
 from __future__ import annotations
@@ -9,18 +10,30 @@ from __future__ import annotations
 import os
 
 
-def process_state():
-    """`accelerate.PartialState` of this launch: one process, or the P processes of `accelerate launch`.
+def launched_processes() -> int:
+    """The processes the launcher started (`WORLD_SIZE`; 1 for a plain `python -m ...`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    On a machine without CUDA, `PartialState()` of a multi-process launch reports each process as alone (its
-    distributed type is "NO" unless asked for the CPU), so P processes would each do all the work. Asking for the
-    CPU when several were launched gives P ranks over gloo, as `full/run/accelerator.py` does for training.
-    """
+
+def cpu_ranks_needed(launched: int) -> bool:
+    """Several processes on a machine without CUDA: accelerate must be asked for the CPU, else it reports each one
+    as alone (distributed type "NO") and P processes would each do all the work (or train unaware of each other,
+    writing to one directory). Asked, it gives P ranks over gloo."""
     import torch
+
+    return launched > 1 and not torch.cuda.is_available()
+
+
+def check_all_ranks(launched: int, num_processes: int) -> None:
+    if launched != num_processes:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {num_processes}")
+
+
+def process_state():
+    """`accelerate.PartialState` of this launch: one process, or the P processes of `accelerate launch`."""
     from accelerate import PartialState
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
-    if launched != state.num_processes:
-        raise RuntimeError(f"{launched} processes were launched but accelerate set up {state.num_processes}")
+    launched = launched_processes()
+    state = PartialState(cpu=cpu_ranks_needed(launched))
+    check_all_ranks(launched, state.num_processes)
     return state

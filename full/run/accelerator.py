@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -35,20 +34,21 @@ def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    from full.processes import check_all_ranks, cpu_ranks_needed, launched_processes
+
+    launched = launched_processes()
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA: DDP over gloo on
         # the CPU, instead of N unaware single-process runs writing to one directory.
-        cpu=launched > 1 and not torch.cuda.is_available(),
+        cpu=cpu_ranks_needed(launched),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to.split(",") if report_to and report_to != "all" else report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir) / args.logging_dir)),
     )
-    if launched != accelerator.num_processes:
-        raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}")
+    check_all_ranks(launched, accelerator.num_processes)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return accelerator
