@@ -2,7 +2,8 @@
 
 Fixtures: `tiny_sd15`, `tiny_sdxl`, `tiny_clip` (directories, str), `pickapic_parquet` (16 pairs, 32 px,
 2 ties at the end), `feedback_parquet` (16 rows, half desirable), `quick_lab` (the quick CPU image lab: out dir,
-results). Each is built lazily on first use.
+results), `two_process_jobs` (a cache and an evaluation made by 2 launched processes, tests/two_processes.py). Each is
+built lazily on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="minipref-datasets-")
 
 from tests import tiny_models  # noqa: E402
+from tests.two_processes import two_process_jobs  # noqa: E402,F401  (registers the fixture)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: no oversubscription on small CI boxes
     import torch

@@ -12,7 +12,7 @@ from full.trainers import offline as train
 from tests import tiny_models
 from tests.conftest import train_argv
 from tests.test_train import assert_lora_loads_and_changes_output, assert_only_lora_trained
-from tests.two_processes import cache_argv, two_process_jobs  # noqa: F401  (a session fixture)
+from tests.two_processes import cache_argv
 
 
 def build(model, dataset, out, method, *extra) -> str:

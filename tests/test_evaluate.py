@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from full.eval import evaluate, scorers
-from tests.two_processes import two_process_jobs  # noqa: F401  (a session fixture)
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a city skyline at night"]
 

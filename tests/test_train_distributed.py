@@ -8,36 +8,17 @@ for CPU DDP over gloo. The checkpoint holding one RNG state per rank proves two 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from full import models
 from tests.conftest import train_argv
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.two_processes import ROOT, launch_two
 
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_runs_dpo(tiny_sd15, pickapic_parquet, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}  # CPU DDP even on a GPU machine
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               str(ROOT / "full" / "train.py"),
-               *train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--checkpointing_steps", "2", steps=2)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_two(str(ROOT / "full" / "train.py"),  # CPU DDP (gloo) even on a GPU machine
+               *train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--checkpointing_steps", "2", steps=2))
     assert (tmp_path / models.LORA_WEIGHT_NAME).is_file()
     checkpoint = tmp_path / "checkpoint-2"
     # one RNG state per process: both ranks took part in the run and in the checkpoint
@@ -71,14 +52,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_sd15, tiny_c
 
     from full.trainers import offline
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     runs = [_equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, m, 2) for m in EQUALITY_METHODS]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(ROOT / "tests" / "distributed_driver.py"), json.dumps(runs)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_two(str(ROOT / "tests" / "distributed_driver.py"), json.dumps(runs), timeout=600)
     for method in EQUALITY_METHODS:
         one = offline.main(_equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, method, 4))
         two = json.loads((tmp_path / f"{method}-2" / "history.json").read_text())

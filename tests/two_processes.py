@@ -57,17 +57,12 @@ def evaluate_argv(model, clip, out) -> list[str]:
             "--steps", "2", "--batch-size", "1", "--scorers", "clip", "--clip-model", clip, "--bootstrap", "200"]
 
 
-_LAUNCHED: dict = {}  # the fixture is imported into two test modules, so pytest holds two copies of it: launch once
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session")  # registered in conftest.py, so every module shares one launch per worker
 def two_process_jobs(tiny_sd15, tiny_clip, pickapic_parquet, tmp_path_factory):
     """(directory, CompletedProcess): `<dir>/cache` a Diff-contrast pair cache with CLIP embeddings, `<dir>/eval` an
     evaluation, each made by 2 processes (no --device: each process takes its own)."""
-    if "jobs" not in _LAUNCHED:
-        out = tmp_path_factory.mktemp("two_processes")
-        jobs = [["full.data.cache_build:build_cache", cache_argv(tiny_sd15, pickapic_parquet, out / "cache",
-                                                                 "contrast", "--clip_model_name_or_path", tiny_clip)],
-                ["full.eval.evaluate:main", evaluate_argv(tiny_sd15, tiny_clip, out / "eval")]]
-        _LAUNCHED["jobs"] = out, launch_two(str(ROOT / "tests" / "launch_driver.py"), json.dumps(jobs), timeout=500)
-    return _LAUNCHED["jobs"]
+    out = tmp_path_factory.mktemp("two_processes")
+    jobs = [["full.data.cache_build:build_cache", cache_argv(tiny_sd15, pickapic_parquet, out / "cache",
+                                                             "contrast", "--clip_model_name_or_path", tiny_clip)],
+            ["full.eval.evaluate:main", evaluate_argv(tiny_sd15, tiny_clip, out / "eval")]]
+    return out, launch_two(str(ROOT / "tests" / "launch_driver.py"), json.dumps(jobs), timeout=500)
