@@ -73,6 +73,18 @@ def test_quick_run_writes_every_output(quick_run):
     assert all(f"| {name} |" in table for name in ALL_METHODS)
 
 
+def test_quick_curves_have_half_the_points(quick_run):
+    from toy.run import QUICK_CURVE_POINTS
+
+    out, metrics = quick_run
+    curves = json.loads((out / "curves.json").read_text())
+    for name in METHODS:
+        steps = metrics["hyperparameters"][name]["steps"]
+        every = max(1, steps // QUICK_CURVE_POINTS)
+        assert curves[name]["heldout_step"] == [*range(0, steps, every), steps], name  # + the end of training
+        assert len(curves[name]["sample_mean_y"]) == len(curves[name]["heldout_step"]), name
+
+
 def test_metrics_json_has_the_pinned_shape_and_finite_numbers(quick_run):
     _, metrics = quick_run
     assert isinstance(metrics["wall_s"], float) and metrics["wall_s"] > 0

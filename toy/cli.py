@@ -15,6 +15,8 @@ without a list reads ``sys.argv`` only outside a Jupyter kernel (a kernel's ``-f
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +148,18 @@ def main(argv: list[str] | None = None) -> dict:
     return output
 
 
+def leave() -> None:
+    """End the process now that everything is written: Python's own clean-up of torch's thousands of modules takes
+    ~0.4 s at exit (5% of ``--quick``), and nothing is left to clean up (the worker pools are closed, the files
+    written, the progress bars closed); logging and the standard streams are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def console() -> int:
     """`minipref-toy`: `python -m toy` as a console script (main returns its results, a console script an exit code)."""
     main()
+    leave()
     return 0
