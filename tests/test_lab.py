@@ -134,6 +134,24 @@ def test_each_method_is_an_entry_point_argv_with_its_own_data_and_flags(tmp_path
     assert "--dspo_gamma" not in argvs["dpo"][1]
 
 
+def test_a_seed_suffix_trains_the_same_method_with_another_seed(tmp_path):
+    from full.lab.methods import method_named, trainer_argv
+    from full.lab.presets import FULL
+
+    data = {k: str(tmp_path / f"{k}.parquet") for k in ("pairs", "pairs_swapped", "feedback", "prompts")}
+    argv = lambda name: trainer_argv(method_named(name), FULL, tmp_path / "model", tmp_path / "clip",  # noqa: E731
+                                     tmp_path / "spm", data, tmp_path / "lora")
+    for name in ("dpo", "spo", "kto_kahneman_tversky"):
+        first, second = argv(name), argv(f"{name}_seed1")
+        at = first.index("--seed") + 1
+        assert (first[at], second[at]) == ("0", "1")
+        assert first[:at] + first[at + 1:] == second[:at] + second[at + 1:]  # nothing else differs
+    assert method_named("csft_seed12").prompt_prefix == method_named("csft").prompt_prefix
+    for bad in ("dpo_seed", "dpo_seedx", "nope_seed1", "seed1"):
+        with pytest.raises(KeyError):
+            method_named(bad)
+
+
 def test_evaluation_deals_models_over_runs_and_samples_csft_with_its_prefix():
     from full.lab.run import evaluation_runs
 
@@ -153,6 +171,9 @@ def test_lab_cli_names_an_unknown_method_in_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--methods: unknown ['nope']" in err and "kto_loss_averse" in err
+    with pytest.raises(SystemExit):  # 'all' and a seed suffix are names too; only the bad one is named
+        main(["--methods", "all,dpo_seed1,dpo_seedx"])
+    assert "unknown ['dpo_seedx']" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python -m full.lab --out runs/lab            # the full lab: pretraining cached in runs/lab/model
     python -m full.lab --out runs/lab-quick --quick
     python -m full.lab --out runs/lab --methods dpo,sft,dpo_swapped
+    python -m full.lab --out runs/lab --methods all,sft_seed1     # every method, and SFT again with --seed 1
 
 See full/lab/run.py for what it writes and docs/lab.md for the results.
 """
@@ -13,8 +14,16 @@ import argparse
 import sys
 from dataclasses import replace
 
-from full.lab.methods import all_methods
+from full.lab.methods import all_methods, method_named
 from full.lab.presets import FULL, QUICK
+
+
+def is_method(name: str) -> bool:
+    try:
+        method_named(name)
+    except KeyError:
+        return False
+    return True
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,17 +35,20 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lab", help="output directory (the pretrained model is cached there)")
     parser.add_argument("--quick", action="store_true", help="the test-sized lab (minutes, weaker model)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names (default: all)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method names (default: all); 'all' = every method; NAME_seed<N> = "
+                             "NAME trained with --seed N (a second training seed)")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate",
                         help="accelerate: each trainer as `accelerate launch -m ...`; inprocess: its main(argv)")
     args = parser.parse_args(argv)
     lab = QUICK if args.quick else FULL
     if args.methods:
-        names = [n.strip() for n in args.methods.split(",") if n.strip()]
         known = [m.name for m in all_methods()]
-        unknown = [n for n in names if n not in known]
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        names = list(dict.fromkeys(n for name in names for n in (known if name == "all" else [name])))
+        unknown = [n for n in names if not is_method(n)]
         if unknown:
-            parser.error(f"--methods: unknown {unknown}; choose from {','.join(known)}")
+            parser.error(f"--methods: unknown {unknown}; choose from {','.join(known)} (or all, or NAME_seed<N>)")
         lab = replace(lab, methods=tuple(names))
     from full.lab.run import run_lab
 

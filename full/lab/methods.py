@@ -10,17 +10,19 @@ The lab never calls a trainer's internals: each method is an argv for one of the
 run either as that subprocess (`make lab`) or as `module.main(argv)` in this process (the test, which saves the
 interpreter start-ups). A method's NAME is what it was trained as: `dpo`, `kto_kahneman_tversky`, `dspo_e`, ...
 and `dpo_swapped`, Diffusion-DPO on the pairs with winner and loser exchanged: the deliberately broken run,
-which must move the rater's score the other way.
+which must move the rater's score the other way. `NAME_seed<N>` (`sft_seed1`) is NAME trained with `--seed N`
+instead of the presets' 0: a second training seed, the same data and evaluation (`method_named`).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minipref.dspo import VARIANTS as DSPO_VARIANTS
@@ -38,6 +40,7 @@ class Method:
     flags: dict  # method-specific flags
     data: str  # "pairs", "feedback" or "pairs_swapped": which file of the preference data
     prompt_prefix: str = ""  # what the trained model is prompted with before each caption at sampling time
+    seed: int = 0  # the trainer's --seed (its LoRA's initial weights, its batches and noise)
 
 
 def all_methods() -> list[Method]:
@@ -59,6 +62,20 @@ def all_methods() -> list[Method]:
     return methods
 
 
+SEED_SUFFIX = re.compile(r"(?P<name>\w+)_seed(?P<seed>\d+)")
+
+
+def method_named(name: str) -> Method:
+    """The method called NAME, or for `NAME_seed<N>` that method trained with `--seed N`; KeyError if neither."""
+    by_name = {m.name: m for m in all_methods()}
+    if name in by_name:
+        return by_name[name]
+    match = SEED_SUFFIX.fullmatch(name)
+    if match and match["name"] in by_name:
+        return replace(by_name[match["name"]], name=name, seed=int(match["seed"]))
+    raise KeyError(name)
+
+
 def flag_list(flags: dict) -> list[str]:
     """{"learning_rate": 1e-3, "bce_reference": True} -> ["--learning_rate", "0.001", "--bce_reference"]."""
     argv = []
@@ -75,7 +92,8 @@ def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: P
     smoke = lab.smoke_steps > 0 and method.name not in lab.measured
     steps = lab.smoke_steps if smoke else max(2, round(family.get("max_train_steps", 0) * lab.train_scale))
     flags = {"pretrained_model_name_or_path": model, "output_dir": out, "report_to": "tensorboard",
-             "checkpointing_steps": 100_000, **COMMON_FLAGS, **family, "max_train_steps": steps, **method.flags}
+             "checkpointing_steps": 100_000, **COMMON_FLAGS, "seed": method.seed, **family, "max_train_steps": steps,
+             **method.flags}
     if smoke:
         flags["max_train_samples"] = lab.smoke_rows
     if method.entry == "full.train":

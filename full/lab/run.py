@@ -135,8 +135,8 @@ def in_parallel(jobs: list, run, workers: int) -> list:
 def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *, launcher: str,
               progress: Progress) -> dict[str, dict]:
     """Train every selected method; returns {name: {"lora": dir, "seconds": s, "argv": [...]}}."""
-    by_name = {m.name: m for m in methods_lib.all_methods()}
-    selected = [by_name[name] for name in lab.methods or by_name]  # in the order asked for
+    names = lab.methods or [m.name for m in methods_lib.all_methods()]
+    selected = [methods_lib.method_named(name) for name in names]  # in the order asked for
     spm = out / "train" / "spm"
     # Subprocesses run `lab.workers` at once with one thread each; in this process, one at a time.
     workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
