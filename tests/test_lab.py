@@ -217,3 +217,31 @@ def test_quick_lab_every_method_writes_a_lora_that_evaluate_loads(quick_lab):
     assert {r["prompt"].startswith("a ") for r in manifest if r["model"] != "csft"} == {True}
     assert 0.0 <= results["base"]["fidelity"] <= 1.0 and results["wall_s"] > 0
     assert (out / "lab.png").is_file()
+
+
+def test_fidelity_tool_names_bad_input_in_one_line(tmp_path, capsys):
+    from full.lab.fidelity import main, pretrain_overrides
+    from full.lab.presets import FULL_PRETRAIN
+
+    config = pretrain_overrides(["unet_steps=10", "unet_lr=0.5"])
+    assert (config.unet_steps, config.unet_lr, config.vae_steps) == (10, 0.5, FULL_PRETRAIN.vae_steps)
+    for argv, named in ((["--model", str(tmp_path)], "holds no pipeline"),
+                        (["--model", str(tmp_path), "--guidance", "3,x"], "--guidance"),
+                        (["--model", str(tmp_path), "--pretrain", "unet_stepz=3"], "unet_stepz")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in err and named in err, err
+
+
+@pytest.mark.xdist_group("quick_lab")
+def test_fidelity_tool_reads_the_quick_model_as_the_lab_does(quick_lab):
+    from full.lab.fidelity import caption_fidelity
+    from full.lab.presets import QUICK
+
+    out, results = quick_lab
+    # the lab's own evaluation of the base model: the same captions, seeds, steps and guidance, the same reader
+    measured = caption_fidelity(out / "model", QUICK.guidance, seeds=QUICK.eval_seeds, steps=QUICK.sample_steps)
+    assert measured["n_images"] == 18 * QUICK.eval_seeds
+    assert measured["all"] == pytest.approx(results["base"]["fidelity"])
+    assert measured["all"] <= min(measured["colour"], measured["shape"], measured["background"])

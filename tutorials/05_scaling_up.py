@@ -131,6 +131,7 @@ disagree = np.mean((label_0[decided] == 1) != (score_0[decided] > score_1[decide
 print(f"{table.num_rows} pairs, {np.sum(~decided)} ties, {len(set(table.column('caption').to_pylist()))} captions")
 full_data.main(["check", pairs_path])
 lab_data = json.loads((LAB / "data" / "data.json").read_text())  # what the lab wrote about its data
+GUIDANCE = lab_data["config"]["guidance"]  # the lab's classifier-free guidance scale: we sample as its data was
 lesson.check("the lab flipped 5% of the labels and tied the 10% closest pairs", lab_data["label_noise"] == 0.05
              and lab_data["tie_rate"] == 0.1 and np.sum(~decided) == round(0.1 * table.num_rows),
              f"{np.sum(~decided)} ties of {table.num_rows}")
@@ -373,7 +374,7 @@ from full.lab.shapes import HELD_OUT_CAPTIONS  # noqa: E402
 
 
 def draw(caption):
-    return pipe([caption], num_inference_steps=10, guidance_scale=3.0, output_type="np",
+    return pipe([caption], num_inference_steps=10, guidance_scale=GUIDANCE, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
@@ -391,7 +392,7 @@ prompts_file.write_text("".join(f"p{i:02d}\t{caption}\n" for i, caption in enume
 RATER, FIDELITY = "full.lab.rater:Rater", "full.lab.rater:Fidelity"
 report = evaluate.main([
     "--out", str(eval_dir), "--base_model", model_dir, "--lora", f"dpo={run_dir}", "--prompts", str(prompts_file),
-    "--seeds", "2" if QUICK else "4", "--steps", "10" if QUICK else "20", "--guidance", "3", "--batch_size", "64",
+    "--seeds", "2" if QUICK else "4", "--steps", "10" if QUICK else "20", "--guidance", str(GUIDANCE), "--batch_size", "64",
     "--device", "cpu", "--scorers", f"{RATER},{FIDELITY}", "--bootstrap", "1000", "--grid_prompts", "0",
 ])
 lesson.check("evaluate wrote results.json, results.md and the plots",

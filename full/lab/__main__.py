@@ -10,10 +10,10 @@ See full/lab/run.py for what it writes and docs/lab.md for the results.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 
+from full.cli import Parser
 from full.lab.methods import all_methods, method_named
 from full.lab.presets import FULL, QUICK
 
@@ -26,13 +26,8 @@ def is_method(name: str) -> bool:
     return True
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line naming the flag, exit status 2, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None) -> int:
-    parser = OneLineParser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m full.lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lab", help="output directory (the pretrained model is cached there)")
     parser.add_argument("--quick", action="store_true", help="the test-sized lab (minutes, weaker model)")
     parser.add_argument("--methods", default=None,
