@@ -174,6 +174,9 @@ def test_lab_cli_names_an_unknown_method_in_one_line(capsys):
     with pytest.raises(SystemExit):  # 'all' and a seed suffix are names too; only the bad one is named
         main(["--methods", "all,dpo_seed1,dpo_seedx"])
     assert "unknown ['dpo_seedx']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--guidance", "0.5"])
+    assert "--guidance must be at least 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

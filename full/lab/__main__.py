@@ -33,10 +33,17 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names (default: all); 'all' = every method; NAME_seed<N> = "
                              "NAME trained with --seed N (a second training seed)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale of every sample the lab draws (default: the preset's, "
+                             "7.5; quick 3); new data, LoRAs and evaluation in --out")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate",
                         help="accelerate: each trainer as `accelerate launch -m ...`; inprocess: its main(argv)")
     args = parser.parse_args(argv)
     lab = QUICK if args.quick else FULL
+    if args.guidance is not None:
+        if not args.guidance >= 1.0:
+            parser.error(f"--guidance must be at least 1 (1 = no guidance), got {args.guidance}")
+        lab = replace(lab, guidance=args.guidance)
     if args.methods:
         known = [m.name for m in all_methods()]
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
