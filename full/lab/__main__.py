@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                              "NAME trained with --seed N (a second training seed)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale of every sample the lab draws (default: the preset's, "
-                             "7.5; quick 3); new data, LoRAs and evaluation in --out")
+                             "3); new data, LoRAs and evaluation in --out")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate",
                         help="accelerate: each trainer as `accelerate launch -m ...`; inprocess: its main(argv)")
     args = parser.parse_args(argv)
