@@ -41,6 +41,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -162,7 +163,10 @@ lesson.save_figure(fig, "05_lab_pairs")
 # * `red-filter`: the synthetic user of paper 001 Sec. 6, who likes red-tinted images.
 
 # %%
-WORK.mkdir(parents=True, exist_ok=True)
+# The lesson's work folder starts empty on every run: a run on another lab would leave images and checkpoints that
+# this run's full.train and full.evaluate rightly refuse to mix with their own.
+shutil.rmtree(WORK, ignore_errors=True)
+WORK.mkdir(parents=True)
 feedback_path = WORK / "feedback.parquet"
 full_data.main(["convert", "pairs-to-feedback", "--input", pairs_path, "--output", str(feedback_path)])
 feedback = pq.read_table(feedback_path)
