@@ -158,8 +158,7 @@ def leave() -> None:
     os._exit(0)
 
 
-def console() -> int:
-    """`minipref-toy`: `python -m toy` as a console script (main returns its results, a console script an exit code)."""
+def console() -> None:
+    """`minipref-toy`: `python -m toy` as a console script; it ends the process itself (exit status 0, `leave`)."""
     main()
     leave()
-    return 0

@@ -39,13 +39,13 @@ from .model import condition
 from .parallel import default_workers, run_jobs
 from .sampling import SPO_CHAIN_STEPS, make_sampler, sample
 from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
-from .train import PretrainConfig, finetune, pretrain
+from .train import CURVE_POINTS, PretrainConfig, finetune, pretrain
 
 REFERENCE = "reference"  # the pretrained model's key in metrics.json
 QUICK_STEP_FACTOR = 0.25  # --quick: each method runs a quarter of its steps
 # Points on each training curve. Each costs the same at any step count (held-out pairs and 256 samples), so --quick,
 # a quarter of the steps, draws half as many: coarser curves, the same metrics.json (a curve draws its own noise).
-CURVE_POINTS, QUICK_CURVE_POINTS = 20, 10
+QUICK_CURVE_POINTS = CURVE_POINTS // 2
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
 
 
 MAX_GRAD_NORM = 1.0  # as the Diffusion-DPO / Diffusion-KTO training scripts (max_grad_norm = 1.0)
+CURVE_POINTS = 20  # held-out measurements per training curve (and one at the end)
 CURVE_SAMPLES = 256  # samples drawn at each curve point to follow the sample mean (the drift) during training
 
 
@@ -110,7 +111,7 @@ def finetune(
     ddim: DDIMSteps,
     generator: torch.Generator,
     curve_pairs: HeldOutPairs,
-    curve_points: int = 20,
+    curve_points: int = CURVE_POINTS,
     progress: bool = True,
 ) -> tuple[nn.Module, History]:
     """Fine-tune a copy of ``reference`` with ``spec``; returns the frozen fine-tuned model and its history."""

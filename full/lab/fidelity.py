@@ -17,8 +17,6 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-import numpy as np
-
 from full.cli import Parser
 from full.lab.presets import FULL, FULL_PRETRAIN, PretrainConfig
 
@@ -39,15 +37,13 @@ def pretrain_overrides(pairs: list[str]) -> PretrainConfig:
 def caption_fidelity(model: Path, guidance: float, seeds: int = 8, steps: int = FULL.sample_steps) -> dict:
     """Fraction of held-out samples whose colour, shape, background (and all three) the reader finds."""
     from full.lab.preferences import load_pipeline, sample_images
-    from full.lab.rater import attribute_matches
+    from full.lab.rater import attribute_rates
     from full.lab.shapes import HELD_OUT_CAPTIONS
 
     prompts = [caption for caption in HELD_OUT_CAPTIONS for _ in range(seeds)]
     images = sample_images(load_pipeline(model), prompts, list(range(seeds)) * len(HELD_OUT_CAPTIONS),
                            steps=steps, guidance=guidance)
-    hits = np.array([attribute_matches(image, prompt) for image, prompt in zip(images, prompts)])  # (N, 3)
-    return {"colour": float(hits[:, 0].mean()), "shape": float(hits[:, 1].mean()),
-            "background": float(hits[:, 2].mean()), "all": float(hits.all(axis=1).mean()), "n_images": len(images)}
+    return {**attribute_rates(images, prompts), "n_images": len(images)}
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,13 @@ def attribute_matches(image, prompt: str) -> np.ndarray:
     return np.array([found.colour == colour, found.shape == shape, found.background == background])
 
 
+def attribute_rates(images: Sequence, prompts: Sequence[str]) -> dict:
+    """How often the reader finds each prompt's colour, shape and background, and all three (the fidelity)."""
+    hits = np.array([attribute_matches(image, prompt) for image, prompt in zip(images, prompts)])  # (N, 3)
+    return {"colour": float(hits[:, 0].mean()), "shape": float(hits[:, 1].mean()),
+            "background": float(hits[:, 2].mean()), "all": float(hits.all(axis=1).mean())}
+
+
 def label_pairs(scores_a: Sequence[float], scores_b: Sequence[float], *, tie_rate: float = 0.0,
                 label_noise: float = 0.0, seed: int = 0) -> np.ndarray:
     """`label_0` per pair (1.0: the first image wins, 0.0: the second, 0.5: a tie), from the rater's scores."""

@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from full.lab import methods as methods_lib
 from full.lab import preferences, rater
 from full.lab.presets import FAMILIES, LabConfig
@@ -250,9 +248,7 @@ def attribute_accuracy(eval_dir: Path, model_name: str = "base") -> dict:
 
     rows = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["model"] == model_name]
-    hits = np.array([rater.attribute_matches(Image.open(eval_dir / r["path"]), r["prompt"]) for r in rows])
-    return {"colour": float(hits[:, 0].mean()), "shape": float(hits[:, 1].mean()),
-            "background": float(hits[:, 2].mean()), "all": float(hits.all(axis=1).mean())}
+    return rater.attribute_rates([Image.open(eval_dir / r["path"]) for r in rows], [r["prompt"] for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------------------------
