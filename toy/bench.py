@@ -18,9 +18,8 @@ the real command in a fresh process, and prints both times, the ratio, the phase
 
     python -m toy.bench                 # quick, then full
     python -m toy.bench --only quick    # or: --only full
-    python -m toy.bench --check         # also compare metrics.json with the recorded seed-0 numbers
+    python -m toy.bench --check         # also compare metrics.json with the recorded seed-0 numbers (toy/golden.py)
     python -m toy.bench --only quick --repeat 5   # 5 calib/run pairs: each ratio, and their median
-    python -m toy.bench --record        # re-record those numbers (only after a change that is meant to move them)
 """
 
 from __future__ import annotations
@@ -36,9 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from toy import golden
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"quick": 1.5, "full": 4.0}
-GOLDEN = REPO / "tests" / "toy_golden_seed0.json"  # metrics.json of seed 0, timings removed (its note: since when)
 
 
 def find_calib() -> Path | None:
@@ -68,11 +68,6 @@ def calibrate(calib: Path) -> float:
     return float(timed([sys.executable, str(calib)])[2].split()[-1])
 
 
-def without_timings(metrics: dict) -> dict:
-    """The numbers that must not change with speed: every method's metrics except ``train_s``."""
-    return {name: {k: v for k, v in m.items() if k != "train_s"} for name, m in metrics["methods"].items()}
-
-
 def verdict(label: str, ratio: float) -> str:
     target = TARGETS[label]
     return f"{ratio:.2f} calibration units (target <= {target}: {'met' if ratio <= target else 'NOT met'})"
@@ -93,38 +88,6 @@ def report(label: str, process_s: float, cpu_s: float, calib_s: float, metrics: 
         print(f"    {name:<24} {seconds:6.2f} s")
 
 
-def check(label: str, metrics: dict) -> None:
-    if not GOLDEN.is_file():
-        print(f"  (no {GOLDEN.relative_to(REPO)}: nothing to compare with)")
-        return
-    golden = json.loads(GOLDEN.read_text())
-    same = without_timings(metrics) == golden[label]["methods"]
-    print(f"  metrics.json {'identical to' if same else 'DIFFERS from'} the recorded seed-0 numbers "
-          f"(recorded with torch {golden['torch']}, CPU {golden['cpu_capability']})")
-
-
-def record(recorded: dict[str, dict]) -> None:
-    """Write the seed-0 numbers of this checkout (``--record``): what ``--check`` and tests/test_toy.py compare with."""
-    import torch  # here: the benchmark itself does not need torch
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-
-    commit = git("rev-parse", "HEAD").stdout.strip() or "unknown"
-    if git("diff", "--quiet", "HEAD", "--", "toy", "minipref").returncode:
-        commit += " with uncommitted changes in toy/ or minipref/ (those of the commit that adds this file)"
-    golden = {
-        "note": f"metrics.json of `python -m toy --out ... [--quick]`, seed 0, recorded by `python -m toy.bench "
-                f"--record` at commit {commit} (timings removed); tests/test_toy.py and "
-                f"`python -m toy.bench --check` compare against it",
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        **{label: {"methods": methods} for label, methods in recorded.items()},
-    }
-    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
-    print(f"\nrecorded {', '.join(recorded)} in {GOLDEN.relative_to(REPO)}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m toy.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("quick", "full"), help="run one configuration only")
@@ -132,13 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="measure N back-to-back (calib, run) pairs per configuration; the target is judged on "
                              "the median ratio (default 1)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"write this checkout's seed-0 numbers to {GOLDEN.relative_to(REPO)} (quick and full)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    if args.record and args.only:
-        parser.error("--record records quick and full together: drop --only")
     calib = find_calib()
     if calib is None:
         sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository "
@@ -147,7 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
     start_s, _, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
     print(f"interpreter start + toy imports: {start_s:.2f} s")
-    recorded = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("quick", "full"):
             if args.only not in (None, label):
@@ -162,14 +120,11 @@ def main(argv: list[str] | None = None) -> None:
                 metrics = json.loads((out / "metrics.json").read_text())
                 report(label, process_s, cpu_s, calib_s, metrics)
                 if args.check:
-                    check(label, metrics)
+                    golden.check(metrics, label)
                 ratios.append(process_s / calib_s)
             if args.repeat > 1:
                 print(f"\n{label}: ratios {', '.join(f'{r:.2f}' for r in ratios)}; median "
                       f"{verdict(label, statistics.median(ratios))}")
-            recorded[label] = without_timings(metrics)
-    if args.record:
-        record(recorded)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (1-minute average; it includes these runs)")
 
 
