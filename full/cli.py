@@ -89,8 +89,37 @@ def check_importable(parser, flag: str, module: str, extra: str) -> None:
         parser.error(f'{flag} needs {module}, which is not installed: pip install "minipref[{extra}]"')
 
 
-def check_training_arguments(parser, args) -> None:
-    """The shared flags of `add_training_arguments` (every LoRA trainer)."""
+def lr_scheduler_names() -> list[str]:
+    from diffusers.optimization import SchedulerType
+
+    return [schedule.value for schedule in SchedulerType]
+
+
+def given(argv: Sequence[str], flag: str) -> bool:
+    """`flag` is on the command line (as `--flag value` or `--flag=value`), not only a default or a preset's."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+# Every flag that names a model (a Hub id or a local folder) in some trainer; the pipeline's own flag is checked
+# where its family is read (full.models.pipeline.detect_family), before anything loads too.
+MODEL_PATH_FLAGS = ("pretrained_vae_model_name_or_path", "clip_model_name_or_path",
+                    "spm_model_name_or_path", "processor_name_or_path", "spm_processor_name_or_path")
+
+
+def check_model_paths(parser, args) -> None:
+    """A model flag that reads as a local path but does not exist is one line now, not a Hub lookup that retries
+    for a minute and ends in a traceback (full/paths.py says what reads as local)."""
+    from full.paths import missing_local_path
+
+    for name in MODEL_PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and missing_local_path(value):
+            parser.error(f"--{name} {value}: no such local directory (and it does not read as a Hub id)")
+
+
+def check_training_arguments(parser, args, argv: Sequence[str] = ()) -> None:
+    """The shared flags of `add_training_arguments` (every LoRA trainer); `argv` tells which were given."""
+    check_model_paths(parser, args)
     from full.run.accelerator import check_report_to
 
     check_positive(parser, args, ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
@@ -100,6 +129,15 @@ def check_training_arguments(parser, args) -> None:
     check_range(parser, args, "adam_beta2", 0, 1, high_open=True)
     check_range(parser, args, "max_grad_norm", 0, math.inf)
     check_range(parser, args, "lr_warmup_steps", 0, math.inf)
+    check_positive(parser, args, ("checkpoints_total_limit",))
+    schedules = lr_scheduler_names()
+    if args.lr_scheduler not in schedules:
+        parser.error(f"--lr_scheduler must be one of {', '.join(schedules)}, got {args.lr_scheduler!r}")
+    if given(argv, "--num_train_epochs") and given(argv, "--max_train_steps"):
+        parser.error("--num_train_epochs sets the step count from the data size: give it or --max_train_steps, "
+                     "not both")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one")
     if getattr(args, "caption_dropout", None) is not None:
         check_range(parser, args, "caption_dropout", 0, 1)
     message = check_report_to(args.report_to)
@@ -140,7 +178,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     a("--lr_warmup_steps", type=int, default=500)
     a("--max_train_steps", type=int, default=10_000)
     a("--num_train_epochs", type=int, default=None,
-      help="passes over the data instead of --max_train_steps (the step count then follows from the data size)")
+      help="passes over the data instead of --max_train_steps (the step count then follows from the data size); "
+           "not with --max_train_steps")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
@@ -155,8 +194,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--output_dir", required=True)
     a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
+    a("--checkpoints_total_limit", type=int, default=None, help="keep the newest N checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
+    a("--overwrite_output_dir", action="store_true",
+      help="delete the checkpoints and weights of an earlier run in --output_dir and start over (without it, a folder "
+           "holding another run's work is refused)")
     a("--report_to", default="tensorboard", help="tensorboard | wandb | all | none (comma-separated for several)")
     a("--logging_dir", default="logs")
     a("--tracker_project_name", default="minipref")

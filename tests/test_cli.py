@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from full import cli
+from tests.conftest import train_argv
 from full.trainers import offline, spin, spo
 from tests.conftest import train_argv
 
@@ -235,12 +236,18 @@ def test_importing_the_plots_does_not_switch_the_matplotlib_backend():
     assert result.returncode == 0, result.stderr
 
 
-def test_num_train_epochs_sets_the_number_of_steps(run_train, tiny_sd15, pickapic_parquet, tmp_path):
+def test_num_train_epochs_sets_the_number_of_steps(tiny_sd15, pickapic_parquet, tmp_path, capsys):
     from full.data import load_pair_rows
+    from full.trainers import offline
 
     pairs = len(load_pair_rows(pickapic_parquet, max_rows=4))  # ties dropped
-    summary = run_train(tiny_sd15, pickapic_parquet, tmp_path, "sft", "--num_train_epochs", "1", "--data_format",
-                        "pairs", "--max_train_samples", "4", steps=1)  # --max_train_steps 1 gives way to the epoch
+    argv = train_argv(tiny_sd15, pickapic_parquet, tmp_path, "sft", "--num_train_epochs", "1", "--data_format",
+                      "pairs", "--max_train_samples", "4")
+    with pytest.raises(SystemExit):  # both given: one of them would be ignored without a word (it was: 7 steps)
+        offline.parse_args(argv)
+    assert "give it or --max_train_steps, not both" in capsys.readouterr().err
+    at = argv.index("--max_train_steps")
+    summary = offline.main(argv[:at] + argv[at + 2:])
     assert summary["global_step"] == -(-pairs // 2) > 1  # sft trains on the winners: batch 2, no accumulation
 
 
@@ -255,7 +262,7 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(monkeypatch, tmp
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
     args = Namespace(pretrained_model_name_or_path="base/model", method="dpo", output_dir=str(tmp_path / "run-1"),
                      dataset_name="pairs.parquet", beta=5000.0, push_to_hub=True, hub_model_id=None, hub_token=None)
-    outputs.write_run_outputs(args, "sd15", 10, {"loss": 0.5})
+    outputs.write_run_outputs(args, "sd15", 10, [{"loss": 0.5}])
     assert calls["repo"].repo_id == "me/run-1"  # --hub_model_id defaults to the output dir's name
     assert calls["upload"]["folder_path"] == args.output_dir and "checkpoint-*" in calls["upload"]["ignore_patterns"]
     assert {"README.md", "args.json"} <= {p.name for p in (tmp_path / "run-1").iterdir()}

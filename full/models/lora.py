@@ -7,6 +7,8 @@ are in diffusers format: `pipe.load_lora_weights(directory)`.
 
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,7 +72,18 @@ def save_lora(family: str, unet, directory, *, is_main_process: bool = True) -> 
         safe_serialization=True,
         unet_lora_adapter_metadata=metadata,
     )
-    return Path(directory) / LORA_WEIGHT_NAME
+    path = Path(directory) / LORA_WEIGHT_NAME
+    if is_main_process:
+        readable_by_all(path)
+    return path
+
+
+def readable_by_all(path: Path) -> None:
+    """The pinned safetensors' `save_file` creates its file with mode 0600 (owner only); give it the mode any other
+    new file gets here (0644 under the usual umask 022), so the LoRA can be shared, served or copied by others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_lora_into(family: str, unet, directory) -> None:

@@ -14,6 +14,9 @@ from full.models import lora
 
 logger = logging.getLogger(__name__)
 
+RECORD_NAME = "minipref_run.json"  # the run's identity (full/run/output_dir.py), copied into every checkpoint
+PROGRESS_NAME = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: TrainingProgress
+
 
 class TrainingProgress:
     """Where training is; registered with accelerate so that `save_state` / `load_state` carry it."""
@@ -42,7 +45,8 @@ def resolve_checkpoint(value: str | None, output_dir) -> Path | None:
         return found[-1] if found else None
     path = Path(value) if Path(value).is_dir() else Path(output_dir) / value
     if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+        raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint directory (nor {path}); "
+                         '"latest" resumes the newest checkpoint in --output_dir')
     return path
 
 
@@ -56,6 +60,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
     accelerator.save_state(str(tmp), **engine_state_kwargs(accelerator, saving=True))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if (output_dir / RECORD_NAME).is_file():
+            shutil.copyfile(output_dir / RECORD_NAME, tmp / RECORD_NAME)
         if final.exists():  # the same step reached again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)

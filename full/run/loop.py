@@ -18,6 +18,7 @@ the saved LoRA and writes the model card and `args.json`.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from full.models import lora
 from full.models.pipeline import WEIGHT_DTYPES
 from full.run import checkpoints, outputs
 from full.run.accelerator import make_accelerator, make_optimizer, sample_generators, step_generator
+from full.run.output_dir import claim_output_dir
 from full.run.validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,13 @@ def run_and_reset(run, args) -> dict:
         GradientState._reset_state()
 
 
-def start_accelerator(args):
-    """The Accelerator and the dtype of the frozen weights under its mixed precision."""
+def start_accelerator(args, family: str | None):
+    """The Accelerator and the dtype of the frozen weights under its mixed precision; `--output_dir` claimed for
+    this run and `--resume_from_checkpoint` checked against it (full/run/output_dir.py), before any model loads."""
     accelerator = make_accelerator(args)
+    claim_output_dir(args, family, accelerator)
+    if accelerator.is_main_process:
+        outputs.check_hub_push(args)
     return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
@@ -112,7 +118,12 @@ class TrainingRun:
             accelerator.init_trackers(args.tracker_project_name, config=config)
         checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint), **checkpoints.engine_state_kwargs(accelerator, saving=False))
+            try:
+                accelerator.load_state(str(checkpoint), **checkpoints.engine_state_kwargs(accelerator, saving=False))
+            except (RuntimeError, OSError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as error:
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(f"--resume_from_checkpoint {checkpoint} could not be loaded: {first_line[:300]}"
+                                 ) from error
             self.trained.after_load(self.unet)
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
         elif args.resume_from_checkpoint:
@@ -269,7 +280,9 @@ class TrainingRun:
             if args.validation_prompts and self.parts is not None:
                 log_validation(accelerator, self.parts, args, self.global_step, self.weight_dtype,
                                lora_dir=args.output_dir)
-            outputs.write_run_outputs(args, self.family, self.global_step, self.logs,
+            layout = {"num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
+                      "gradient_accumulation_steps": args.gradient_accumulation_steps}
+            outputs.write_run_outputs(args, self.family, self.global_step, self.history, layout=layout,
                                       **getattr(self.trained, "card", {}))
         accelerator.wait_for_everyone()
         accelerator.end_training()

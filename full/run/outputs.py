@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -42,14 +43,38 @@ def lora_usage(base: str, where: str) -> list[str]:
             f'pipe.load_lora_weights("{where}")']
 
 
-def model_card(args, family: str | None, global_step: int, metrics: dict, *, base: str | None = None,
-               what: str = "LoRA", usage: list[str] | None = None) -> str:
-    """A README.md in the format of the diffusers training scripts' model cards (YAML front matter + text)."""
-    base = base or args.pretrained_model_name_or_path
+FINAL_STEPS = 20  # the card's "final metrics" average this many last optimizer steps: one step is one noisy batch
+
+
+def final_metrics(history: list[dict]) -> tuple[dict, int]:
+    """Each metric's mean over the last FINAL_STEPS optimizer steps, leaving out NaN steps (a KTO batch with no
+    desirable image has no desirable reward); returns the means and the number of steps averaged."""
+    last = history[-FINAL_STEPS:]
+    means = {}
+    for key in dict.fromkeys(k for step in last for k in step):
+        values = [v for step in last if isinstance(v := step.get(key), (int, float)) and not math.isnan(v)]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means, len(last)
+
+
+def model_card(args, family: str | None, global_step: int, history: list[dict], *, base: str | None = None,
+               what: str = "LoRA", usage: list[str] | None = None, layout: dict | None = None) -> str:
+    """A README.md in the format of the diffusers training scripts' model cards (YAML front matter + text).
+    ``layout``: processes, micro-batch and accumulation, which give the global batch."""
+    from full.run.output_dir import resolved
+
+    base = resolved(base or args.pretrained_model_name_or_path)
     where = getattr(args, "hub_model_id", None) or args.output_dir
-    dataset = getattr(args, "dataset_name", None) or getattr(args, "prompts_file", None) or "-"
+    dataset = next((resolved(getattr(args, k)) for k in ("dataset_name", "cached_dir", "prompts_file")
+                    if getattr(args, k, None)), "-")
     hyper = [f"| `{k}` | {getattr(args, k)} |" for k in HYPERPARAMETERS if getattr(args, k, None) is not None]
-    final = [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    if layout:
+        hyper.append(f"| processes x micro-batch x accumulation | {layout['num_processes']} x "
+                     f"{layout['train_batch_size']} x {layout['gradient_accumulation_steps']} = global batch "
+                     f"{layout['num_processes'] * layout['train_batch_size'] * layout['gradient_accumulation_steps']} |")
+    metrics, steps = final_metrics(history)
+    final = [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     tags = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}.get(family, []) + [
         "text-to-image", "diffusers", "lora" if what == "LoRA" else "reward-model", "minipref", args.method]
     return "\n".join([
@@ -61,26 +86,58 @@ def model_card(args, family: str | None, global_step: int, metrics: dict, *, bas
         "```python", *(usage or lora_usage(base, where)), "```", "",
         "## Hyperparameters", "", "| flag | value |", "|---|---|", *hyper, "",
         f"Every flag of the run is in `{ARGS_NAME}`.", "",
-        "## Final training metrics", "", "| metric | value |", "|---|---|", *(final or ["| - | - |"]), "",
+        "## Final training metrics", "", f"Means over the last {steps} optimizer step(s), NaN steps left out.", "",
+        "| metric | value |", "|---|---|", *(final or ["| - | - |"]), "",
     ])
 
 
-def write_run_outputs(args, family: str | None, global_step: int, metrics: dict, **card_fields) -> Path:
+def write_run_outputs(args, family: str | None, global_step: int, history: list[dict], **card_fields) -> Path:
     """args.json and README.md in --output_dir (main process), then the optional push to the Hub."""
     output_dir = Path(args.output_dir)
     save_args(args, output_dir)
     card = output_dir / "README.md"
-    card.write_text(model_card(args, family, global_step, metrics, **card_fields))
+    card.write_text(model_card(args, family, global_step, history, **card_fields))
     if getattr(args, "push_to_hub", False):
-        push_to_hub(output_dir, args.hub_model_id or output_dir.resolve().name, getattr(args, "hub_token", None))
+        push_to_hub(output_dir, hub_repo_id(args), getattr(args, "hub_token", None))
     return card
+
+
+def hub_repo_id(args) -> str:
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def check_hub_push(args) -> None:
+    """With --push_to_hub, create the Hub repo before training, as the diffusers scripts do: no network, no token or
+    no permission is one line now, not two tracebacks after hours of training."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    from huggingface_hub import constants, create_repo
+
+    repo_id = hub_repo_id(args)
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"--push_to_hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or "
+                         "drop --push_to_hub and upload --output_dir later")
+    try:
+        create_repo(repo_id, exist_ok=True, token=getattr(args, "hub_token", None))
+    except Exception as error:  # noqa: BLE001 - network, auth and HTTP errors of every kind: all mean "cannot push"
+        raise ValueError(f"--push_to_hub: cannot create the Hub repo {repo_id}: {first_line(error)}") from error
 
 
 def push_to_hub(output_dir: Path, repo_id: str, token: str | None = None) -> str:
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="minipref: end of training",
-                  ignore_patterns=NOT_UPLOADED, token=token)
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="minipref: end of training",
+                      ignore_patterns=NOT_UPLOADED, token=token)
+    except Exception as error:  # noqa: BLE001 - whatever the Hub says, the trained weights are safe on disk
+        raise ValueError(f"training finished and {output_dir} holds its weights and card, but --push_to_hub to "
+                         f"{repo_id} failed: {first_line(error)}; upload later with `huggingface-cli upload {repo_id} "
+                         f"{output_dir}`") from error
     logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo_id)
     return repo_id

@@ -44,6 +44,18 @@ METHODS = tuple(name for name, objective in minipref.OBJECTIVES.items() if objec
 ONLINE_SCRIPTS = {"spin": "full.spin", "spo": "full.spo"}  # they sample during training
 REFERENCE_METHODS = {"dpo", "kto", "contrast", "dspo"}  # + bce with --bce_reference
 CONTRAST_EMBEDDINGS = ("image_text", "image", "text")  # halves of full.data.embeddings.ClipPairEncoder's [img, txt]
+# The flags only one method reads: given to another method they are an error, and unused they are None (so args.json
+# and the model card list only what the run used).
+METHOD_FLAGS = {
+    "kto": ("utility", "reference_point", "lambda_d", "lambda_u"),
+    "dpo": ("dpo_loss_type", "dpo_label_smoothing"),
+    "dspo": ("dspo_variant", "dspo_gamma"),
+    "contrast": ("tau", "contrast_weights_inside", "clip_model_name_or_path", "embedding_column",
+                 "embedding_cache_file"),
+    "bce": ("bce_reference",),
+}
+# contrast's default temperature per model family: paper 002 App. B (SD1.5) and the authors' SDXL code
+CONTRAST_TAU = {"sd15": 0.01, "sdxl": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,13 +159,14 @@ def parse_args(argv=None):
                 parser.error(f"{flag}: a --cached_dir holds one centre-cropped, unflipped VAE latent per image and "
                              "cannot augment; drop the flag, or train from --dataset_name")
         args.random_flip = False  # the default flip cannot apply either; args.json says so
-    cli.check_training_arguments(parser, args)
+    cli.check_training_arguments(parser, args, argv)
     if args.beta_dpo is not None:
         if args.method != "dpo":
             parser.error(f"--beta_dpo is the diffusers DPO scripts' flag; for --method {args.method} use --beta")
-        if any(flag == "--beta" or flag.startswith("--beta=") for flag in argv):
+        if cli.given(argv, "--beta"):
             parser.error("give --beta or --beta_dpo, not both")
         # The factor depends on the family, so `train` resolves it once the model is known (beta_from_beta_dpo).
+    check_method_flags(parser, args, argv)
     cli.check_positive(parser, args, ("beta", "tau", "lambda_d", "lambda_u", "dspo_threshold"))
     if args.dspo_threshold is not None and not (args.method == "dspo" and args.dspo_variant == "dspo_sdxl"):
         parser.error("--dspo_threshold applies to --method dspo --dspo_variant dspo_sdxl only")
@@ -174,6 +187,18 @@ def parse_args(argv=None):
     if args.method == "contrast" and not (args.cached_dir or args.clip_model_name_or_path or args.embedding_column):
         parser.error("--method contrast needs --clip_model_name_or_path or --embedding_column (the f(y, x) embeddings)")
     return args
+
+
+def check_method_flags(parser, args, argv) -> None:
+    """A method's own flag given to another method is an error; the unused ones become None."""
+    for method, names in METHOD_FLAGS.items():
+        if method == args.method:
+            continue
+        for name in names:
+            if cli.given(argv, f"--{name}"):
+                parser.error(f"--{name} applies to --method {method}, not {args.method}")
+            if name not in ("clip_model_name_or_path", "embedding_column"):  # read by checks below
+                setattr(args, name, None)
 
 
 # diffusers' train_diffusion_dpo.py (SD1.5) has no 1/2 in its loss, logsigmoid(beta_dpo * diff): our beta is 2x;
@@ -295,7 +320,7 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
             return minipref.dpo_loss(err_w, err_l, ref_w, ref_l, beta=beta, loss_type=args.dpo_loss_type,
                                      label_smoothing=args.dpo_label_smoothing)
         if method == "contrast":
-            tau = args.tau if args.tau is not None else (0.01 if family == "sd15" else 0.5)
+            tau = args.tau if args.tau is not None else CONTRAST_TAU[family]
             emb = contrast_embedding(inputs.embeddings, args.contrast_embedding)  # (B, 2, E)
             parts = (err_w, err_l, ref_w, ref_l, emb[:, 0], emb[:, 1])
             scale = 1
@@ -346,6 +371,9 @@ def train(args) -> dict:
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     cli.check_model_family(args, family)
     beta_from_beta_dpo(args, family)
+    args.beta = method_beta(args)  # the value used, in args.json and the model card
+    if args.method == "contrast" and args.tau is None:
+        args.tau = CONTRAST_TAU[family]
     if args.cached_dir:
         meta = read_cache_meta(args.cached_dir)
         if meta["family"] != family:
@@ -354,7 +382,7 @@ def train(args) -> dict:
                           getattr(args, "pretrained_vae_model_name_or_path", None))
     if args.resolution is None and not args.cached_dir:
         args.resolution = DEFAULT_RESOLUTION[family]
-    accelerator, weight_dtype = start_accelerator(args)
+    accelerator, weight_dtype = start_accelerator(args, family)
     device, kind = accelerator.device, data_kind_for(args.method)
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run
     loader, table = make_loader(args, kind, accelerator)

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     args.cached_dir = None
     if args.dataset_name is None:
         parser.error("--dataset_name is required: pairs (winners are the real images) or binary feedback")
-    cli.check_training_arguments(parser, args)
+    cli.check_training_arguments(parser, args, argv)
     check_image_data_arguments(parser, args)
     cli.check_positive(parser, args, ("beta", "num_iterations", "generation_steps", "generation_batch_size",
                                       "generation_guidance_scale"))
@@ -181,7 +181,7 @@ def run(args) -> dict:
     args.resolution = args.resolution or models.DEFAULT_RESOLUTION[family]
     generation_scheduler_class(args)  # a bad flag or bad data fails before the models load
     rows = real_image_rows(args)
-    accelerator, weight_dtype = start_accelerator(args)
+    accelerator, weight_dtype = start_accelerator(args, family)
     device, output_dir = accelerator.device, Path(args.output_dir)
     set_seed(args.seed)
     parts = trainable_unet_parts(args, device, weight_dtype)

@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pixel_space has no diffusion model to predict x0 with: add --x0_estimate noisy")
     if not args.pixel_space and not args.pretrained_model_name_or_path:
         p.error("--pretrained_model_name_or_path is required (latent space), or pass --pixel_space")
-    cli.check_training_arguments(p, args)
+    cli.check_training_arguments(p, args, argv)
     cli.check_positive(p, args, ("num_validation_pairs", "max_train_samples"))
     cli.check_resolution(p, args)
     if args.guidance_scale < 0:
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
 def train(args) -> dict:
     from accelerate.utils import set_seed
 
-    accelerator, weight_dtype = start_accelerator(args)  # weight_dtype: the frozen diffusion model's
+    accelerator, weight_dtype = start_accelerator(args, None)  # weight_dtype: the frozen diffusion model's
     set_seed(args.seed)
     noiser = NoisyPairImages(args, accelerator.device, weight_dtype)
     spm = StepAwarePreferenceModel.from_pretrained(args.spm_model_name_or_path, args.processor_name_or_path,

@@ -118,7 +118,7 @@ def parse_args(argv=None):
     args.cached_dir = None
     if args.num_train_epochs is not None:  # the diffusers name of --num_epochs
         args.num_epochs = args.num_train_epochs
-    cli.check_training_arguments(parser, args)
+    cli.check_training_arguments(parser, args, argv)
     cli.check_positive(parser, args, ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
                                   "checkpointing_steps", "num_inference_steps", "sample_batch_size", "num_epochs",
                                   "max_train_samples", "max_timestep", "beta", "learning_rate"))
@@ -248,7 +248,7 @@ def run(args) -> dict:
     cli.check_model_family(args, family)
     resolve_family_defaults(args, family)
     prompts = load_prompts(args)
-    accelerator, weight_dtype = start_accelerator(args)
+    accelerator, weight_dtype = start_accelerator(args, family)
     device, output_dir = accelerator.device, Path(args.output_dir)
     spm = load_preference_model(args, device, weight_dtype)  # a wrong path fails before the UNet loads
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run
