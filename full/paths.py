@@ -1,8 +1,10 @@
 """Local path or Hub id? A name that reads as a local path but does not exist is reported as missing, never sent to
-the Hub (where it would become a long lookup traceback, or a download of something else)."""
+the Hub (where it would become a long lookup traceback, or a download of something else). And what a local model
+*is*, whatever path names it: `model_fingerprint`, the key of every cache built from a model."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 FILE_SUFFIXES = (".parquet", ".json", ".jsonl", ".txt", ".csv", ".safetensors", ".ckpt", ".bin")
@@ -17,3 +19,34 @@ def missing_local_path(name: str) -> bool:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name \
         or path.suffix in FILE_SUFFIXES
     return looks_local or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".gguf")
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def model_fingerprint(name: str | None, revision: str | None = None) -> str | None:
+    """A content key for a model: for a local folder (or file), sha256 over every small file's bytes (configs,
+    tokenizers) and, for each weight file, its size and SAMPLES evenly spaced 64 KiB reads (a full read of a 4 GB
+    UNet at every launch would cost seconds; a retrained or another checkpoint differs in the sampled bytes). A Hub
+    id is keyed by name and revision (the Hub's content address), None stays None."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        return f"hub:{name}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        size = file.stat().st_size
+        digest.update(size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            if file.suffix not in WEIGHT_SUFFIXES:
+                digest.update(f.read())
+                continue
+            for i in range(SAMPLES):
+                f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return "sha256:" + digest.hexdigest()
+

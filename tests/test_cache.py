@@ -119,6 +119,36 @@ def test_embedding_column_is_oriented_winner_first(tmp_path):
     assert table[1].tolist() == [[0.0, 2.0], [2.0, 0.0]]  # jpg_1 won: its embedding comes first
 
 
+def test_a_cache_is_keyed_by_the_models_content_not_the_path_that_named_it(sd15_pair_cache, tiny_sd15, tmp_path,
+                                                                           monkeypatch):
+    """A relative --pretrained_model_name_or_path at build time, and training from another working directory where
+    the same relative path names another model: refused (the record used to resolve it against the new cwd)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from full.data.cache import check_cache_model
+    from full.paths import model_fingerprint
+
+    meta = json.loads((Path(sd15_pair_cache) / "cache_meta.json").read_text())
+    (tmp_path / "here").mkdir()
+    shutil.copytree(tiny_sd15, tmp_path / "here" / "model")
+    monkeypatch.chdir(tmp_path / "here")
+    meta |= {"pretrained": "model", "model_fingerprint": model_fingerprint("model")}  # as built from here
+    check_cache_model(meta, sd15_pair_cache, "model", None, None)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_sd15, elsewhere / "model")
+    vae_file = next((elsewhere / "model" / "vae").glob("*.safetensors"))
+    weights = load_file(str(vae_file))
+    weights = {k: v * 1.01 for k, v in weights.items()}
+    save_file(weights, str(vae_file))
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match="their contents differ"):
+        check_cache_model(meta, sd15_pair_cache, "model", None, None)
+
+
 def test_training_refuses_a_cache_of_another_checkpoint_and_augmentation_flags(sd15_pair_cache, tiny_sd15,
                                                                                 tmp_path, run_train):
     """A cache records the checkpoint (path, revision) that encoded it; the trainer refuses any other, and the
@@ -127,9 +157,20 @@ def test_training_refuses_a_cache_of_another_checkpoint_and_augmentation_flags(s
     import shutil
     from pathlib import Path
 
+    from safetensors.torch import load_file, save_file
+
+    from full.data.cache import check_cache_model
+
     meta = json.loads((Path(sd15_pair_cache) / "cache_meta.json").read_text())
     assert meta["pretrained"] == tiny_sd15 and meta["revision"] is None
+    same = shutil.copytree(tiny_sd15, tmp_path / "same_sd15")  # the same weights in another folder: the same model
+    check_cache_model(meta, sd15_pair_cache, str(same), None, None)
     other = shutil.copytree(tiny_sd15, tmp_path / "other_sd15")  # same family, another checkpoint
+    unet_file = next((other / "unet").glob("*.safetensors"))
+    weights = load_file(str(unet_file))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, str(unet_file))
     with pytest.raises(ValueError, match=r"was encoded by .*not --pretrained_model_name_or_path .*other_sd15"):
         run_train(str(other), None, tmp_path / "out", "dpo", cached_dir=sd15_pair_cache)
     with pytest.raises(ValueError, match="revision"):
@@ -225,3 +266,18 @@ def test_two_processes_build_the_cache_of_one_process(sd15_pair_cache, two_proce
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+@pytest.mark.parametrize("method, extra, complaint", [
+    ("spin", [], "spin and spo sample their own images during training and read no cache"),
+    ("contrast", [], "--method contrast: add --clip_model_name_or_path"),
+    ("dpo", ["--clip_model_name_or_path", "./no/such/clip"], "--clip_model_name_or_path ./no/such/clip: no such"),
+])
+def test_the_cache_builder_refuses_what_no_trainer_could_read(tmp_path, capsys, method, extra, complaint):
+    from full.data.cache import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path),
+                    "--method", method, *extra])
+    assert exit_info.value.code == 2 and complaint in capsys.readouterr().err
+

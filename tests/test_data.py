@@ -421,3 +421,138 @@ def test_parquet_is_converted_once_and_again_when_a_file_changes(tmp_path):
     with pytest.raises(ValueError, match=r"train-1\.parquet does not have the columns and types of .*train-0"):
         open_table(str(tmp_path / "two"), "train", data.PAIR_COLUMNS, None)
     assert not list((Path(arrow_file).parent).glob("*.partial"))  # the failed conversion left nothing behind
+
+
+# ---------------------------------------------------------------------------- bad input: counted, named, one line
+
+
+def image_folder(root: Path, captions, missing=()) -> Path:
+    """An image folder: metadata.jsonl naming one PNG per caption (label 1 for even rows); the files of the row ids
+    in ``missing`` are not written."""
+    import json
+
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as meta:
+        for i, caption in enumerate(captions):
+            if i not in missing:
+                Image.new("RGB", (20, 16), RED).save(root / f"{i}.png")
+            meta.write(json.dumps({"file_name": f"{i}.png", "caption": caption, "label": int(i % 2 == 0)}) + "\n")
+    return root
+
+
+def test_empty_captions_are_kept_counted_and_named(tmp_path, caplog):
+    pairs = pickapic_rows([1, 0, 1, 0], captions=["a", "", "c", "  "])
+    feedback = [{**row, "caption": c} for row, c in zip(feedback_table([1, 0, 1]), ["", "b", "c"])]
+    with caplog.at_level(logging.WARNING, logger="full.data"):
+        assert len(data.load_pair_rows(str(write_parquet(tmp_path / "p.parquet", pairs)))) == 4  # kept: CFG rows
+        assert len(data.load_feedback_rows(str(write_parquet(tmp_path / "f.parquet", feedback)))) == 3
+        assert len(data.load_feedback_rows(str(image_folder(tmp_path / "folder", ["x", "y", ""])))) == 3
+    assert "2 rows have an empty caption (row ids 1, 3): kept, they train as unconditional" in caplog.text
+    assert "1 row has an empty caption (row id 0)" in caplog.text
+    assert "1 row has an empty caption (row id 2)" in caplog.text  # the image folder's metadata
+
+
+def test_a_stream_counts_the_empty_captions_of_each_pass(tmp_path, caplog):
+    from full.data.columns import ColumnMap
+    from full.data.streaming import StreamedRows, open_stream
+
+    path = write_parquet(tmp_path / "p.parquet", pickapic_rows([1, 0, 0.5, 1], captions=["", "b", "", ""]))
+    stream = open_stream(str(path), "train", ColumnMap({n: n for n in data.PAIR_COLUMNS}), None, seed=0,
+                         buffer_size=2)
+    rows = StreamedRows(stream, "pairs", data.PairDataset(None, 8), name="s")
+    for epoch in (0, 1):
+        rows.set_epoch(epoch)
+        with caplog.at_level(logging.WARNING, logger="full.data"):
+            assert len(list(rows)) == 3
+        assert f"s: pass {epoch} of this process's share: 2 rows have an empty caption (row ids " in caplog.text
+        caplog.clear()  # the tie (row 2) is dropped, so not counted; each pass counts its own rows
+
+
+def check_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = data.main(["check", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+def test_check_decodes_every_image_so_its_count_is_what_training_uses(tmp_path, capsys):
+    rows = pickapic_rows([1, 0, 1, 0, 1])
+    rows[3]["jpg_1"] = truncated_jpeg_bytes()  # loads (the header is fine), fails when decoded: training skips it
+    path = write_parquet(tmp_path / "p.parquet", rows)
+    code, out, _ = check_cli(capsys, path)
+    assert code == 0 and "4 usable pairs; 1 more skipped as training skips them: an image does not decode " \
+                         "(row id 3)" in out
+    dataset = data.PairDataset(data.load_pair_rows(str(path)), 8)
+    assert sum(dataset[i] is not None for i in range(len(dataset))) == 4  # what training keeps
+    bad = write_parquet(tmp_path / "bad.parquet", [{**row, "jpg_0": truncated_jpeg_bytes()} for row in rows[:2]])
+    code, _, err = check_cli(capsys, bad)
+    assert code == 2 and len(err.splitlines()) == 1 and "no usable rows" in err and "row ids 0, 1" in err
+
+
+def test_check_detects_feedback_as_the_trainer_does_and_takes_the_column_flags(tmp_path, capsys):
+    path = write_parquet(tmp_path / "f.parquet", feedback_table([1, 0, 1]))
+    code, out, _ = check_cli(capsys, path)  # no --schema: the trainer's detection (full.data.rows.source_format)
+    assert code == 0 and "(feedback, detected" in out and "3 usable images (2 desirable, 1 undesirable)" in out
+    assert check_cli(capsys, path, "--schema", "feedback")[0] == 0
+    renamed = write_parquet(tmp_path / "r.parquet", [{"picture": r["image"], "prompt": r["caption"], "ok": r["label"]}
+                                                     for r in feedback_table([1, 0])], binary_columns=("picture",))
+    code, _, err = check_cli(capsys, renamed, "--data_format", "feedback")
+    assert code == 2 and "--image_column" in err  # the message names a flag that check has ...
+    code, out, _ = check_cli(capsys, renamed, "--image_column", "picture", "--caption_column", "prompt",
+                             "--label_column", "ok")
+    assert code == 0 and "2 usable images" in out  # ... and the flag works
+
+
+def test_a_missing_image_file_is_named_with_its_row_id(tmp_path, caplog):
+    folder = image_folder(tmp_path / "folder", ["a", "b", "c", "d"], missing=(2,))
+    with caplog.at_level(logging.WARNING, logger="full.data"):
+        rows = data.load_feedback_rows(str(folder))
+    assert [r["row_id"] for r in rows] == [0, 1, 3]
+    assert f"skipping row 2: missing file {folder / '2.png'}" in caplog.text
+    assert "unreadable image bytes" not in caplog.text
+
+
+def test_a_folder_without_metadata_says_what_was_looked_for_and_what_is_there(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(images / f"{i}.png")
+    (images / "notes.txt").write_text("captions are somewhere else")
+    with pytest.raises(ValueError, match=r"images has no \.parquet files and no metadata\.jsonl .* of an image folder "
+                                         r"\(one row per image: file_name, caption, label\); it holds 4 files "
+                                         r"\(3 \.png, 1 \.txt\)$"):
+        data.load_feedback_rows(str(images))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .parquet files and no metadata.jsonl .*; it is empty$"):
+        data.load_pair_rows(str(tmp_path / "empty"))
+
+
+def test_convert_checks_its_output_before_converting(tmp_path, capsys):
+    src = write_parquet(tmp_path / "pairs.parquet", pickapic_rows([1, 0]))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for output, said in ((blocker / "out.parquet", "is a file, not a directory"), (tmp_path, "is a directory")):
+        for source in (src, tmp_path / "missing.parquet"):  # the output is checked first: the input is never read
+            code = data.main(["convert", "pairs-to-feedback", "--input", str(source), "--output", str(output)])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and len(err.splitlines()) == 1 and f"--output {output}" in err and said in err
+
+
+def test_convert_and_cache_take_the_column_flags_their_messages_name(tmp_path, capsys):
+    from full.data.cache import parse_args
+    from full.data.cache_build import CONTENT_FLAGS
+    from full.data.rows import load_training_rows
+
+    renamed = [{"a": r["jpg_0"], "b": r["jpg_1"], "pref": r["label_0"], "prompt": r["caption"]}
+               for r in pickapic_rows([1, 0, 1])]
+    src = write_parquet(tmp_path / "r.parquet", renamed, binary_columns=("a", "b"))
+    flags = ["--pair_image_columns", "a", "b", "--label_column", "pref", "--caption_column", "prompt"]
+    args = parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", str(src), "--method", "dpo",
+                       "--output_dir", str(tmp_path / "cache"), *flags])
+    assert [r["row_id"] for r in load_training_rows(args, "pairs")] == [0, 1, 2]
+    assert {"caption_column", "image_column", "pair_image_columns", "label_column"} <= set(CONTENT_FLAGS)
+    out = tmp_path / "f.parquet"
+    assert data.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out), *flags]) == 0
+    assert len(data.load_feedback_rows(str(out))) == 2
+    scored = write_parquet(tmp_path / "s.parquet", [{"image": jpeg_bytes(), "caption": "c", "aesthetic": 1.0}])
+    assert data.main(["convert", "scores-to-pairs", "--input", str(scored), "--output", str(out)]) == 2
+    assert "'score' (the default of --score_column); it has [" in capsys.readouterr().err  # was a KeyError

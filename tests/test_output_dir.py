@@ -70,6 +70,14 @@ def test_broken_checkpoint_folders_are_one_line(tiny_sd15, pickapic_parquet, tmp
         dpo_run(tiny_sd15, pickapic_parquet, out, *resume, "checkpoint-7")
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_retry(tiny_sd15, pickapic_parquet,
+                                                                                   tmp_path):
+    with pytest.raises(ValueError, match="missing column"):  # fails on the data, after the folder was claimed
+        dpo_run(tiny_sd15, pickapic_parquet, tmp_path / "run", "--caption_column", "prompt")
+    assert (tmp_path / "run" / output_dir.RECORD_NAME).is_file()
+    assert dpo_run(tiny_sd15, pickapic_parquet, tmp_path / "run")["global_step"] == 2
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tiny_sd15, pickapic_parquet, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

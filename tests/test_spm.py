@@ -273,3 +273,16 @@ def test_train_spm_resumes_to_the_same_weights(tiny_clip, pickapic_parquet, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(mid[k], end[k]) for k in end)  # steps 3-4 moved the weights: not vacuous
     assert (tmp_path / "b" / "README.md").is_file() and (tmp_path / "b" / "args.json").is_file()
+
+
+def test_train_spm_takes_the_column_flags_its_data_errors_name(tiny_clip, pickapic_parquet, tmp_path):
+    from full.trainers import spm as train_spm
+
+    argv = ["--spm_model_name_or_path", tiny_clip, "--dataset_name", pickapic_parquet, "--pixel_space",
+            "--x0_estimate", "noisy", "--output_dir", str(tmp_path), "--report_to", "none", "--max_train_steps", "1",
+            "--caption_column", "prompt", "--dataset_split_name", "train"]
+    args = train_spm.parse_args(argv)
+    assert args.caption_column == "prompt" and args.split == "train"
+    with pytest.raises(ValueError, match="missing column.*--caption_column prompt"):  # the flag reaches the reader
+        train_spm.main(argv)
+

@@ -35,11 +35,13 @@ from typing import Sequence
 
 import torch
 
+from full.paths import model_fingerprint
+
 logger = logging.getLogger(__name__)
 
 META_NAME = "cache_meta.json"
 EMPTY_NAME = "empty_prompt.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the model is recorded by content (model_fingerprint), not by the path that named it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,7 +55,8 @@ def read_cache_meta(cache_dir) -> dict:
         raise ValueError(f"--cached_dir {cache_dir} has no {META_NAME}: build it with `python -m full.cache`")
     meta = json.loads(path.read_text())
     if meta.get("version") != CACHE_VERSION:
-        raise ValueError(f"cache {cache_dir} has version {meta.get('version')}, this code reads {CACHE_VERSION}")
+        raise ValueError(f"cache {cache_dir} has version {meta.get('version')}, this code reads {CACHE_VERSION}: "
+                         "rebuild it with `python -m full.cache --overwrite ...`")
     return meta
 
 
@@ -127,25 +130,19 @@ def collate_cached(items: Sequence[dict]) -> dict:
 
 
 
-def _same_model(a: str | None, b: str | None) -> bool:
-    """Two `--pretrained_model_name_or_path` values name the same checkpoint: equal, or the same local folder."""
-    if a is None or b is None:
-        return a == b
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
-
-
 def check_cache_model(meta: dict, cache_dir, model: str, revision: str | None, vae: str | None) -> None:
     """Refuse a cache encoded by another checkpoint: its latents and prompt embeddings are that model's, and a
-    LoRA trained on them against this UNet learns the difference between two encoders, silently."""
+    LoRA trained on them against this UNet learns the difference between two encoders, silently. Compared by
+    content (`full.paths.model_fingerprint`), so a relative path read from another working directory, a model
+    retrained in place, or a copy of the same model in another folder are each told apart or recognised."""
     built = f"{meta.get('pretrained')}" + (f" (revision {meta['revision']})" if meta.get("revision") else "")
     wanted = model + (f" (revision {revision})" if revision else "")
-    if not _same_model(meta.get("pretrained"), model) or meta.get("revision") != revision:
+    if meta.get("model_fingerprint") != model_fingerprint(model, revision) or meta.get("revision") != revision:
         raise ValueError(f"--cached_dir {cache_dir} was encoded by {built}, not --pretrained_model_name_or_path "
-                         f"{wanted}: its latents and prompt embeddings belong to that checkpoint. Train with the "
-                         f"model it was built from, or rebuild it: python -m full.cache --pretrained_model_name_or_path "
-                         f"{model} ...")
-    if not _same_model(meta.get("vae"), vae):
+                         f"{wanted}: its latents and prompt embeddings belong to that checkpoint (their contents "
+                         "differ). Train with the model it was built from, or rebuild it: python -m full.cache "
+                         f"--pretrained_model_name_or_path {model} ...")
+    if meta.get("vae_fingerprint") != model_fingerprint(vae):
         raise ValueError(f"--cached_dir {cache_dir} was encoded with VAE {meta.get('vae') or 'of the model'}, not "
                          f"--pretrained_vae_model_name_or_path {vae or '(none: the model VAE)'}; rebuild the cache")
 
@@ -157,6 +154,7 @@ def check_cache_model(meta: dict, cache_dir, model: str, revision: str | None, v
 
 def parse_args(argv=None) -> argparse.Namespace:
     from full import cli
+    from full.data.columns import add_column_arguments
     from full.data.converters import FEEDBACK_POLICIES
 
     p = cli.Parser(prog="full.cache", description=__doc__.split("\n\n")[0])
@@ -170,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feedback_policy", default="winner_once", help="pairs -> feedback (full.data.pairs_to_feedback)")
     p.add_argument("--keep_ties", action="store_true")
     p.add_argument("--max_train_samples", type=int, default=None)
+    # The trainers' column flags: the data errors name them, and a cache reads --dataset_name as the trainer would.
+    add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
     p.add_argument("--method", required=True, help="the objective the cache serves (pairs or feedback, CSFT prompts)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--clip_model_name_or_path", default=None, help="store Diff-contrast embeddings (pairs only)")
@@ -189,4 +189,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.check_resolution(p, args)
     if args.feedback_policy not in FEEDBACK_POLICIES:
         p.error(f"--feedback_policy must be one of {', '.join(FEEDBACK_POLICIES)}, got {args.feedback_policy!r}")
+    check_cache_method(p, args)
+    cli.check_model_paths(p, args)
     return args
+
+
+def check_cache_method(parser, args) -> None:
+    """A cache serves `full.train --cached_dir`: the offline objectives (the online ones sample their own images),
+    and Diff-contrast only with the CLIP embeddings the trainer reads from it."""
+    import minipref
+
+    offline = [name for name, objective in minipref.OBJECTIVES.items() if objective.data in ("paired", "binary")]
+    if args.method not in offline:
+        parser.error(f"--method {args.method}: a cache serves full.train's offline methods ({', '.join(offline)}); "
+                     "spin and spo sample their own images during training and read no cache")
+    if args.method == "contrast" and not args.clip_model_name_or_path:
+        parser.error("--method contrast: add --clip_model_name_or_path; full.train reads Diff-contrast's f(y, x) "
+                     "embeddings from the cache and refuses one without them")

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from full.paths import model_fingerprint
 from full.data.cache import CACHE_VERSION, EMPTY_NAME, META_NAME, parse_args
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ BUILD_NAME = "build.json"
 # The flags that decide what a cache holds; a resumed build must repeat them (not --output_dir, --device, --overwrite:
 # they say where and how, not what). --batch_size is here because float sums depend on what is batched together.
 CONTENT_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
-                 "dataset_name", "dataset_split_name", "data_format", "feedback_policy", "keep_ties",
-                 "max_train_samples", "method", "resolution", "clip_model_name_or_path", "shard_size", "batch_size",
-                 "cache_dtype", "mixed_precision", "seed")
+                 "dataset_name", "dataset_split_name", "data_format", "caption_column", "image_column",
+                 "pair_image_columns", "label_column", "feedback_policy", "keep_ties", "max_train_samples", "method",
+                 "resolution", "clip_model_name_or_path", "shard_size", "batch_size", "cache_dtype", "mixed_precision",
+                 "seed")
 
 
 def shard_name(k: int) -> str:
@@ -177,6 +179,8 @@ def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
         family = f.metadata()["family"]
     meta = {"version": CACHE_VERSION, "family": family, "pretrained": args.pretrained_model_name_or_path,
             "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path,
+            "model_fingerprint": model_fingerprint(args.pretrained_model_name_or_path, args.revision),
+            "vae_fingerprint": model_fingerprint(args.pretrained_vae_model_name_or_path),
             "resolution": args.resolution, "kind": kind, "csft_prompts": args.method == "csft",
             "has_embeddings": args.clip_model_name_or_path is not None, "dataset_name": args.dataset_name,
             "n_items": sum(s["n"] for s in shards), "n_undecodable": n_undecodable, "shards": shards,

@@ -25,11 +25,13 @@ FLAGS = {"caption": "--caption_column", "image": "--image_column", "jpg_0": "--p
 
 class ColumnMap(dict):
     """``{canonical name: column of the source}`` for one schema; ``flagged`` holds the canonical names whose column
-    was given on the command line (a message then says "--caption_column prompt" rather than "the default")."""
+    was given on the command line (a message then says "--caption_column prompt" rather than "the default").
+    ``flags``: the flags of names that are not in `FLAGS` (a converter's --score_column)."""
 
-    def __init__(self, names: Mapping[str, str], flagged: Sequence[str] = ()):
+    def __init__(self, names: Mapping[str, str], flagged: Sequence[str] = (), flags: Mapping[str, str] | None = None):
         super().__init__(names)
         self.flagged = frozenset(flagged)
+        self.flags = {**FLAGS, **(flags or {})}
 
     @property
     def sources(self) -> list[str]:
@@ -42,10 +44,13 @@ class ColumnMap(dict):
     def describe(self, name: str) -> str:
         """How the user asked for a canonical column: ``--caption_column prompt`` or ``'caption' (the default of
         --caption_column)``."""
+        flag = self.flags.get(name)
+        if flag is None:  # a plain list of names (e.g. SPO's prompt column): no flag to name
+            return repr(self[name])
         if name in self.flagged:
-            value = " ".join(self[n] for n in ("jpg_0", "jpg_1")) if FLAGS[name] == "--pair_image_columns" else self[name]
-            return f"{FLAGS[name]} {value}"
-        return f"{self[name]!r} (the default of {FLAGS[name]})"
+            value = " ".join(self[n] for n in ("jpg_0", "jpg_1")) if flag == "--pair_image_columns" else self[name]
+            return f"{flag} {value}"
+        return f"{self[name]!r} (the default of {flag})"
 
 
 def as_column_map(columns: Sequence[str] | Mapping[str, str]) -> ColumnMap:

@@ -1,7 +1,8 @@
 """Converters: other feedback -> the two training schemas, and their CLI (`python -m full.data convert ...`).
 
 pairs -> per-image feedback (Diffusion-KTO), scalar scores -> pairs or feedback, and the red-filter synthetic user
-(paper 001 Sec. 6); `python -m full.data check` loads a dataset as the trainers would.
+(paper 001 Sec. 6); `python -m full.data check` loads a dataset as the trainers would (the same schema detection and
+column flags) and decodes every image, so the count it prints is what training uses.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from full.data.sources import (as_image_bytes, iter_source, looks_like_image, RowReport, load_feedback_rows,
-                               load_pair_rows)
+from full.data.columns import ColumnMap, add_column_arguments, columns_from_args
+from full.data.sources import (as_image_bytes, checked_caption_and_images, is_empty_caption, iter_source,
+                               load_feedback_rows, load_pair_rows, note_empty_caption, row_ids_text, RowReport)
 
 logger = logging.getLogger(__name__)
 
@@ -171,23 +174,47 @@ def red_filter_feedback(images: Sequence[dict], strength: float = 0.5) -> list[d
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_scored_rows(dataset_name: str, split: str, image_column: str, caption_column: str,
-                      score_column: str, max_rows: int | None) -> list[dict]:
-    """``{"image", "caption", "score"}`` rows from any table with those three columns."""
+def _load_scored_rows(dataset_name: str, split: str, columns: ColumnMap, max_rows: int | None) -> list[dict]:
+    """``{"image", "caption", "score"}`` rows from any table with those three columns (``columns``: their names in
+    the source), checked as the trainers check rows."""
     report, rows = RowReport(dataset_name), []
-    for row_id, row in iter_source(dataset_name, split, (image_column, caption_column, score_column), max_rows):
-        image, caption, score = as_image_bytes(row[image_column]), row[caption_column], row[score_column]
+    for row_id, row in iter_source(dataset_name, split, columns, max_rows):
+        score = row["score"]
         if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
             report.skip(row_id, "score not a number", f": {score!r}")
-        elif not isinstance(caption, str):
-            report.skip(row_id, "caption not a string")
-        elif image is None or not looks_like_image(image):
-            report.skip(row_id, "unreadable image bytes")
-        else:
-            rows.append({"image": image, "caption": caption, "score": float(score)})
+        elif checked_caption_and_images(row, row_id, report, ("image",)):
+            note_empty_caption(row, row_id, report)
+            rows.append({"image": as_image_bytes(row["image"]), "caption": row["caption"], "score": float(score)})
     if not rows:
         raise ValueError(f"no usable rows in {dataset_name}: {report.summary()}")
+    report.warn_kept()
     return rows
+
+
+def score_columns(args) -> ColumnMap:
+    """The scored converters' columns; a name other than the default is reported as the flag that set it."""
+    names = {"image": args.image_column, "caption": args.caption_column, "score": args.score_column}
+    return ColumnMap(names, [name for name, source in names.items() if source != name],
+                     flags={"score": "--score_column"})
+
+
+def check_output(path: str | Path) -> Path:
+    """Fail in one line before a conversion whose result could not be written: ``--output`` is a directory, lies
+    under a file, or where it would go is not writable. Nothing is created here (a failed conversion leaves no
+    empty directory behind); `write_parquet` creates the missing directories."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory: give the parquet file to write")
+    existing = path.parent
+    while not existing.exists():  # the directories write_parquet will create: the nearest existing one must allow it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {path}: {existing} is a file, not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"--output {path}: the file exists and is not writable")
+    if not path.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: cannot create files in {existing} (permission denied or read-only)")
+    return path
 
 
 def write_parquet(rows: Sequence[dict], path: str | Path) -> Path:
@@ -198,12 +225,15 @@ def write_parquet(rows: Sequence[dict], path: str | Path) -> Path:
     if not rows:
         raise ValueError(f"nothing to write to {path}: the conversion produced no rows")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = {}
     for name in rows[0]:
         values = [row[name] for row in rows]
         columns[name] = pa.array(values, type=pa.binary() if isinstance(values[0], bytes) else None)
-    pq.write_table(pa.table(columns), path, row_group_size=1024)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(columns), path, row_group_size=1024)
+    except OSError as error:  # a disk that filled up, a permission `check_output` could not foresee
+        raise ValueError(f"cannot write {path}: {error}") from error
     return path
 
 
@@ -212,23 +242,81 @@ def _summary(rows: Sequence[dict], label: str = "label") -> str:
     return f"{len(rows)} rows ({positive} desirable, {len(rows) - positive} undesirable)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _decode_all(dataset, threads: int, chunk: int = 256) -> tuple[list[dict], list[int]]:
+    """Every item of a `PairDataset` / `FeedbackDataset` as training makes it (the same decode; PIL releases the GIL,
+    so threads decode at once): ``({"row_id", "caption", "desirable"?} of the items that decode, row ids of those
+    that do not)``. Rows are read in this thread, a chunk at a time: only the small fields of an item are kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    usable, undecodable = [], []
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(dataset.rows), chunk):
+            rows = [dataset.rows[i] for i in range(start, min(start + chunk, len(dataset.rows)))]
+            for row, item in zip(rows, pool.map(lambda row: dataset.prepare(row, row["row_id"]), rows)):
+                if item is None:  # warned with its row id by the dataset, as in training
+                    undecodable.append(row["row_id"])
+                else:
+                    usable.append({k: item[k] for k in ("row_id", "caption", "desirable") if k in item})
+    return usable, undecodable
+
+
+def check_dataset(args) -> str:
+    """`python -m full.data check`: the rows a trainer would train on, as one line. The schema is detected as the
+    trainer detects it (`full.data.rows.source_format`, unless --data_format is given), the column flags are the
+    trainer's, and every image is decoded as the training datasets decode it, so the count is what training uses."""
+    from full.data.images import FeedbackDataset, PairDataset
+    from full.data.rows import source_format
+
+    fmt = source_format(args)
+    columns = columns_from_args(args, fmt)
+    if fmt == "pairs":
+        rows = load_pair_rows(args.dataset_name, args.split, keep_ties=args.keep_ties, max_rows=args.max_rows,
+                              columns=columns)
+        dataset = PairDataset(rows, CHECK_RESOLUTION)
+    else:
+        rows = load_feedback_rows(args.dataset_name, args.split, max_rows=args.max_rows, columns=columns)
+        dataset = FeedbackDataset(rows, CHECK_RESOLUTION)
+    usable, undecodable = _decode_all(dataset, threads=min(8, os.cpu_count() or 1))
+    notes = [f"{len(undecodable)} more skipped as training skips them: an image does not decode "
+             f"({row_ids_text(undecodable[:20], len(undecodable))})"] if undecodable else []
+    if not usable:  # the loader has raised already when no row loads: here every row that loads failed to decode
+        raise ValueError(f"no usable rows in {args.dataset_name}: every row that loads was skipped; {notes[0]}")
+    if fmt == "pairs":
+        counted = f"{len(usable)} usable pairs"
+    else:
+        desirable = sum(item["desirable"] for item in usable)
+        counted = f"{len(usable)} usable images ({desirable} desirable, {len(usable) - desirable} undesirable)"
+    detected = ", detected as the trainers detect it" if args.data_format == "auto" else ""
+    empty = [item["row_id"] for item in usable if is_empty_caption(item["caption"])]
+    if empty:
+        notes.append(f"{len(empty)} of them with an empty caption ({row_ids_text(empty[:20], len(empty))}): they "
+                     "train as unconditional")
+    return "; ".join([f"{args.dataset_name} ({fmt}{detected}): {counted}", *notes])
+
+
+CHECK_RESOLUTION = 8  # `check` decodes every image as training does; the resize after the decode is to a tiny size
+
+
+def _parser():
     from full import cli
 
     parser = cli.Parser(prog="full.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="load a dataset as the trainer would and print what is usable")
     check.add_argument("dataset_name")
-    check.add_argument("--schema", choices=("pairs", "feedback"), default="pairs")
-    check.add_argument("--split", default="train")
-    check.add_argument("--max_rows", type=int)
+    check.add_argument("--data_format", "--schema", dest="data_format", choices=("auto", "pairs", "feedback"),
+                       default="auto", help="default: detected from the columns, as the trainers do")
+    check.add_argument("--split", "--dataset_split_name", dest="split", default="train")
+    check.add_argument("--max_rows", type=int, help="read at most this many rows (the trainers' --max_train_samples)")
+    check.add_argument("--keep_ties", action="store_true", help="pairs: count ties as usable, as the trainers do")
+    add_column_arguments(check.add_argument_group("columns of the dataset (full/data/columns.py)"))
     convert = commands.add_parser("convert", help="write a training-schema parquet file from other feedback")
     kinds = convert.add_subparsers(dest="kind", required=True)
 
     def io_args(sub):
         sub.add_argument("--input", required=True, help="parquet file, directory of parquet files, or Hub dataset")
         sub.add_argument("--output", required=True, help="parquet file to write")
-        sub.add_argument("--split", default="train")
+        sub.add_argument("--split", "--dataset_split_name", dest="split", default="train")
         sub.add_argument("--max_rows", type=int, help="read at most this many input rows")
 
     def score_args(sub):
@@ -239,11 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = kinds.add_parser("pairs-to-feedback", help="Pick-a-Pic pairs -> binary feedback (Diffusion-KTO)")
     io_args(sub)
     sub.add_argument("--policy", choices=FEEDBACK_POLICIES, default="winner_once")
+    add_column_arguments(sub.add_argument_group("columns of --input (full/data/columns.py)"))
     sub = kinds.add_parser("scores-to-pairs", help="scalar scores -> win/lose pairs per caption (paper 000)")
     io_args(sub)
     score_args(sub)
     sub.add_argument("--max_pairs_per_group", type=int)
-    sub = kinds.add_parser("scores-to-feedback", help="scalar scores -> desirable iff score >= threshold (paper 001 Sec. 6)")
+    sub = kinds.add_parser("scores-to-feedback",
+                           help="scalar scores -> desirable iff score >= threshold (paper 001 Sec. 6)")
     io_args(sub)
     score_args(sub)
     sub.add_argument("--threshold", type=float, required=True)
@@ -252,37 +342,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("--input_schema", choices=("feedback", "pairs"), default="pairs",
                      help="take the images of a Pick-a-Pic file (both of each pair) or of a feedback file")
     sub.add_argument("--strength", type=float, default=0.5)
-    args = parser.parse_args(cli.cli_argv(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    add_column_arguments(sub.add_argument_group("columns of --input (full/data/columns.py)"))
+    return parser
 
+
+def convert(args) -> str:
+    """`python -m full.data convert ...`: the output is checked first, then converted and written; the line to print."""
+    check_output(args.output)
+    if args.kind == "pairs-to-feedback":
+        pairs = load_pair_rows(args.input, args.split, max_rows=args.max_rows, columns=columns_from_args(args, "pairs"))
+        out = pairs_to_feedback(pairs, args.policy)
+    elif args.kind in ("scores-to-pairs", "scores-to-feedback"):
+        scored = _load_scored_rows(args.input, args.split, score_columns(args), args.max_rows)
+        out = (scores_to_pairs(scored, args.max_pairs_per_group) if args.kind == "scores-to-pairs"
+               else scores_to_feedback(scored, args.threshold))
+    else:  # red-filter
+        columns = columns_from_args(args, args.input_schema)
+        if args.input_schema == "pairs":
+            images = [{"image": r[key], "caption": r["caption"]}
+                      for r in load_pair_rows(args.input, args.split, max_rows=args.max_rows, columns=columns)
+                      for key in ("winner", "loser")]
+        else:
+            images = load_feedback_rows(args.input, args.split, max_rows=args.max_rows, columns=columns)
+        out = red_filter_feedback(images, args.strength)
+    path = write_parquet(out, args.output)
+    return f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from full import cli
+
+    args = _parser().parse_args(cli.cli_argv(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if args.command == "check":
-            if args.schema == "pairs":
-                rows = load_pair_rows(args.dataset_name, args.split, max_rows=args.max_rows)
-                print(f"{args.dataset_name}: {len(rows)} usable pairs")
-            else:
-                rows = load_feedback_rows(args.dataset_name, args.split, max_rows=args.max_rows)
-                print(f"{args.dataset_name}: {_summary(rows, 'desirable')}")
-            return 0
-        if args.kind == "pairs-to-feedback":
-            out = pairs_to_feedback(load_pair_rows(args.input, args.split, max_rows=args.max_rows), args.policy)
-        elif args.kind in ("scores-to-pairs", "scores-to-feedback"):
-            scored = _load_scored_rows(args.input, args.split, args.image_column, args.caption_column,
-                                       args.score_column, args.max_rows)
-            out = (scores_to_pairs(scored, args.max_pairs_per_group) if args.kind == "scores-to-pairs"
-                   else scores_to_feedback(scored, args.threshold))
-        else:  # red-filter
-            if args.input_schema == "pairs":
-                images = [{"image": r[key], "caption": r["caption"]}
-                          for r in load_pair_rows(args.input, args.split, max_rows=args.max_rows)
-                          for key in ("winner", "loser")]
-            else:
-                images = load_feedback_rows(args.input, args.split, max_rows=args.max_rows)
-            out = red_filter_feedback(images, args.strength)
-        path = write_parquet(out, args.output)
-    except ValueError as error:
+        line = check_dataset(args) if args.command == "check" else convert(args)
+    except cli.INPUT_ERRORS as error:  # bad input: one line, no traceback
         print(f"full.data: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out)))
+    print(line)
     return 0
-

@@ -67,10 +67,12 @@ def looks_like_image(data: bytes) -> bool:
 
 
 class RowReport:
-    """Counts rejected rows by reason and warns about the first few with their row ids."""
+    """Counts rejected rows by reason and warns about the first few with their row ids. Also counts the rows that are
+    kept although worth a word (an empty caption, `note`), with their first ids, for one warning (`warn_kept`)."""
 
     def __init__(self, name: str):
         self.name, self.counts, self.reported = name, {}, 0
+        self.kept: dict[str, list] = {}  # remark -> [rows, their first MAX_REPORTED_ROWS ids]
 
     def skip(self, row_id: int, reason: str, detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -81,6 +83,48 @@ class RowReport:
     def summary(self) -> str:
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "no rows rejected"
 
+    def note(self, row_id: int, remark: str) -> None:
+        """Count a row that is kept with ``remark`` (a key of `KEPT_REMARKS`)."""
+        entry = self.kept.setdefault(remark, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < MAX_REPORTED_ROWS and row_id not in entry[1]:
+            entry[1].append(row_id)
+
+    def kept_summary(self) -> str:
+        """"2 rows have an empty caption (row ids 1, 4): kept, ..." for each remark; "" when there is none."""
+        return "; ".join(f"{n} row{'s have' if n != 1 else ' has'} {remark} ({row_ids_text(ids, n)}): "
+                         f"{KEPT_REMARKS[remark]}" for remark, (n, ids) in self.kept.items())
+
+    def warn_kept(self, prefix: str = "") -> None:
+        if self.kept:
+            logger.warning("%s: %s%s", self.name, prefix, self.kept_summary())
+
+
+EMPTY_CAPTION = "an empty caption"
+# What happens to a row kept with a remark. An empty prompt is what caption dropout trains with (classifier-free
+# guidance), so such a row is legitimate; it is named because it may also be a hole in the data.
+KEPT_REMARKS = {EMPTY_CAPTION: "kept, they train as unconditional (with the empty prompt, as the captions that "
+                               "caption dropout drops)"}
+
+
+def row_ids_text(ids: Sequence[int], n: int) -> str:
+    """"row id 3", "row ids 1, 4", or "row ids 1, 4, ... (the first 20 of 35)"."""
+    listed = ", ".join(str(i) for i in ids)
+    if n > len(ids):
+        return f"row ids {listed}, ... (the first {len(ids)} of {n})"
+    return f"row id{'s' if len(ids) != 1 else ''} {listed}"
+
+
+def is_empty_caption(caption: str) -> bool:
+    """Blank or whitespace only: the tokenizer makes the empty prompt of it."""
+    return not caption.strip()
+
+
+def note_empty_caption(row: dict, row_id: int, report: RowReport) -> None:
+    """Count a usable row whose caption is empty (call it once the row is known to be kept)."""
+    if is_empty_caption(row["caption"]):
+        report.note(row_id, EMPTY_CAPTION)
+
 
 def _caption_or_skip(row: dict, row_id: int, report) -> str | None:
     """The row's caption, or None after reporting the row as skipped (a caption must be text)."""
@@ -89,6 +133,27 @@ def _caption_or_skip(row: dict, row_id: int, report) -> str | None:
         report.skip(row_id, "caption not a string", f": {type(caption).__name__}")
         return None
     return caption
+
+
+def missing_file(value) -> str | None:
+    """The path of an image folder's row whose file does not exist (`datasets` keeps ``{"bytes": None, "path"}``
+    for it), else None."""
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path") and not Path(value["path"]).is_file():
+        return str(value["path"])
+    return None
+
+
+def _images_or_skip(row: dict, row_id: int, report: RowReport, columns: Sequence[str]) -> bool:
+    """True when every image column holds image bytes; else the row is reported (a missing file by its name)."""
+    missing = [path for path in map(missing_file, (row[c] for c in columns)) if path]
+    if missing:
+        report.skip(row_id, "missing file", f" {' and '.join(missing)}")
+        return False
+    bad = check_image_columns(row, columns)
+    if bad:
+        report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,23 +225,23 @@ def check_image_columns(row: dict, columns: Sequence[str]) -> list[str]:
     return bad
 
 
+def checked_caption_and_images(row: dict, row_id: int, report: RowReport, image_columns: Sequence[str]) -> bool:
+    """True when the caption is text and every image column holds an image; else the row is reported (the first
+    reason only) and False."""
+    return _caption_or_skip(row, row_id, report) is not None and _images_or_skip(row, row_id, report, image_columns)
+
+
 def checked_pair_label(row: dict, row_id: int, report: RowReport) -> float | None:
     """A pair row's ``label_0`` as 0, 0.5 or 1, or None after reporting the row (a bad label, a caption that is not
-    text, image bytes that are not an image). The table reader and the stream (`full.data.streaming`) both check
-    rows with it."""
+    text, an image folder's missing file, image bytes that are not an image). The table reader and the stream
+    (`full.data.streaming`) both check rows with it."""
     label = row["label_0"]
     if isinstance(label, bool):
         label = float(label)
     if not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
         report.skip(row_id, "bad label_0 (not 0, 0.5 or 1)", f": {label!r}")
         return None
-    if _caption_or_skip(row, row_id, report) is None:
-        return None
-    bad = check_image_columns(row, ("jpg_0", "jpg_1"))
-    if bad:
-        report.skip(row_id, "unreadable image bytes", f": {' and '.join(bad)}")
-        return None
-    return float(label)
+    return float(label) if checked_caption_and_images(row, row_id, report, ("jpg_0", "jpg_1")) else None
 
 
 def checked_feedback_label(row: dict, row_id: int, report: RowReport) -> bool | None:
@@ -185,12 +250,7 @@ def checked_feedback_label(row: dict, row_id: int, report: RowReport) -> bool | 
     if not (isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1))):
         report.skip(row_id, "bad label (not 0/1 or a bool)", f": {label!r}")
         return None
-    if _caption_or_skip(row, row_id, report) is None:
-        return None
-    if check_image_columns(row, ("image",)):
-        report.skip(row_id, "unreadable image bytes", ": image")
-        return None
-    return bool(label)
+    return bool(label) if checked_caption_and_images(row, row_id, report, ("image",)) else None
 
 
 def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = False,
@@ -199,7 +259,8 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
 
     ``label_0 == 1`` means ``jpg_0`` won; ``0`` means ``jpg_1`` won; ``0.5`` is a tie, dropped
     unless ``keep_ties`` (then ``jpg_0`` is stored as "winner" and ``tie`` is True). Any other
-    label, a missing caption or unreadable image bytes: the row is reported and skipped.
+    label, a missing caption, a missing image file or unreadable image bytes: the row is reported and skipped. An
+    empty caption is kept (it trains as unconditional, as --caption_dropout does) and the rows are counted and named.
     ``max_rows`` limits the rows *read* from the source (before filtering). ``columns``: the source's names of the
     columns (`full.data.columns`, the column flags); default the Pick-a-Pic names.
 
@@ -219,6 +280,7 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
             ties += 1
             if not keep_ties:
                 continue
+        note_empty_caption(row, row_id, report)
         row_ids.append(row_id)
         jpg_0_won.append(label >= 0.5)
         tie.append(label == 0.5)
@@ -227,6 +289,7 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): {dropped}, "
                          f"malformed: {report.summary()}")
     logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(row_ids), dropped, report.summary())
+    report.warn_kept()
     return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, _pair_item)
 
 
@@ -234,8 +297,8 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
                        columns: ColumnMap | None = None) -> LazyRows:
     """Binary-feedback rows as ``{"row_id", "image", "caption", "desirable"}``, lazily (`LazyRows`).
 
-    ``label`` is 1/0 or True/False. Other labels, captions that are not strings, or unreadable
-    image bytes: the row is reported with its id and skipped.
+    ``label`` is 1/0 or True/False. Other labels, captions that are not strings, a missing image file or unreadable
+    image bytes: the row is reported with its id and skipped. Empty captions are kept, counted and named (as pairs).
     """
     if max_rows is not None and max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
@@ -245,6 +308,7 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
         label = checked_feedback_label(row, row_id, report)
         if label is None:
             continue
+        note_empty_caption(row, row_id, report)
         row_ids.append(row_id)
         desirable.append(label)
     if not row_ids:
@@ -252,6 +316,7 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
     n_desirable = sum(desirable)
     logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(row_ids),
                 n_desirable, len(row_ids) - n_desirable, report.summary())
+    report.warn_kept()
     return LazyRows(table, row_ids, {"desirable": desirable}, _feedback_item)
 
 
@@ -270,7 +335,7 @@ def detect_format(dataset_name: str, pair_columns: Sequence[str] = ("jpg_0", "jp
     try:
         names = set(pq.read_schema(files[0]).names)
     except Exception as error:  # not a parquet file, truncated footer, ...
-        raise ValueError(f"--dataset_name {dataset_name}: cannot read {files[0]} as parquet ({error})") from error
+        raise ValueError(f"dataset {dataset_name}: cannot read {files[0]} as parquet ({error})") from error
     if set(pair_columns) & names:
         return "pairs"
     if image_column in names:

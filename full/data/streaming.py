@@ -36,7 +36,7 @@ from full.data.columns import ColumnMap, columns_from_args
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import source_format
 from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, as_image_bytes, checked_feedback_label,
-                               checked_pair_label)
+                               checked_pair_label, note_empty_caption)
 from full.data.tables import check_parquet_columns, hub_parquet_files, is_image_folder, parquet_files
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class StreamedRows(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.report.kept = {}  # the empty captions are counted per pass: every pass reads the same rows again
         self.stream.set_epoch(epoch)  # a new shuffle per epoch, the same on every process
         self.images.set_epoch(epoch)  # new flips, crops and caption dropouts
 
@@ -171,6 +172,8 @@ class StreamedRows(torch.utils.data.IterableDataset):
             label = checked_feedback_label(raw, row_id, self.report)
             row = None if label is None or (self.only_desirable and not label) else {
                 "row_id": row_id, "image": as_image_bytes(raw["image"]), "caption": raw["caption"], "desirable": label}
+        if row is not None:
+            note_empty_caption(raw, row_id, self.report)
         self.counts["malformed"] = sum(self.report.counts.values())
         self.counts["usable"] += row is not None
         return row
@@ -183,6 +186,7 @@ class StreamedRows(torch.utils.data.IterableDataset):
         rows = islice(self.usable_rows(), skip, None)  # checked, not decoded: the skip costs reading only
         yield from self._decoded(rows)
         logger.info("%s: pass %d of this process's share: %s", self.name, self.epoch, self.summary())
+        self.report.warn_kept(f"pass {self.epoch} of this process's share: ")
 
     def _decoded(self, rows):
         """Items in stream order; with threads, a few items ahead are decoded at once (PIL releases the GIL)."""

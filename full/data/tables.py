@@ -22,9 +22,23 @@ def parquet_files(path: Path, split: str) -> list[Path]:
     if path.is_file():
         return [path]
     files = sorted(path.rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"dataset directory {path} contains no .parquet files")
+    if not files:  # an image folder has been ruled out (`is_image_folder`) before the parquet files are looked for
+        raise ValueError(f"dataset directory {path} has no .parquet files and no {' / '.join(METADATA_FILES)} of an "
+                         f"image folder (one row per image: file_name, caption, label); {directory_contents(path)}")
     return in_split([f.relative_to(path) for f in files], split, root=path)
+
+
+def directory_contents(path: Path, kinds: int = 5) -> str:
+    """What a directory holds, for a message: "it is empty" or "it holds 12 files (10 .png, 2 .txt)"."""
+    from collections import Counter
+
+    suffixes = Counter(f.suffix.lower() or "without extension" for f in path.rglob("*") if f.is_file())
+    if not suffixes:
+        return "it is empty"
+    listed = ", ".join(f"{n} {suffix}" for suffix, n in suffixes.most_common(kinds))
+    others = f", {len(suffixes) - kinds} other kinds" if len(suffixes) > kinds else ""
+    total = sum(suffixes.values())
+    return f"it holds {total} file{'s' if total != 1 else ''} ({listed}{others})"
 
 
 def in_split(relative: list, split: str, root=None) -> list:
@@ -53,12 +67,25 @@ def hub_parquet_files(dataset_name: str, split: str):
     return fs, [f"{root}/{f}" for f in in_split(relative, split)]
 
 
-def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows: int | None
-                 ) -> Iterator[tuple[int, dict]]:
+def iter_source(dataset_name: str, split: str, columns: Sequence[str] | Mapping[str, str], max_rows: int | None
+                ) -> Iterator[tuple[int, dict]]:
     """Yield ``(row_id, row)`` with ``row`` restricted to ``columns``, streaming: one Arrow batch of a local file
     in memory at a time, or a Hub dataset with ``streaming=True``. ``row_id`` is the row's position in the source
     (files in sorted order), so a reported id can be looked up. The cache builder and the converters read this
-    way; the trainers index rows at random and use `open_table`."""
+    way; the trainers index rows at random and use `open_table`. ``columns``: a list of names, or a
+    `full.data.columns.ColumnMap` (rows then have its canonical names). An image folder is read through `open_table`
+    (`datasets` keeps the paths; the images stay in their files)."""
+    columns = as_column_map(columns)
+    path = Path(dataset_name).expanduser()
+    if path.exists() and is_image_folder(path):
+        yield from enumerate(open_table(dataset_name, split, columns, max_rows))
+        return
+    for row_id, row in _iter_source_columns(dataset_name, split, columns, max_rows):
+        yield row_id, {name: row[source] for name, source in columns.items()}
+
+
+def _iter_source_columns(dataset_name: str, split: str, columns, max_rows: int | None) -> Iterator[tuple[int, dict]]:
+    """`iter_source`'s rows with the source's column names."""
     path = Path(dataset_name).expanduser()
     if path.exists():
         import pyarrow.parquet as pq
@@ -69,10 +96,10 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
                 parquet = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps what it read: memory grows
             except Exception as error:  # not a parquet file, truncated footer, ...
                 raise ValueError(f"cannot read parquet file {file}: {error}") from error
-            message = missing_columns_message(as_column_map(columns), parquet.schema_arrow.names, str(file))
+            message = missing_columns_message(columns, parquet.schema_arrow.names, str(file))
             if message:
                 raise ValueError(message)
-            for batch in parquet.iter_batches(batch_size=256, columns=list(columns)):
+            for batch in parquet.iter_batches(batch_size=256, columns=list(dict.fromkeys(columns.sources))):
                 for row in batch.to_pylist():
                     if max_rows is not None and row_id >= max_rows:
                         return
@@ -91,11 +118,11 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
     except Exception as error:
         raise ValueError(hub_failure(dataset_name, split, error)) from error
     if hub.features is not None:
-        message = missing_columns_message(as_column_map(columns), list(hub.features),
+        message = missing_columns_message(columns, list(hub.features),
                                           f"Hub dataset {dataset_name!r} (split {split!r})")
         if message:
             raise ValueError(message)
-    hub = hub.select_columns(list(columns))
+    hub = hub.select_columns(list(dict.fromkeys(columns.sources)))
     for column, feature in (hub.features or {}).items():
         if isinstance(feature, datasets.Image):  # keep the encoded bytes; we decode (and catch) ourselves
             hub = hub.cast_column(column, datasets.Image(decode=False))
@@ -103,7 +130,6 @@ def iter_source(dataset_name: str, split: str, columns: Sequence[str], max_rows:
         if max_rows is not None and row_id >= max_rows:
             return
         yield row_id, row
-
 
 
 def open_table(dataset_name: str, split: str, columns: Sequence[str] | Mapping[str, str], max_rows: int | None):

@@ -70,8 +70,10 @@ def read_record(folder: Path) -> dict | None:
 
 
 def previous_work(output_dir: Path) -> list[str]:
+    """What an earlier run trained here: its checkpoints and its final outputs. A run record alone does not count: a
+    run that stopped before its first checkpoint (a bad flag, bad data) left nothing to mix with."""
     found = [p.name for p in checkpoints.list_checkpoints(output_dir)]
-    return found + [name for name in RUN_FILES if (output_dir / name).exists()]
+    return found + [name for name in RUN_FILES if name != RECORD_NAME and (output_dir / name).exists()]
 
 
 def check_writable(output_dir: Path) -> None:

@@ -45,6 +45,7 @@ import torch
 from full import cli
 from full.data.images import PairDataset, collate_skip_none
 from full.data.samplers import EpochShuffleSampler
+from full.data.columns import add_column_arguments, columns_from_args
 from full.data.sources import load_pair_rows
 from full.online.preference import decode_latents, pair_preference_loss, predicted_x0
 from full.online.spm import PICKSCORE_MODEL, SPM_CONFIG_NAME, StepAwarePreferenceModel
@@ -74,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     a = p.add_argument_group("data").add_argument
     a("--dataset_name", required=True, help="parquet file/dir or hub dataset, Pick-a-Pic schema")
-    a("--split", default="train")
+    a("--split", "--dataset_split_name", dest="split", default="train",
+      help="the split to train on (--dataset_split_name, as the other trainers and the data errors call it)")
     a("--validation_split", default=None, help="split for validation (default: the first --num_validation_pairs "
       "training pairs)")
     a("--num_validation_pairs", type=int, default=64)
@@ -84,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resolution", type=int, default=None, help="image side for the diffusion model (default: the UNet's native "
       "size; with --pixel_space the CLIP crop size)")
     a("--dataloader_num_workers", type=int, default=0)
+    add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
     cli.add_training_arguments(p)  # the run loop's flags, with the paper's SPM settings as defaults
     p.set_defaults(method="spm", learning_rate=3e-6, lr_warmup_steps=0, adam_weight_decay=0.0, max_train_steps=1000,
                    mixed_precision="no", validation_prompts=None)
@@ -263,8 +266,10 @@ def train(args) -> dict:
     crop = spm.processor.image_processor.crop_size
     resolution = args.resolution or noiser.native_resolution() or crop["height"]
 
-    rows = load_pair_rows(args.dataset_name, args.split, keep_ties=args.keep_ties, max_rows=args.max_train_samples)
-    val_rows = (load_pair_rows(args.dataset_name, args.validation_split, keep_ties=args.keep_ties)
+    columns = columns_from_args(args, "pairs")
+    rows = load_pair_rows(args.dataset_name, args.split, keep_ties=args.keep_ties, max_rows=args.max_train_samples,
+                          columns=columns)
+    val_rows = (load_pair_rows(args.dataset_name, args.validation_split, keep_ties=args.keep_ties, columns=columns)
                 if args.validation_split else rows)[: args.num_validation_pairs]
     # row ids restart per split, so train and validation keep separate lookups
     tie_of, val_tie_of = (dict(zip(rs.row_ids.tolist(), rs.column("tie").tolist())) for rs in (rows, val_rows))
