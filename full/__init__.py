@@ -13,3 +13,18 @@ eval/       generate with fixed seeds, score, statistics, plots (`python -m full
 presets/    each paper's settings with their sources (`python -m full.presets`)
 launch/     accelerate configs and train.sh
 """
+
+import logging as _logging
+
+
+class _PilFallbackIsIntended(_logging.Filter):
+    """transformers warns that its CLIP/SigLIP image processors "require torchvision" and falls back to the PIL ones,
+    once per processor class, on every run. The PIL processors are the ones minipref uses on purpose: PyPI's
+    torchvision wheels must match the installed torch build exactly, and a CPU torch beside a mismatched torchvision
+    fails to import. So that notice says nothing a user should act on; every other transformers warning stays."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackIsIntended())

@@ -24,8 +24,18 @@ class UsageError(ValueError):
     """A bad flag value found after parsing; printed as one line like an argparse error."""
 
 
+def typed_prog(prog: str | None) -> str | None:
+    """The command as the user typed it: a console script's own name (`minipref-train`) when that is what runs,
+    else ``prog`` (the module, as `python -m full.train` and `accelerate launch -m full.train` show it)."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if script.startswith("minipref-") else prog
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) that still exits with status 2."""
+    """argparse with a one-line error (no usage block) that still exits with status 2, named as the user typed it."""
+
+    def __init__(self, *args, prog: str | None = None, **kwargs):
+        super().__init__(*args, prog=typed_prog(prog), **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -43,7 +53,7 @@ def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | N
     """Run `main(argv)` for `python -m ...` and the console scripts: an input error is one line on stderr and exit
     status 2; with `--debug` (or MINIPREF_DEBUG=1) the traceback is shown instead."""
     argv = cli_argv(argv)
-    prog = prog or os.path.basename(sys.argv[0])
+    prog = typed_prog(prog) or os.path.basename(sys.argv[0])
     debug = "--debug" in argv or os.environ.get("MINIPREF_DEBUG") == "1"
     try:
         result = main(argv)

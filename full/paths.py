@@ -5,6 +5,7 @@ the Hub (where it would become a long lookup traceback, or a download of somethi
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 FILE_SUFFIXES = (".parquet", ".json", ".jsonl", ".txt", ".csv", ".safetensors", ".ckpt", ".bin")
@@ -36,8 +37,7 @@ def model_fingerprint(name: str | None, revision: str | None = None) -> str | No
     if not path.exists():
         return f"hub:{name}@{revision or 'main'}"
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    for file in files:
+    for file in model_files(path):
         digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
         size = file.stat().st_size
         digest.update(size.to_bytes(8, "little"))
@@ -49,4 +49,19 @@ def model_fingerprint(name: str | None, revision: str | None = None) -> str | No
                 f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
                 digest.update(f.read(SAMPLE_BYTES))
     return "sha256:" + digest.hexdigest()
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files that make a model: a file itself; in a diffusers pipeline folder, model_index.json and the folders
+    of the components it lists (an output folder or cache kept inside it must not change what the model is);
+    otherwise every file below the folder but hidden caches."""
+    if path.is_file():
+        return [path]
+    index = path / "model_index.json"
+    if index.is_file():
+        components = [key for key, value in json.loads(index.read_text()).items() if isinstance(value, list)]
+        return [index] + sorted(f for c in components if (path / c).is_dir() for f in (path / c).rglob("*")
+                                if f.is_file())
+    return sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in
+                                                                         f.relative_to(path).parts))
 

@@ -15,6 +15,18 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def single_process_of_a_multi_process_launch() -> str | None:
+    """A warning when `accelerate launch --num_processes N` (N > 1) started this as its only process: without GPUs
+    and without `--multi_gpu`, accelerate 1.x takes its simple launcher, which sets MASTER_ADDR for N processes
+    but starts one (no WORLD_SIZE). The run is then one process with one process's batch, whatever N said."""
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched_by_accelerate and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        return ("accelerate launch asked for several processes but started only this one (its simple launcher, on a "
+                "machine without GPUs): training runs as 1 process. For several CPU processes use "
+                "`accelerate launch --multi_gpu --num_processes N` (torchrun; minipref then uses gloo on the CPU)")
+    return None
+
+
 def cpu_ranks_needed(launched: int) -> bool:
     """Several processes on a machine without CUDA: accelerate must be asked for the CPU, else it reports each one
     as alone (distributed type "NO") and P processes would each do all the work (or train unaware of each other,

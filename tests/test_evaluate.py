@@ -494,3 +494,226 @@ def test_two_processes_generate_and_score_what_one_process_does(tiny_sd15, tiny_
     assert scores_two.keys() == scores_one.keys() and len(scores_one) == 4
     assert all(scores_two[k] == pytest.approx(scores_one[k], rel=1e-5) for k in scores_one)
     assert json.loads((two / "results.json").read_text())["means"]["clip"]["base"]["n_images"] == 4
+
+
+# ---------------------------------------------------------------------------- stale images and bad input, found early
+
+
+def _copy_lora(source_dir, target_dir, change=lambda key, tensor: tensor):
+    """The LoRA of `source_dir` written to `target_dir` (same file name, same header metadata), each tensor passed
+    through `change(key, tensor)`."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = "pytorch_lora_weights.safetensors"
+    with safe_open(str(Path(source_dir) / name), framework="pt") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    Path(target_dir).mkdir(parents=True, exist_ok=True)
+    save_file({key: change(key, tensor).contiguous() for key, tensor in tensors.items()}, str(Path(target_dir) / name),
+              metadata=metadata)
+    return str(target_dir)
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tiny_sdxl, tmp_path_factory):
+    """A LoRA of the tiny SDXL UNet (cross-attention width 64; the tiny SD1.5 has 32): another model family."""
+    from diffusers import UNet2DConditionModel
+
+    from full import models
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    models.add_lora(unet, rank=4)
+    path = tmp_path_factory.mktemp("sdxl_lora")
+    models.save_lora("sdxl", unet, path)
+    return str(path)
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Any model load fails the test: what it checks must be found before the base model or a scorer loads."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(evaluate, "load_pipeline", refuse)
+    monkeypatch.setattr(scorers, "build_scorer", refuse)
+
+
+def _console(monkeypatch, argv):
+    """`minipref-evaluate ARGV` as the console script runs it: its exit status."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["minipref-evaluate", *argv])
+    try:
+        return importlib.import_module("full.evaluate").console()
+    except SystemExit as stop:  # argparse's own errors exit from inside
+        return stop.code
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    return errors[0]
+
+
+def test_a_lora_retrained_in_place_is_drawn_and_scored_again(tmp_path, tiny_sd15, tiny_clip, lora_dir, capsys):
+    """The manifest knows a LoRA by its weights (sha256), not by its folder: new weights at the same path give new
+    images and new scores; the base model's images stay. A base model re-saved in place is drawn again too."""
+    import os
+    import shutil
+
+    base, lora, out = tmp_path / "base", tmp_path / "lora", tmp_path / "eval"
+    shutil.copytree(tiny_sd15, base)
+    _copy_lora(lora_dir, lora)
+    argv = ["--out", str(out), "--base-model", str(base), "--lora", f"tuned={lora}", "--prompts", "paper000",
+            "--max-prompts", "2", "--seeds", "1", "--steps", "2", "--device", "cpu", "--scorers", "pickscore",
+            "--pickscore-model", tiny_clip, "--bootstrap", "100", "--grid-prompts", "0"]
+
+    def images_and_scores():
+        manifest = evaluate.read_manifest(out)
+        images = {(r["model"], r["prompt_id"]): np.asarray(Image.open(out / r["path"]), dtype=int) for r in manifest}
+        scores = {(r["model"], r["prompt_id"]): r["score"] for r in evaluate.read_jsonl(out / "scores.jsonl")}
+        return images, scores, {r["model"]: r.get("lora_sha256") for r in manifest}
+
+    evaluate.main(argv)
+    images, scores, sha = images_and_scores()
+    assert "generated 4 new image(s)" in capsys.readouterr().out
+    _copy_lora(lora, lora, lambda key, tensor: -tensor if ".up." in key else tensor)  # retrained, same folder
+    evaluate.main(argv)
+    assert "generated 2 new image(s)" in capsys.readouterr().out  # the LoRA's; the base model's are kept
+    new_images, new_scores, new_sha = images_and_scores()
+    assert new_sha["tuned"] != sha["tuned"] and new_sha["base"] is None
+    for pid in ("A1", "A2"):
+        assert np.abs(new_images["tuned", pid] - images["tuned", pid]).max() > 10
+        assert np.array_equal(new_images["base", pid], images["base", pid])
+        assert new_scores["tuned", pid] != pytest.approx(scores["tuned", pid], abs=1e-4)
+        assert new_scores["base", pid] == pytest.approx(scores["base", pid], abs=1e-5)
+    results = json.loads((out / "results.json").read_text())
+    assert results["generation"]["models"]["tuned"]["lora_sha256"] == new_sha["tuned"]
+
+    evaluate.main([*argv, "--stages", "generate"])  # unchanged weights: nothing to draw
+    assert "generated 0 new image(s)" in capsys.readouterr().out
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # re-saved, same bytes
+    evaluate.main([*argv, "--stages", "generate"])
+    assert "generated 0 new image(s)" in capsys.readouterr().out  # keyed by content, not by the file's date
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({k: v * 1.01 for k, v in tensors.items()}, str(weights))  # the base retrained in place
+    evaluate.main([*argv, "--stages", "generate"])
+    assert "generated 4 new image(s)" in capsys.readouterr().out
+
+
+def test_a_bad_lora_is_one_line_before_anything_loads(tmp_path, tiny_sd15, sdxl_lora, nothing_loads, monkeypatch,
+                                                       capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no weights here\n")
+    cases = {"missing/dir": "LoRA 'x': 'missing/dir' is not a local folder",  # a Hub id: offline in the tests
+             str(tmp_path / "runs" / "dpo"): "does not exist",
+             str(tmp_path / "empty"): "holds no LoRA weights",
+             sdxl_lora: f"cross-attention width 64, but the base model '{tiny_sd15}' has 32"}
+    for lora, needle in cases.items():
+        out = tmp_path / "eval"
+        assert _console(monkeypatch, ["--out", str(out), "--base-model", tiny_sd15, "--lora", f"x={lora}",
+                                      "--steps", "1", "--seeds", "1", "--max-prompts", "1", "--device", "cpu"]) == 2
+        line = _one_error_line(capsys)
+        assert "LoRA 'x'" in line and needle in line, line
+        assert not (out / "manifest.jsonl").exists() and not (out / "images").exists()
+
+
+def test_a_lora_that_fails_to_load_names_itself_and_the_base_before_any_image(tmp_path, tiny_sd15, lora_dir,
+                                                                              monkeypatch, capsys):
+    """A mismatch the header check does not see (here a self-attention matrix of the wrong width) fails the trial
+    load of every LoRA, before the base model's images: one line naming the LoRA and the base model."""
+    def widen(key, tensor):
+        return torch.zeros(tensor.shape[0], 48) if "attn1.to_q.lora.down" in key else tensor
+
+    bad = _copy_lora(lora_dir, tmp_path / "bad", widen)
+    out = tmp_path / "eval"
+    assert _console(monkeypatch, ["--out", str(out), "--base-model", tiny_sd15, "--lora", f"bad={bad}", "--steps", "1",
+                                  "--seeds", "1", "--max-prompts", "1", "--device", "cpu", "--stages", "generate"]) == 2
+    line = _one_error_line(capsys)
+    assert f"could not load LoRA 'bad' from '{bad}' into the base model '{tiny_sd15}'" in line, line
+    assert "size mismatch" in line, line
+    assert not list(out.rglob("*.png")) and not evaluate.read_manifest(out)
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--steps", "0", "--steps must be positive, got 0"),
+    ("--seeds", "0", "--seeds must be positive, got 0"),
+    ("--batch-size", "0", "--batch_size must be positive, got 0"),
+    ("--max-prompts", "-1", "--max_prompts must be positive, got -1"),
+    ("--score-batch-size", "0", "--score_batch_size must be positive, got 0"),
+    ("--height", "33", "--height must be a positive multiple of 8, got 33"),
+    ("--width", "-64", "--width must be a positive multiple of 8, got -64"),
+    ("--confidence", "1.5", "--confidence must be in (0, 1), got 1.5"),
+    ("--bootstrap", "0", "--bootstrap must be positive, got 0"),
+    ("--grid-prompts", "-1", "--grid_prompts must be in [0, inf], got -1"),
+    ("--seed-start", "-1", "--seed_start must be in [0, "),
+    ("--bootstrap-seed", "-3", "--bootstrap_seed must be in [0, inf], got -3"),
+    ("--guidance", "nan", "--guidance must be a finite number, got nan"),
+])
+def test_numeric_flags_are_checked_at_parse_time(flag, value, needle, tmp_path, nothing_loads, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    assert _console(monkeypatch, ["--out", str(out), "--base-model", "some/model", flag, value]) == 2
+    line = _one_error_line(capsys)
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_focus_names_an_evaluated_model_before_anything_runs(tmp_path, lora_dir, nothing_loads, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    assert _console(monkeypatch, ["--out", str(out), "--base-model", "some/model", "--lora", f"tuned={lora_dir}",
+                                  "--focus", "nope"]) == 2
+    assert "--focus 'nope' is not one of the evaluated models: base, tuned" in _one_error_line(capsys)
+    out.mkdir()  # report only: the models are the manifest's
+    (out / "manifest.jsonl").write_text(json.dumps({"model": "sd", "prompt_id": "p", "seed": 0}) + "\n")
+    with pytest.raises(SystemExit, match="--focus 'base' is not one of the evaluated models: sd$"):
+        evaluate.main(["--out", str(out), "--stages", "report", "--focus", "base"])
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, nothing_loads, monkeypatch, capsys):
+    (tmp_path / "results.txt").write_text("not a folder\n")
+    for out, needle in ((tmp_path / "results.txt", "is a file"),
+                        (tmp_path / "results.txt" / "eval", f"is under '{tmp_path / 'results.txt'}', which is a file")):
+        assert _console(monkeypatch, ["--out", str(out), "--base-model", "some/model"]) == 2
+        line = _one_error_line(capsys)
+        assert f"--out '{out}' {needle}" in line, line
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--clip-model", "./no_such_clip", "scorer clip cannot be loaded: --clip_model './no_such_clip' does not exist"),
+    ("--pickscore-model", "{tmp}/pick", "scorer pickscore cannot be loaded: --pickscore_model"),
+    ("--pickscore-processor", "{tmp}/proc", "--pickscore_processor"),
+    ("--aesthetic-clip-model", "{tmp}/a/b", "--aesthetic_clip_model"),
+    ("--imagereward-model", "{tmp}/ir.pt", "--imagereward_model"),
+    ("--base-model", "{tmp}/sd15", "--base_model '{tmp}/sd15' does not exist"),
+    ("--aesthetic-head", "head.pth", "--aesthetic_head 'head.pth' does not exist"),
+    ("--fid-reference", "{tmp}/reference", "--fid_reference '{tmp}/reference' is not a folder"),
+    ("--fid-inception-weights", "{tmp}/inception.pth", "--fid_inception_weights '{tmp}/inception.pth' is not a file"),
+])
+def test_a_missing_local_model_path_is_one_line_without_a_hub_lookup(flag, value, needle, tmp_path, nothing_loads,
+                                                                     monkeypatch, capsys):
+    value, needle = value.format(tmp=tmp_path), needle.format(tmp=tmp_path)
+    argv = ["--out", str(tmp_path / "eval"), "--base-model", "some/model", "--scorers", "clip,aesthetic", flag, value]
+    assert _console(monkeypatch, argv) == 2
+    line = _one_error_line(capsys)
+    assert needle in line, line
+
+
+def test_a_scorer_built_from_a_missing_local_path_never_asks_the_hub(monkeypatch):
+    import transformers
+
+    def hub_lookup(*args, **kwargs):
+        raise AssertionError("a local path that does not exist was sent to transformers (a Hub lookup)")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", hub_lookup)
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", hub_lookup)
+    for name, options in (("clip", {"model": "./no_such_clip"}),
+                          ("pickscore", {"model": "./no_such_pickscore", "processor": "./no_such_processor"})):
+        with pytest.raises(ValueError, match=r"could not load CLIP model .*'\./no_such_\w+' does not exist"):
+            scorers.build_scorer(name, **options)

@@ -8,9 +8,11 @@ import csv
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from full.eval.loras import HUB_ID, check_family, file_sha256, load_lora, resolve_weight_file
+from full.paths import missing_local_path
 from full.progress import progress_bar
 
 PROMPT_SETS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -18,6 +20,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 # Settings that must agree between a resumed run and the images already in the manifest.
 SETTING_KEYS = ("base_model", "lora", "lora_scale", "scheduler", "steps", "guidance", "height", "width",
                 "negative_prompt", "dtype")
+# What the weights were (full/eval/loras.py): an image whose row differs from this run's was drawn by other weights
+# at the same path (a LoRA retrained in place) and is drawn again, not reused.
+IDENTITY_KEYS = ("base_model_identity", "lora_sha256")
 
 # ----------------------------------------------------------------------------------------------
 # Prompt sets: a shipped set by name, a .txt/.csv/.json/.jsonl/.parquet file, or hf:<dataset>[:<split>].
@@ -104,16 +109,23 @@ def _file_stem(prompt_id: str) -> str:
 class ModelSpec:
     name: str
     lora: str | None  # None for the base model
+    weights: str | None = None  # the LoRA's weight file, once resolved (`resolve_loras`)
+    sha256: str | None = None  # of that file: the LoRA's identity in the manifest
+
+
+def lora_spec(spec: str) -> tuple[str, str]:
+    """`NAME=DIR` -> (NAME, DIR); a plain `DIR` is named after its folder."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (Path(spec.rstrip("/")).name, spec)
 
 
 def parse_models(loras: list[str], base_name: str = "base", include_base: bool = True) -> list[ModelSpec]:
     """`--lora NAME=DIR` (or just `DIR`, named after its folder) -> [base, lora...], validated."""
     models = [ModelSpec(base_name, None)] if include_base else []
     for spec in loras:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        is_hub_id = not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+        name, path = lora_spec(spec)
+        # A local-looking path that is not there is missing, never a Hub lookup (full/paths.py).
+        is_hub_id = not missing_local_path(path) and HUB_ID.fullmatch(path) is not None
         if not os.path.exists(path) and not is_hub_id:
             raise ValueError(f"LoRA {name!r}: {path!r} does not exist (expected a directory from a trainer or a hub id)")
         models.append(ModelSpec(name, path))
@@ -126,6 +138,19 @@ def parse_models(loras: list[str], base_name: str = "base", include_base: bool =
     if not models:
         raise ValueError("nothing to evaluate: give --lora or keep the base model")
     return models
+
+
+def resolve_loras(models: list[ModelSpec], base_model: str) -> list[ModelSpec]:
+    """Each LoRA's weight file (a Hub LoRA downloaded), its sha256, and a check that it fits the base model's family:
+    all before any model loads, so a bad --lora is one line instead of a failure after the other models' images."""
+    resolved = []
+    for model in models:
+        if model.lora is not None:
+            weights = resolve_weight_file(model.name, model.lora)
+            check_family(model.name, weights, base_model)
+            model = replace(model, weights=str(weights), sha256=file_sha256(weights))
+        resolved.append(model)
+    return resolved
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -192,20 +217,11 @@ def _default_resolution(pipe) -> int | None:
     return unet.config.sample_size * pipe.vae_scale_factor if unet is not None else None
 
 
-def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seeds: list[int], out: Path, *,
-             settings: dict, batch_size: int = 4, lora_scale: float = 1.0, process_index: int = 0,
-             num_processes: int = 1) -> int:
-    """Generate every missing (model, prompt, seed) image; returns how many were made (by this process).
-
-    Under `accelerate launch` process ``p`` of ``P`` takes every P-th image of each model (if missing) and records it in
-    ``manifest.part-<p>.jsonl``; each image's noise comes from its own seed, so the images are those of one process.
-    """
-    import torch
-
-    manifest_path = out / "manifest.jsonl"
-    existing = read_manifest(out)
+def check_resumable(existing: list[dict], models: list[ModelSpec], prompts: list[tuple[str, str]], settings: dict,
+                    lora_scale: float, manifest_path: Path) -> None:
+    """A resumed run must use the settings (and prompts) the manifest was made with."""
     prompt_text = dict(prompts)
-    for row in existing:  # a resumed run must use the settings (and prompts) the manifest was made with
+    for row in existing:
         model = next((m for m in models if m.name == row["model"]), None)
         if model is None:
             continue
@@ -217,11 +233,45 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
             if row.get(key) != wanted[key]:
                 raise ValueError(f"{manifest_path} has {row['model']!r} images made with {key}={row.get(key)!r}, "
                                  f"but this run asks for {key}={wanted[key]!r}; use a new --out or the same settings")
-    done = {(r["model"], r["prompt_id"], r["seed"]) for r in existing if (out / r["path"]).is_file()}
+
+
+def identity(model: ModelSpec, settings: dict) -> dict:
+    """The weights an image of `model` is drawn with (IDENTITY_KEYS); None where unknown (a Hub base model)."""
+    return {"base_model_identity": settings.get("base_model_identity"), "lora_sha256": model.sha256}
+
+
+def images_done(existing: list[dict], models: list[ModelSpec], settings: dict, out: Path) -> set:
+    """(model, prompt_id, seed) of the images on disk that the same weights drew: the same path is not enough, a
+    LoRA retrained in place must not be scored by its old images."""
+    current = {m.name: identity(m, settings) for m in models}
+    return {(r["model"], r["prompt_id"], r["seed"]) for r in existing
+            if (out / r["path"]).is_file() and r["model"] in current
+            and all(r.get(key) == current[r["model"]][key] for key in IDENTITY_KEYS)}
+
+
+def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seeds: list[int], out: Path, *,
+             settings: dict, batch_size: int = 4, lora_scale: float = 1.0, process_index: int = 0,
+             num_processes: int = 1) -> int:
+    """Generate every missing (model, prompt, seed) image, and every one drawn by other weights than this run's (a
+    retrained LoRA); returns how many were made (by this process).
+
+    Under `accelerate launch` process ``p`` of ``P`` takes every P-th image of each model (if missing) and records it in
+    ``manifest.part-<p>.jsonl``; each image's noise comes from its own seed, so the images are those of one process.
+    """
+    import torch
+
+    manifest_path = out / "manifest.jsonl"
+    existing = read_manifest(out)
+    check_resumable(existing, models, prompts, settings, lora_scale, manifest_path)
+    done = images_done(existing, models, settings, out)
     # Every P-th image of the full list (not of the missing ones): which process owns an image never depends on
     # what the others have written already.
     jobs = {m.name: [(pid, p, s) for pid, p in prompts for s in seeds][process_index::num_processes] for m in models}
     jobs = {name: [(pid, p, s) for pid, p, s in todo if (name, pid, s) not in done] for name, todo in jobs.items()}
+    with_lora = [m for m in models if m.lora is not None and jobs[m.name]]
+    for model in with_lora:  # a LoRA that does not load fails now, not after the other models' images
+        load_lora(pipe, model.name, model.lora, model.weights, lora_scale, settings.get("base_model"))
+        pipe.unload_lora_weights()
     if num_processes > 1:
         manifest_path = out / f"manifest.part-{process_index}.jsonl"
     total = sum(len(j) for j in jobs.values())
@@ -232,11 +282,7 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
             if not jobs[model.name]:
                 continue
             if model.lora is not None:
-                try:
-                    pipe.load_lora_weights(model.lora, adapter_name=model.name)
-                except (OSError, ValueError) as error:
-                    raise ValueError(f"could not load LoRA {model.name!r} from {model.lora!r}: {error}") from error
-                pipe.set_adapters([model.name], adapter_weights=[lora_scale])
+                load_lora(pipe, model.name, model.lora, model.weights, lora_scale, settings.get("base_model"))
             (out / "images" / model.name).mkdir(parents=True, exist_ok=True)
             todo = jobs[model.name]
             for start in range(0, len(todo), batch_size):
@@ -253,7 +299,7 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
                     image.save(out / rel)
                     row = {"model": model.name, "prompt_id": pid, "prompt": prompt, "seed": seed, "path": str(rel),
                            **settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None,
-                           "nsfw": flagged}
+                           **identity(model, settings), "nsfw": flagged}
                     manifest.write(json.dumps(row) + "\n")
                     manifest.flush()  # resumable: every finished image is recorded at once
                 made += len(batch)

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from full.paths import missing_local_path
+
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -81,6 +83,10 @@ class ClipEmbedder:
         self.device = device or default_device()
         self.dtype = dtype
         self.batch_size = batch_size
+        missing = [name for name in dict.fromkeys((model, processor or model)) if missing_local_path(name)]
+        if missing:  # a local path that is not there: say so, not after a minute of Hub retries
+            raise ValueError(f"could not load CLIP model {model!r} / processor {processor or model!r}: "
+                             f"{missing[0]!r} does not exist")
         try:
             self.processor = AutoProcessor.from_pretrained(processor or model)
             self.model = CLIPModel.from_pretrained(model).eval().to(self.device, dtype)

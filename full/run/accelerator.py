@@ -34,7 +34,8 @@ def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from full.processes import check_all_ranks, cpu_ranks_needed, launched_processes
+    from full.processes import (check_all_ranks, cpu_ranks_needed, launched_processes,
+                                single_process_of_a_multi_process_launch)
 
     launched = launched_processes()
     report_to = None if args.report_to == "none" else args.report_to
@@ -51,6 +52,9 @@ def make_accelerator(args):
     check_all_ranks(launched, accelerator.num_processes)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = single_process_of_a_multi_process_launch()
+    if warning:
+        logging.getLogger(__name__).warning(warning)
     return accelerator
 
 
