@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from full import models
+from minipref.methods import get_method
 from full.data.rows import data_kind_for
 from full.trainers.denoise import StepInputs, denoise
 from full.trainers.offline import compute_loss, needs_reference, parse_args
@@ -129,7 +130,7 @@ class PeakMemory:
 
 
 def method_args(method: str):
-    extra = ["--embedding_column", "unused"] if method == "contrast" else []
+    extra = ["--embedding_column", "unused"] if get_method(method).needs_embeddings else []
     return parse_args(["--pretrained_model_name_or_path", "-", "--method", method, "--output_dir", "-",
                        "--dataset_name", "-", *extra])
 

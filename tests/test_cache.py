@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from full.cache import main as cache_main
 from full import models
 from full.data import cache, cache_build, embeddings
 from full.trainers import offline as train
@@ -16,7 +17,7 @@ from tests.two_processes import cache_argv
 
 
 def build(model, dataset, out, method, *extra) -> str:
-    return str(cache_build.build_cache(cache_argv(model, dataset, out, method, "--device", "cpu", *extra)))
+    return str(cache_main(cache_argv(model, dataset, out, method, "--device", "cpu", *extra)))
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_a_killed_build_resumes_to_the_cache_of_an_unkilled_one(tiny_sd15, tmp_p
                                   (tiny_sd15, ["--shard_size", "5", "--batch_size", "2"], "--shard_size 4 -> 5")):
         argv = cache_argv(model, data, tmp_path / "resumed", "dpo", *extra)
         capsys.readouterr()
-        assert cli.entry_point(cache_build.build_cache, argv, prog="full.cache") == 2
+        assert cli.entry_point(cache_main, argv, prog="full.cache") == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "has an unfinished build" in err and changed in err, err
     assert {name: (building / name).stat().st_mtime_ns for name in written} == kept
@@ -274,7 +275,7 @@ def test_two_processes_build_the_cache_of_one_process(sd15_pair_cache, two_proce
     ("dpo", ["--clip_model_name_or_path", "./no/such/clip"], "--clip_model_name_or_path ./no/such/clip: no such"),
 ])
 def test_the_cache_builder_refuses_what_no_trainer_could_read(tmp_path, capsys, method, extra, complaint):
-    from full.data.cache import parse_args
+    from full.cache import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path),

@@ -110,7 +110,7 @@ def test_data_whose_every_image_fails_to_decode_stops_instead_of_looping(capsys,
 
 
 def test_cache_flags_are_checked_at_parse_time(capsys, tmp_path):
-    from full.data import cache
+    from full import cache
 
     argv = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--method", "dpo", "--output_dir", "o"]
     assert "--shard_size must be positive, got 0" in parse_error(capsys, cache.parse_args, argv + ["--shard_size", "0"])
@@ -150,18 +150,33 @@ def test_main_in_a_notebook_does_not_parse_the_kernel_arguments(capsys, monkeypa
 
 
 def test_beta_dpo_follows_the_diffusers_script_of_the_family(capsys, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "2500"))
-    offline.beta_from_beta_dpo(args, "sd15")  # train_diffusion_dpo.py: logsigmoid(beta_dpo * diff), no 1/2
-    assert args.beta == 5000.0 and "--beta_dpo 2500 (diffusers train_diffusion_dpo.py convention) = --beta 5000" \
-        in caplog.text
+    objective = offline.objective_for(args, "sd15")  # train_diffusion_dpo.py: logsigmoid(beta_dpo * diff), no 1/2
+    assert objective.beta == 5000.0 and "beta 5000 (from --beta_dpo 2500 in the convention of diffusers' " \
+        "train_diffusion_dpo.py)" in caplog.text
     args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "5000"))
-    offline.beta_from_beta_dpo(args, "sdxl")  # train_diffusion_dpo_sdxl.py: -0.5 * beta_dpo * diff, as ours
-    assert args.beta == 5000.0
+    assert offline.objective_for(args, "sdxl").beta == 5000.0  # train_diffusion_dpo_sdxl.py: -0.5 * beta_dpo * diff
     err = parse_error(capsys, offline.parse_args, train_argv("m", "d.parquet", tmp_path, "kto", "--beta_dpo", "1"))
-    assert "for --method kto use --beta" in err
+    assert "--beta_dpo applies to --method dpo, not kto" in err
     err = parse_error(capsys, offline.parse_args,
                       train_argv("m", "d.parquet", tmp_path, "dpo", "--beta_dpo", "1", "--beta", "2"))
     assert "give --beta or --beta_dpo, not both" in err
+
+
+def test_beta_is_resolved_in_one_place_and_says_where_it_came_from(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cases = [((), 5000.0, "the default of minipref.dpo_loss"), (("--beta", "250"), 250.0, "--beta"),
+             (("--preset", "sd15-kto"), None, "--preset sd15-kto")]
+    for extra, beta, source in cases:
+        method = "kto" if "--preset" in extra else "dpo"
+        args = offline.parse_args(train_argv("m", "d.parquet", tmp_path, method, *extra))
+        objective = offline.objective_for(args, "sd15")
+        assert (beta is None or objective.beta == beta) and f"(from {source})" in caplog.text, source
 
 
 def test_random_flip_is_on_by_default_and_can_be_turned_off(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from full import data_commands
 from full import data
 from tests.data_helpers import (BLUE, GREEN, GREY, RED, half_jpeg_bytes, jpeg_bytes, pickapic_rows,
                                 truncated_jpeg_bytes, write_parquet)
@@ -346,7 +347,7 @@ def test_red_filter_user_prefers_the_red_copy():
 def test_cli_round_trips(tmp_path, capsys):
     src = write_parquet(tmp_path / "pairs.parquet", pickapic_rows([1, 0, 1, 0.5]))
     out = tmp_path / "feedback.parquet"
-    assert data.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out)]) == 0
+    assert data_commands.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out)]) == 0
     feedback = data.load_feedback_rows(str(out))
     expected = data.pairs_to_feedback(data.load_pair_rows(str(src)))
     assert [(r["image"], r["desirable"]) for r in feedback] == [(r["image"], bool(r["label"])) for r in expected]
@@ -355,16 +356,16 @@ def test_cli_round_trips(tmp_path, capsys):
     scored = write_parquet(tmp_path / "scores.parquet", [{"image": jpeg_bytes((20 * k, 0, 0)), "caption": "c",
                                                           "aesthetic": float(k)} for k in range(4)])
     pairs_out = tmp_path / "pairs_from_scores.parquet"
-    assert data.main(["convert", "scores-to-pairs", "--input", str(scored), "--output", str(pairs_out),
+    assert data_commands.main(["convert", "scores-to-pairs", "--input", str(scored), "--output", str(pairs_out),
                       "--score_column", "aesthetic"]) == 0
     assert len(data.load_pair_rows(str(pairs_out))) == 6
 
     red_out = tmp_path / "red.parquet"
-    assert data.main(["convert", "red-filter", "--input", str(src), "--output", str(red_out)]) == 0
+    assert data_commands.main(["convert", "red-filter", "--input", str(src), "--output", str(red_out)]) == 0
     red_rows = data.load_feedback_rows(str(red_out))
     assert len(red_rows) == 4 and sum(r["desirable"] for r in red_rows) == 2  # 2 distinct images x 2
 
-    assert data.main(["convert", "pairs-to-feedback", "--input", str(tmp_path / "missing.parquet"),
+    assert data_commands.main(["convert", "pairs-to-feedback", "--input", str(tmp_path / "missing.parquet"),
                       "--output", str(out)]) == 2
     assert "error: dataset" in capsys.readouterr().err
 
@@ -469,7 +470,7 @@ def test_a_stream_counts_the_empty_captions_of_each_pass(tmp_path, caplog):
 
 
 def check_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = data.main(["check", *map(str, argv)])
+    code = data_commands.main(["check", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out.strip(), err.strip()
 
@@ -532,13 +533,13 @@ def test_convert_checks_its_output_before_converting(tmp_path, capsys):
     blocker.write_text("")
     for output, said in ((blocker / "out.parquet", "is a file, not a directory"), (tmp_path, "is a directory")):
         for source in (src, tmp_path / "missing.parquet"):  # the output is checked first: the input is never read
-            code = data.main(["convert", "pairs-to-feedback", "--input", str(source), "--output", str(output)])
+            code = data_commands.main(["convert", "pairs-to-feedback", "--input", str(source), "--output", str(output)])
             err = capsys.readouterr().err.strip()
             assert code == 2 and len(err.splitlines()) == 1 and f"--output {output}" in err and said in err
 
 
 def test_convert_and_cache_take_the_column_flags_their_messages_name(tmp_path, capsys):
-    from full.data.cache import parse_args
+    from full.cache import parse_args
     from full.data.cache_build import CONTENT_FLAGS
     from full.data.rows import load_training_rows
 
@@ -551,8 +552,8 @@ def test_convert_and_cache_take_the_column_flags_their_messages_name(tmp_path, c
     assert [r["row_id"] for r in load_training_rows(args, "pairs")] == [0, 1, 2]
     assert {"caption_column", "image_column", "pair_image_columns", "label_column"} <= set(CONTENT_FLAGS)
     out = tmp_path / "f.parquet"
-    assert data.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out), *flags]) == 0
+    assert data_commands.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out), *flags]) == 0
     assert len(data.load_feedback_rows(str(out))) == 2
     scored = write_parquet(tmp_path / "s.parquet", [{"image": jpeg_bytes(), "caption": "c", "aesthetic": 1.0}])
-    assert data.main(["convert", "scores-to-pairs", "--input", str(scored), "--output", str(out)]) == 2
+    assert data_commands.main(["convert", "scores-to-pairs", "--input", str(scored), "--output", str(out)]) == 2
     assert "'score' (the default of --score_column); it has [" in capsys.readouterr().err  # was a KeyError

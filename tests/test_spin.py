@@ -177,9 +177,13 @@ def test_interrupted_iteration_resumes_from_cache_and_checkpoint(tiny_sd15, pick
     final_b = read_lora(tmp_path)
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
-    # a fresh start with other generation settings must not silently reuse iteration 0's samples
-    with pytest.raises(ValueError, match="other settings .*steps"):
+    # a fresh start with other generation settings must not silently reuse iteration 0's samples: refused as the
+    # folder of another run, and, with --overwrite_output_dir (which keeps spin_cache/), by the sample cache itself
+    with pytest.raises(ValueError, match="holds a run of spin"):
         spin.main(spin_argv(tiny_sd15, pickapic_parquet, tmp_path, "--generation_steps", "3", steps=2))
+    with pytest.raises(ValueError, match="other settings .*steps"):
+        spin.main(spin_argv(tiny_sd15, pickapic_parquet, tmp_path, "--generation_steps", "3", "--overwrite_output_dir",
+                            steps=2))
 
 
 def test_sdxl_self_play_step(tiny_sdxl, feedback_parquet, tmp_path):

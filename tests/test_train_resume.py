@@ -11,6 +11,7 @@ from full import models
 from full.models import lora
 from full.run import checkpoints
 from full.trainers import offline as train
+from full.trainers.objective import Objective
 from tests.conftest import train_argv
 
 # 2 micro-batches per step, 5 pairs per epoch: the 4 steps cross an epoch boundary, and the step after the
@@ -44,7 +45,7 @@ def killed_inside_step_3(monkeypatch, argv) -> None:
         raise KeyboardInterrupt("simulated kill after checkpoint-2")
 
     with monkeypatch.context() as patch:
-        fail_on_call(patch, train, "compute_loss", 6, crash)
+        fail_on_call(patch, Objective, "loss", 6, crash)
         with pytest.raises(KeyboardInterrupt):
             train.main(argv)
 
@@ -99,7 +100,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         out.loss = out.loss * float("nan")
         return out
 
-    fail_on_call(monkeypatch, train, "compute_loss", 3, nan_loss)
+    fail_on_call(monkeypatch, Objective, "loss", 3, nan_loss)
     with pytest.raises(SystemExit) as stop:
         train.main(train_argv(tiny_sd15, pickapic_parquet, tmp_path, "dpo", "--checkpointing_steps", "2", steps=4))
     message = str(stop.value)

@@ -62,7 +62,7 @@ def two_process_jobs(tiny_sd15, tiny_clip, pickapic_parquet, tmp_path_factory):
     """(directory, CompletedProcess): `<dir>/cache` a Diff-contrast pair cache with CLIP embeddings, `<dir>/eval` an
     evaluation, each made by 2 processes (no --device: each process takes its own)."""
     out = tmp_path_factory.mktemp("two_processes")
-    jobs = [["full.data.cache_build:build_cache", cache_argv(tiny_sd15, pickapic_parquet, out / "cache",
+    jobs = [["full.cache:main", cache_argv(tiny_sd15, pickapic_parquet, out / "cache",
                                                              "contrast", "--clip_model_name_or_path", tiny_clip)],
             ["full.eval.evaluate:main", evaluate_argv(tiny_sd15, tiny_clip, out / "eval")]]
     return out, launch_two(str(ROOT / "tests" / "launch_driver.py"), json.dumps(jobs), timeout=500)

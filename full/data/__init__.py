@@ -10,19 +10,19 @@ samplers.py    per-epoch orders that are the same on every process and after a r
 embeddings.py  Diff-contrast's CLIP embeddings f(y, x)
 cache.py       precomputed latents and prompt embeddings (`python -m full.cache`, then `--cached_dir`)
 cache_build.py building a cache: shards per process, written atomically, resumable (`python -m full.cache`)
-converters.py  other feedback -> the two schemas (`python -m full.data convert ...`, `... check`)
+converters.py  other feedback -> the two schemas, and the dataset check (their command line: full/data_commands.py)
 bench.py       the data benchmark (`python -m full.bench --data`): memory and rows/s against the number of rows
 
 The names below are the public API; modules inside `full/` import from the files directly.
 """
 
-from full.data.converters import (FEEDBACK_POLICIES, image_key, main, pairs_to_feedback, red_filter,
+from full.data.converters import (FEEDBACK_POLICIES, image_key, pairs_to_feedback, red_filter,
                                   red_filter_feedback, redness, scores_to_feedback, scores_to_pairs, write_parquet)
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
 from full.data.sources import FEEDBACK_COLUMNS, PAIR_COLUMNS, detect_format, load_feedback_rows, load_pair_rows
 
-__all__ = ["FEEDBACK_POLICIES", "image_key", "main", "pairs_to_feedback", "red_filter", "red_filter_feedback",
+__all__ = ["FEEDBACK_POLICIES", "image_key", "pairs_to_feedback", "red_filter", "red_filter_feedback",
            "redness", "scores_to_feedback", "scores_to_pairs", "write_parquet", "FeedbackDataset", "PairDataset",
            "collate_skip_none", "DesirableRatioSampler", "EpochShuffleSampler", "FEEDBACK_COLUMNS", "PAIR_COLUMNS",
            "detect_format", "load_feedback_rows", "load_pair_rows"]

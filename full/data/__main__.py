@@ -1,7 +1,8 @@
-"""python -m full.data check | convert ...: see full/data/converters.py."""
+"""`python -m full.data check | convert ...`: the command line is full/data_commands.py (command lines live at the top
+of full/, the readers and converters below them)."""
 
 import sys
 
-from full.data.converters import main
+from full.data_commands import main
 
 sys.exit(main())

@@ -26,7 +26,6 @@ What a cache fixes: one VAE posterior sample per image, the centre crop, no flip
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -145,64 +144,3 @@ def check_cache_model(meta: dict, cache_dir, model: str, revision: str | None, v
     if meta.get("vae_fingerprint") != model_fingerprint(vae):
         raise ValueError(f"--cached_dir {cache_dir} was encoded with VAE {meta.get('vae') or 'of the model'}, not "
                          f"--pretrained_vae_model_name_or_path {vae or '(none: the model VAE)'}; rebuild the cache")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The flags of a build (full/data/cache_build.py builds it)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from full import cli
-    from full.data.columns import add_column_arguments
-    from full.data.converters import FEEDBACK_POLICIES
-
-    p = cli.Parser(prog="full.cache", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--pretrained_vae_model_name_or_path", default=None)
-    p.add_argument("--dataset_name", required=True)
-    p.add_argument("--dataset_split_name", default="train")
-    p.add_argument("--data_format", choices=("auto", "pairs", "feedback"), default="auto")
-    p.add_argument("--feedback_policy", default="winner_once", help="pairs -> feedback (full.data.pairs_to_feedback)")
-    p.add_argument("--keep_ties", action="store_true")
-    p.add_argument("--max_train_samples", type=int, default=None)
-    # The trainers' column flags: the data errors name them, and a cache reads --dataset_name as the trainer would.
-    add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
-    p.add_argument("--method", required=True, help="the objective the cache serves (pairs or feedback, CSFT prompts)")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--clip_model_name_or_path", default=None, help="store Diff-contrast embeddings (pairs only)")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--shard_size", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--cache_dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--device", default=None,
-                   help="default: each process's own device under accelerate launch, else cuda if available, else cpu")
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="dtype of the frozen encoders while caching")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
-    args = p.parse_args(cli.cli_argv(argv))
-    cli.check_positive(p, args, ("shard_size", "batch_size", "max_train_samples"))
-    cli.check_resolution(p, args)
-    if args.feedback_policy not in FEEDBACK_POLICIES:
-        p.error(f"--feedback_policy must be one of {', '.join(FEEDBACK_POLICIES)}, got {args.feedback_policy!r}")
-    check_cache_method(p, args)
-    cli.check_model_paths(p, args)
-    return args
-
-
-def check_cache_method(parser, args) -> None:
-    """A cache serves `full.train --cached_dir`: the offline objectives (the online ones sample their own images),
-    and Diff-contrast only with the CLIP embeddings the trainer reads from it."""
-    import minipref
-
-    offline = [name for name, objective in minipref.OBJECTIVES.items() if objective.data in ("paired", "binary")]
-    if args.method not in offline:
-        parser.error(f"--method {args.method}: a cache serves full.train's offline methods ({', '.join(offline)}); "
-                     "spin and spo sample their own images during training and read no cache")
-    if args.method == "contrast" and not args.clip_model_name_or_path:
-        parser.error("--method contrast: add --clip_model_name_or_path; full.train reads Diff-contrast's f(y, x) "
-                     "embeddings from the cache and refuses one without them")

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minipref.methods import get_method
 from full.paths import model_fingerprint
-from full.data.cache import CACHE_VERSION, EMPTY_NAME, META_NAME, parse_args
+from full.data.cache import CACHE_VERSION, EMPTY_NAME, META_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def encode_batch(parts, batch: dict, indices: list[int], args, kind: str, embedd
     generators = image_generators(args.seed, indices, n, device)
     latents = models.encode_images(parts, pixels.flatten(0, 1).to(device), generators)  # (B*n, 4, h, w)
     captions = [c for c in batch["captions"] for _ in range(n)]  # item-major, like the latents
-    if args.method == "csft":  # a binary method: kind == "feedback", n == 1
+    if get_method(args.method).label_in_prompt:  # CSFT, a binary method: kind == "feedback", n == 1
         captions = csft_prompts(captions, batch["desirable"])
     prompt = models.encode_prompts(parts, captions, device)
     item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
@@ -181,7 +182,7 @@ def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
             "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path,
             "model_fingerprint": model_fingerprint(args.pretrained_model_name_or_path, args.revision),
             "vae_fingerprint": model_fingerprint(args.pretrained_vae_model_name_or_path),
-            "resolution": args.resolution, "kind": kind, "csft_prompts": args.method == "csft",
+            "resolution": args.resolution, "kind": kind, "csft_prompts": get_method(args.method).label_in_prompt,
             "has_embeddings": args.clip_model_name_or_path is not None, "dataset_name": args.dataset_name,
             "n_items": sum(s["n"] for s in shards), "n_undecodable": n_undecodable, "shards": shards,
             "dtype": args.cache_dtype}
@@ -194,7 +195,8 @@ def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
     return meta
 
 
-def build_cache(argv=None) -> Path:
+def build_cache(args) -> Path:
+    """Build the cache that the parsed flags of `full.cache` describe (full/cache.py)."""
     from full.data.embeddings import compute_pair_embeddings
     from full.data.images import FeedbackDataset, PairDataset
     from full.data.rows import data_kind_for, load_training_rows
@@ -203,7 +205,6 @@ def build_cache(argv=None) -> Path:
     from full.processes import process_state
     from full.progress import progress_bar
 
-    args = parse_args(argv)
     state = process_state()
     kind = data_kind_for(args.method)
     if kind != "pairs" and args.clip_model_name_or_path:

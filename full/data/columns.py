@@ -68,18 +68,6 @@ def missing_columns_message(columns: ColumnMap, present: Sequence[str], where: s
     return f"{where} is missing column(s): {asked}; it has {list(present)}"
 
 
-def add_column_arguments(group) -> None:
-    """The column flags, into an argparse group (the trainers that read images: offline, SPIN)."""
-    a = group.add_argument
-    a("--caption_column", default=None, help="column of the prompt (default: caption)")
-    a("--image_column", default=None, help="binary feedback: column of the image (default: image)")
-    a("--pair_image_columns", nargs=2, default=None, metavar=("FIRST", "SECOND"),
-      help="pairs: the two image columns, in the order of the label (default: jpg_0 jpg_1)")
-    a("--label_column", default=None,
-      help="pairs: 1 if the first image won, 0 the second, 0.5 a tie (default: label_0); binary feedback: "
-           "1 desirable, 0 undesirable (default: label)")
-
-
 def columns_from_args(args, schema: str) -> ColumnMap:
     """The `ColumnMap` of ``schema`` ("pairs" or "feedback") from the flags; entry points without the flags (the
     cache builder, SPM) read the canonical names."""

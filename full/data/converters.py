@@ -12,15 +12,13 @@ import io
 import logging
 import math
 import os
-import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from full.data.columns import ColumnMap, add_column_arguments, columns_from_args
+from full.data.columns import ColumnMap, columns_from_args
 from full.data.sources import (as_image_bytes, checked_caption_and_images, is_empty_caption, iter_source,
                                load_feedback_rows, load_pair_rows, note_empty_caption, row_ids_text, RowReport)
 
@@ -297,55 +295,6 @@ def check_dataset(args) -> str:
 CHECK_RESOLUTION = 8  # `check` decodes every image as training does; the resize after the decode is to a tiny size
 
 
-def _parser():
-    from full import cli
-
-    parser = cli.Parser(prog="full.data", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="load a dataset as the trainer would and print what is usable")
-    check.add_argument("dataset_name")
-    check.add_argument("--data_format", "--schema", dest="data_format", choices=("auto", "pairs", "feedback"),
-                       default="auto", help="default: detected from the columns, as the trainers do")
-    check.add_argument("--split", "--dataset_split_name", dest="split", default="train")
-    check.add_argument("--max_rows", type=int, help="read at most this many rows (the trainers' --max_train_samples)")
-    check.add_argument("--keep_ties", action="store_true", help="pairs: count ties as usable, as the trainers do")
-    add_column_arguments(check.add_argument_group("columns of the dataset (full/data/columns.py)"))
-    convert = commands.add_parser("convert", help="write a training-schema parquet file from other feedback")
-    kinds = convert.add_subparsers(dest="kind", required=True)
-
-    def io_args(sub):
-        sub.add_argument("--input", required=True, help="parquet file, directory of parquet files, or Hub dataset")
-        sub.add_argument("--output", required=True, help="parquet file to write")
-        sub.add_argument("--split", "--dataset_split_name", dest="split", default="train")
-        sub.add_argument("--max_rows", type=int, help="read at most this many input rows")
-
-    def score_args(sub):
-        sub.add_argument("--image_column", default="image")
-        sub.add_argument("--caption_column", default="caption")
-        sub.add_argument("--score_column", default="score")
-
-    sub = kinds.add_parser("pairs-to-feedback", help="Pick-a-Pic pairs -> binary feedback (Diffusion-KTO)")
-    io_args(sub)
-    sub.add_argument("--policy", choices=FEEDBACK_POLICIES, default="winner_once")
-    add_column_arguments(sub.add_argument_group("columns of --input (full/data/columns.py)"))
-    sub = kinds.add_parser("scores-to-pairs", help="scalar scores -> win/lose pairs per caption (paper 000)")
-    io_args(sub)
-    score_args(sub)
-    sub.add_argument("--max_pairs_per_group", type=int)
-    sub = kinds.add_parser("scores-to-feedback",
-                           help="scalar scores -> desirable iff score >= threshold (paper 001 Sec. 6)")
-    io_args(sub)
-    score_args(sub)
-    sub.add_argument("--threshold", type=float, required=True)
-    sub = kinds.add_parser("red-filter", help="the red-filter synthetic user (paper 001 Sec. 6)")
-    io_args(sub)
-    sub.add_argument("--input_schema", choices=("feedback", "pairs"), default="pairs",
-                     help="take the images of a Pick-a-Pic file (both of each pair) or of a feedback file")
-    sub.add_argument("--strength", type=float, default=0.5)
-    add_column_arguments(sub.add_argument_group("columns of --input (full/data/columns.py)"))
-    return parser
-
-
 def convert(args) -> str:
     """`python -m full.data convert ...`: the output is checked first, then converted and written; the line to print."""
     check_output(args.output)
@@ -367,17 +316,3 @@ def convert(args) -> str:
         out = red_filter_feedback(images, args.strength)
     path = write_parquet(out, args.output)
     return f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from full import cli
-
-    args = _parser().parse_args(cli.cli_argv(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        line = check_dataset(args) if args.command == "check" else convert(args)
-    except cli.INPUT_ERRORS as error:  # bad input: one line, no traceback
-        print(f"full.data: error: {error}", file=sys.stderr)
-        return 2
-    print(line)
-    return 0

@@ -3,7 +3,7 @@ pairs per image as Diffusion-KTO does with Pick-a-Pic, paper 001 App. C.1)."""
 
 from __future__ import annotations
 
-import minipref
+from minipref.methods import DATA_OF_KIND, get_method
 from full.data.columns import columns_from_args
 from full.data.converters import FEEDBACK_POLICIES, image_key
 from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, LazyRows, as_image_bytes, detect_format,
@@ -11,8 +11,8 @@ from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, LazyRows, as_imag
 
 
 def data_kind_for(method: str) -> str:
-    """"pairs" for paired objectives, "feedback" for binary ones."""
-    return "pairs" if minipref.get_objective(method).data == "paired" else "feedback"
+    """"pairs" for paired objectives, "feedback" for binary ones (the row's data kind, minipref/methods.py)."""
+    return DATA_OF_KIND[get_method(method).data]
 
 
 def source_format(args) -> str:
@@ -38,7 +38,7 @@ def load_training_rows(args, kind: str) -> list[dict]:
     else:  # per-image labels from comparisons, as Diffusion-KTO does with Pick-a-Pic (paper 001, App. C.1)
         rows = pairs_as_feedback(load_pair_rows(args.dataset_name, split, max_rows=limit, columns=pair_columns),
                                  args.feedback_policy)
-    if args.method == "sft":  # SFT only ever looks at desirable images: do not spend forwards on the others
+    if get_method(args.method).trains_on == "desirable":  # SFT: do not spend forwards on the other images
         rows = only_desirable(rows)
         if not len(rows):
             raise ValueError(f"--method sft trains on desirable images and {args.dataset_name} has none")

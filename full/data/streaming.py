@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from minipref.methods import get_method
 from full.data.columns import ColumnMap, columns_from_args
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import source_format
@@ -40,38 +41,6 @@ from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, as_ima
 from full.data.tables import check_parquet_columns, hub_parquet_files, is_image_folder, parquet_files
 
 logger = logging.getLogger(__name__)
-
-
-def add_streaming_arguments(group) -> None:
-    a = group.add_argument
-    a("--streaming", action="store_true",
-      help="read --dataset_name (local parquet or a Hub name) as a shuffled stream instead of converting it into an "
-           "Arrow table first; resume skips ahead (docs/scaling.md)")
-    a("--shuffle_buffer_size", type=int, default=None,
-      help="--streaming: rows held for the shuffle (default 1000; each holds its encoded images)")
-
-
-def check_streaming_arguments(parser, args) -> None:
-    """What a stream cannot do, at parse time: each needs the whole table before the first step."""
-    if args.shuffle_buffer_size is not None and not args.streaming:
-        parser.error("--shuffle_buffer_size applies to --streaming")
-    if not args.streaming:
-        return
-    if args.shuffle_buffer_size is None:
-        args.shuffle_buffer_size = 1000
-    if args.shuffle_buffer_size <= 0:
-        parser.error(f"--shuffle_buffer_size must be positive, got {args.shuffle_buffer_size}")
-    needs_table = {"cached_dir": "--cached_dir is a latent cache on disk, not a stream",
-                   "num_train_epochs": "a stream has no length: give --max_train_steps",
-                   "desirable_ratio": "--desirable_ratio draws desirable and undesirable images at random from the "
-                                      "whole table",
-                   "embedding_column": "Diff-contrast's embeddings are looked up by row id in a table"}
-    for flag, reason in needs_table.items():
-        if getattr(args, flag, None):
-            parser.error(f"--streaming cannot be used with --{flag}: {reason}; drop --streaming")
-    if args.method == "contrast":
-        parser.error("--streaming cannot be used with --method contrast: its CLIP embeddings are computed for every "
-                     "pair before training; drop --streaming, or build a --cached_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +224,7 @@ def make_streaming_loader(args, kind: str, accelerator) -> StreamingLoader:
         None, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
         caption_dropout=args.caption_dropout, seed=args.seed)
     rows = StreamedRows(stream, kind, images, name=f"{args.dataset_name} (stream)", keep_ties=args.keep_ties,
-                        only_desirable=args.method == "sft", decode_threads=args.dataloader_num_workers)
+                        only_desirable=get_method(args.method).trains_on == "desirable", decode_threads=args.dataloader_num_workers)
     rows.check_usable()
     return StreamingLoader(rows, args.train_batch_size, accelerator.device)
 

@@ -62,6 +62,12 @@ def start_accelerator(args, family: str | None):
     return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
+def steps_for_epochs(args, batches_per_epoch: int, num_processes: int) -> int:
+    """`--num_train_epochs` as optimizer steps: each process sees 1/P of the batches, accumulation groups them."""
+    per_process = -(-batches_per_epoch // num_processes)
+    return max(1, -(-per_process // args.gradient_accumulation_steps)) * args.num_train_epochs
+
+
 class LoraWeights:
     """What a LoRA run trains and saves: the UNet's adapter, in diffusers format (checkpoints hold only it)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import minipref
+from minipref.methods import get_method
 from full.models.pipeline import sample_images
 
 
@@ -17,7 +18,7 @@ def log_validation(accelerator, parts, args, step: int, weight_dtype, *, unet=No
     from diffusers.utils import make_image_grid
 
     prompts = list(args.validation_prompts)
-    if args.method == "csft":  # sample with the "good image" prefix (paper 001 Sec. 5.1.2)
+    if get_method(args.method).label_in_prompt:  # CSFT: sample with the "good image" prefix (paper 001 Sec. 5.1.2)
         prompts = minipref.csft_prompts(prompts, [True] * len(prompts))
     images = sample_images(
         parts, prompts, device=accelerator.device, dtype=weight_dtype, resolution=args.resolution,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import minipref
+from minipref.methods import get_method
 from full.models import lora
 from full.models import pipeline as models
 
@@ -47,7 +48,7 @@ def inputs_from_images(batch: dict, parts: models.Components, args, device, gene
     latents = models.encode_images(parts, _image_major(pixels), generator,
                                      getattr(args, "vae_encode_batch_size", None)).float()  # (n*B, 4, R/8, R/8)
     captions = batch["captions"]
-    if args.method == "csft":
+    if get_method(args.method).label_in_prompt:  # CSFT: the label goes into the prompt
         captions = minipref.csft_prompts(captions, batch["desirable"])
     prompt = models.encode_prompts(parts, captions, device)  # (B, ...): a pair shares its prompt
     pooled = None if prompt.pooled is None else prompt.pooled.repeat(n, 1)

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 import minipref
+from minipref.methods import StepErrors, get_method
 from full import cli
 from full.data.images import FeedbackDataset, collate_skip_none
 from full.data.rows import real_image_rows
@@ -56,11 +57,11 @@ from full.models import pipeline as models
 from full.models.lora import trainable_unet_parts
 from full.online.generation import GeneratedLatents, generate_iteration, generation_pipeline, generation_scheduler_class
 from full.online.opponent import OpponentAsReference, add_opponent_adapter, load_opponent, save_iteration_lora
-from full.run.loop import TrainingRun, run_and_reset, start_accelerator
+from full.run.loop import TrainingRun, run_and_reset, start_accelerator, steps_for_epochs
 from full.trainers.denoise import StepInputs, denoise, inputs_from_images
-from full.trainers.offline import add_image_data_arguments, check_image_data_arguments, steps_for_epochs
 
 logger = logging.getLogger(__name__)
+SELF_PLAY = tuple(name for name, method in minipref.METHODS.items() if method.data == "self_play")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def build_parser() -> cli.Parser:
     p = cli.Parser(prog="full.spin", description=__doc__.split("\n\n")[0])
     a = cli.add_model_arguments(p)
     a("--preset", default=None, help="full/presets name (e.g. sd15-spin) or .json: defaults for the flags")
-    a("--method", default="spin", choices=("spin",), help="this entry point trains spin only")
+    a("--method", default=SELF_PLAY[0], choices=SELF_PLAY, help="this entry point trains the self-play methods")
     cli.add_training_arguments(p)
     a = p.add_argument_group("self-play").add_argument
     a("--beta", type=float, default=5000.0, help="spin_loss beta (minipref convention, = Diffusion-DPO's 5000)")
@@ -82,7 +83,7 @@ def build_parser() -> cli.Parser:
     a("--generation_steps", type=int, default=50)
     a("--generation_guidance_scale", type=float, default=7.5)
     a("--generation_batch_size", type=int, default=8, help="prompts per cached shard")
-    add_image_data_arguments(p)
+    cli.add_image_data_arguments(p)
     p.set_defaults(dataset_name=None)
     return p
 
@@ -90,13 +91,13 @@ def build_parser() -> cli.Parser:
 def parse_args(argv=None):
     argv = cli.cli_argv(argv)
     parser = build_parser()
-    cli.apply_preset(parser, argv, "spin")
+    cli.apply_preset(parser, argv, None)
     args = parser.parse_args(argv)
     args.cached_dir = None
     if args.dataset_name is None:
         parser.error("--dataset_name is required: pairs (winners are the real images) or binary feedback")
     cli.check_training_arguments(parser, args, argv)
-    check_image_data_arguments(parser, args)
+    cli.check_image_data_arguments(parser, args)
     cli.check_positive(parser, args, ("beta", "num_iterations", "generation_steps", "generation_batch_size",
                                       "generation_guidance_scale"))
     if args.num_train_epochs is None and args.max_train_steps % args.num_iterations:
@@ -158,9 +159,10 @@ def spin_inputs(batch: dict, parts: models.Components, args, device, generator) 
 
 
 def spin_step_loss(args, pred: Tensor, opp_pred: Tensor, target: Tensor) -> minipref.LossOutput:
-    err_real, err_generated = minipref.per_sample_mse(pred, target).chunk(2)  # (2B,) -> (B,), (B,)
-    opp_real, opp_generated = minipref.per_sample_mse(opp_pred, target).chunk(2)
-    return minipref.spin_loss(err_real, err_generated, opp_real, opp_generated, beta=args.beta)
+    """The row's loss (minipref/methods.py): the real images are the winners (first half), the opponent's samples
+    the losers, and the opponent is the reference."""
+    errors = StepErrors(minipref.per_sample_mse(pred, target), minipref.per_sample_mse(opp_pred, target), 2)
+    return get_method(args.method).loss(errors, {}, args.beta, None)
 
 
 

@@ -45,7 +45,7 @@ import torch
 from full import cli
 from full.data.images import PairDataset, collate_skip_none
 from full.data.samplers import EpochShuffleSampler
-from full.data.columns import add_column_arguments, columns_from_args
+from full.data.columns import columns_from_args
 from full.data.sources import load_pair_rows
 from full.online.preference import decode_latents, pair_preference_loss, predicted_x0
 from full.online.spm import PICKSCORE_MODEL, SPM_CONFIG_NAME, StepAwarePreferenceModel
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resolution", type=int, default=None, help="image side for the diffusion model (default: the UNet's native "
       "size; with --pixel_space the CLIP crop size)")
     a("--dataloader_num_workers", type=int, default=0)
-    add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
+    cli.add_column_arguments(p.add_argument_group("columns of --dataset_name (full/data/columns.py)"))
     cli.add_training_arguments(p)  # the run loop's flags, with the paper's SPM settings as defaults
     p.set_defaults(method="spm", learning_rate=3e-6, lr_warmup_steps=0, adam_weight_decay=0.0, max_train_steps=1000,
                    mixed_precision="no", validation_prompts=None)

@@ -222,6 +222,49 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     a("--validation_guidance_scale", type=float, default=7.5)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A method's own flags, from its row of the method table (minipref/methods.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_method_arguments(p: argparse.ArgumentParser, methods) -> None:
+    """Each option of each method's row as a flag (an option two methods share is one flag)."""
+    group, seen = p.add_argument_group("method options (each applies to the methods named in its help)"), {}
+    for method in methods:
+        for option in method.options:
+            seen.setdefault(option.name, (option, []))[1].append(method.name)
+    for name, (option, owners) in seen.items():
+        help_text = f"{' / '.join(owners)}: {option.help}"
+        if option.type is bool:
+            group.add_argument(f"--{name}", action="store_true", default=option.default, help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=option.type, choices=option.choices, default=option.default,
+                               help=help_text + ("" if option.default is None else f" (default {option.default})"))
+
+
+def method_options(parser, args, argv: Sequence[str], method, methods) -> dict:
+    """The chosen method's options from the flags, checked against its row; another method's flag on the command
+    line is an error, and those of the other methods are None in ``args`` (so args.json and the model card list
+    only what the run used)."""
+    own = {option.name for option in method.options}
+    for other in methods:
+        for option in other.options:
+            if option.name in own:
+                continue
+            if given(argv, f"--{option.name}"):
+                parser.error(f"--{option.name} applies to --method {other.name}, not {method.name}")
+            setattr(args, option.name, None)
+    options = {option.name: getattr(args, option.name) for option in method.options}
+    for option in method.options:
+        problem = option.problem(options[option.name])
+        if problem:
+            parser.error(problem)
+    problem = method.check(options)
+    if problem:
+        parser.error(problem)
+    return options
+
+
 def apply_preset(parser: argparse.ArgumentParser, argv, method: str | None, extra_keys=()) -> None:
     """`--preset NAME`: its trainer flags (and the `method_settings` named in `extra_keys`) become defaults; a flag
     on the command line still wins. `method` None: the preset must match the parsed `--method`."""
@@ -250,4 +293,9 @@ def check_model_family(args, family: str) -> None:
 
 def quiet_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# The dataset flags (full/cli/data.py), after the helpers above that they use.
+from full.cli.data import (add_column_arguments, add_image_data_arguments, add_streaming_arguments,  # noqa: E402
+                           check_image_data_arguments, check_streaming_arguments)
 
