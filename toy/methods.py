@@ -1,8 +1,10 @@
-"""Every objective as one fine-tuning step on the toy: draw a batch, run the models, call the minipref loss.
+"""Every objective as one fine-tuning step on the toy: draw a batch, run the models, call the method's row.
 
-Each ``*_step(ctx, step)`` returns minipref's ``LossOutput``. The losses are the registry's functions
-(``minipref.get_objective(name).fn``), unchanged; this file only builds their inputs, the way a full-scale
-trainer does:
+A toy method is a row of minipref's method table (``minipref.METHODS``: the loss adapter, its options, whether it
+needs the reference, which samples it trains on, the label as a condition) plus the toy's own hyperparameters
+(``MethodSpec``). The step is chosen by the row's data kind (paired, binary, self_play, online), never by name,
+and ends in the row's ``loss``, the same adapter ``full.train`` calls; this file only builds its inputs, the way a
+full-scale trainer does:
 
 * errors come from ``per_sample_mse(eps_pred, eps)`` (``toy.model.denoising_error``);
 * the reference (the frozen pretrained model; for SPIN the frozen previous iterate) runs under ``torch.no_grad()``;
@@ -22,33 +24,51 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from minipref import LossOutput, get_objective
+from minipref import LossOutput, get_method
+from minipref.methods import Method, StepErrors
 
 from .model import condition, denoising_error, draw_t_and_noise
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import FineTuneContext
+from .context import FineTuneContext
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A toy method: which minipref objective, how its batch is built, and its hyperparameters."""
+    """A toy method: its row of the method table, how its batch is drawn, and its hyperparameters."""
 
     name: str  # the key in metrics.json
-    objective: str  # the minipref registry name
-    step: Callable[["FineTuneContext", int], LossOutput]
+    method: str  # the row of minipref.METHODS (its loss, options and needs)
+    family: str  # the row of the samples figure and the colour of the curves (toy/plots.py)
     beta: float | None  # None: the objective has no beta (SFT, CSFT)
     lr: float
     steps: int
     batch: int
-    options: dict = field(default_factory=dict)
-    sample_condition: str | None = None  # the condition the model is sampled and evaluated with (CSFT: "good")
+    options: dict = field(default_factory=dict)  # the row's options this method sets, and the toy's own
     why: str = ""
+
+    @property
+    def row(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def objective(self) -> str:
+        """The minipref loss (metrics.json's "objective")."""
+        return self.row.objective
+
+    @property
+    def row_options(self) -> dict:
+        """The options the row's loss reads: its defaults, with this method's settings."""
+        return {**self.row.defaults(), **self.options}
+
+    @property
+    def sample_condition(self) -> str | None:
+        """The condition the model is sampled and evaluated with: "good" when training wrote the label in."""
+        return "good" if self.row.label_in_prompt else None
 
     def with_overrides(
         self, *, beta: float | None = None, steps: int | None = None, lr: float | None = None, **options
@@ -70,105 +90,70 @@ class MethodSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PairForward:
-    """Model and reference outputs on B (winner, loser) pairs with shared t and noise; every tensor is (B,) or (B, 2)."""
-
-    err_w: Tensor
-    err_l: Tensor
-    ref_err_w: Tensor
-    ref_err_l: Tensor
-    pred_w: Tensor
-    ref_pred_w: Tensor
-    noise: Tensor
-
-
-def pair_forward(ctx: "FineTuneContext", x_w: Tensor, x_l: Tensor, reference=None) -> PairForward:
-    """One policy forward (with grad) and one reference forward (no grad) over the concatenated 2B batch."""
+def pair_forward(ctx: FineTuneContext, x_w: Tensor, x_l: Tensor, reference=None) -> StepErrors:
+    """One policy forward (with grad) and one reference forward (no grad) over the concatenated 2B batch: the
+    step's per-sample quantities, winners first (``StepErrors``, what full.train's step hands the same row)."""
     reference = ctx.reference if reference is None else reference
     t, noise = draw_t_and_noise(len(x_w), ctx.generator)
     x0, t2, noise2 = torch.cat([x_w, x_l]), torch.cat([t, t]), torch.cat([noise, noise])  # (2B, 2), (2B,), (2B, 2)
     err, pred = denoising_error(ctx.policy, ctx.scheduler, x0, t2, noise2)
     with torch.no_grad():
         ref_err, ref_pred = denoising_error(reference, ctx.scheduler, x0, t2, noise2)
-    err_w, err_l = err.chunk(2)
-    ref_err_w, ref_err_l = ref_err.chunk(2)
-    return PairForward(err_w, err_l, ref_err_w, ref_err_l, pred.chunk(2)[0], ref_pred.chunk(2)[0], noise)
+    return StepErrors(err, ref_err, 2, pred=pred, ref_pred=ref_pred, target=noise2)
 
 
-def paired_batch(ctx: "FineTuneContext") -> tuple[Tensor, Tensor]:
+def paired_batch(ctx: FineTuneContext) -> tuple[Tensor, Tensor]:
     """B desirable winners and B undesirable losers from the training set (the toy's preference pairs)."""
     b = ctx.spec.batch
     return ctx.data.batch(b, ctx.generator, desirable=True), ctx.data.batch(b, ctx.generator, desirable=False)
 
 
-def objective(ctx: "FineTuneContext"):
-    return get_objective(ctx.spec.objective).fn
+def row_loss(ctx: FineTuneContext, errors: StepErrors) -> LossOutput:
+    """The row's adapter (minipref/methods.py), as full.train calls it; one process, so no global batch."""
+    return ctx.spec.row.loss(errors, ctx.spec.row_options, ctx.spec.beta, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Binary-feedback methods: SFT, CSFT, BCE, KTO
+# Binary feedback: SFT, CSFT, BCE, KTO
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sft_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """SFT: the plain denoising loss on desirable samples only (paper 001 Sec. 5.1.2)."""
-    x0 = ctx.data.batch(ctx.spec.batch, ctx.generator, desirable=True)
-    t, noise = draw_t_and_noise(len(x0), ctx.generator)
-    err, _ = denoising_error(ctx.policy, ctx.scheduler, x0, t, noise)
-    return objective(ctx)(err)
-
-
-def csft_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """CSFT: every sample, with a "good" / "bad" condition by label; the plain loss on all (paper 001 Sec. 5.1.2).
-
-    The toy's stand-in for ``csft_prompts``' "good image, " / "bad image, " prefixes is the one-hot condition.
-    """
-    x0, desirable = ctx.data.binary_batch(ctx.spec.batch, ctx.generator, gamma=0.5)
-    cond = torch.where(desirable[:, None], condition("good", len(x0)), condition("bad", len(x0)))  # (B, 2)
+def binary_step(ctx: FineTuneContext, step: int) -> LossOutput:
+    """Unpaired samples. A row that trains on desirable samples only (SFT) draws only those; the others draw
+    desirable ones with probability ``gamma`` (the toy's option; Diffusion-KTO Sec. 4.3), 0.5 by default. A row that
+    writes the label into the prompt (CSFT) gets it as the toy's one-hot "good" / "bad" condition."""
+    row, spec = ctx.spec.row, ctx.spec
+    if row.trains_on == "desirable":
+        x0, desirable = ctx.data.batch(spec.batch, ctx.generator, desirable=True), None
+    else:
+        x0, desirable = ctx.data.binary_batch(spec.batch, ctx.generator, gamma=spec.options.get("gamma", 0.5))
+    cond = None
+    if row.label_in_prompt:  # the toy's stand-in for csft_prompts' "good image, " / "bad image, " prefixes
+        cond = torch.where(desirable[:, None], condition("good", len(x0)), condition("bad", len(x0)))  # (B, 2)
     t, noise = draw_t_and_noise(len(x0), ctx.generator)
     err, _ = denoising_error(ctx.policy, ctx.scheduler, x0, t, noise, cond)
-    return objective(ctx)(err)
-
-
-def binary_forward(ctx: "FineTuneContext", gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Unpaired samples, desirable with probability ``gamma``: (err_model, err_ref, desirable), each (B,)."""
-    x0, desirable = ctx.data.binary_batch(ctx.spec.batch, ctx.generator, gamma=gamma)
-    t, noise = draw_t_and_noise(len(x0), ctx.generator)
-    err, _ = denoising_error(ctx.policy, ctx.scheduler, x0, t, noise)
-    with torch.no_grad():
-        err_ref, _ = denoising_error(ctx.reference, ctx.scheduler, x0, t, noise)
-    return err, err_ref, desirable
-
-
-def bce_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """BCE (paper 000 Eq. (3)): reference-free ``logit = -beta * err`` as the paper writes it, or anchored."""
-    err, err_ref, desirable = binary_forward(ctx, gamma=0.5)
-    anchored = ctx.spec.options["anchored"]
-    return objective(ctx)(err, desirable, err_ref=err_ref if anchored else None, beta=ctx.spec.beta)
-
-
-def kto_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """Diffusion-KTO (paper 001 Eq. (14)-(15)); desirable samples drawn with probability gamma (Sec. 4.3)."""
-    opts = ctx.spec.options
-    err, err_ref, desirable = binary_forward(ctx, gamma=opts["gamma"])
-    return objective(ctx)(
-        err, err_ref, desirable, beta=ctx.spec.beta, utility=opts["utility"], reference_point=opts["reference_point"]
-    )
+    ref_err = None
+    if row.reference(spec.row_options):
+        with torch.no_grad():
+            ref_err, _ = denoising_error(ctx.reference, ctx.scheduler, x0, t, noise)
+    return row_loss(ctx, StepErrors(err, ref_err, 1, None if row.label_in_prompt else desirable))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Paired methods: DPO, Diff-contrast, DSPO
+# Paired preferences: DPO, Diff-contrast, DSPO
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def dpo_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """Diffusion-DPO (paper 000 Eq. (4)): desirable winner vs undesirable loser, shared t and noise."""
-    f = pair_forward(ctx, *paired_batch(ctx))
-    return objective(ctx)(f.err_w, f.err_l, f.ref_err_w, f.ref_err_l, beta=ctx.spec.beta)
+def paired_step(ctx: FineTuneContext, step: int) -> LossOutput:
+    """A desirable winner against an undesirable loser, shared t and noise; Diff-contrast also gets f(y, x)."""
+    x_w, x_l = paired_batch(ctx)
+    errors = pair_forward(ctx, x_w, x_l)
+    if ctx.spec.row.needs_embeddings:
+        errors.emb_w, errors.emb_l = fourier_embedding(x_w, ctx), fourier_embedding(x_l, ctx)
+    return row_loss(ctx, errors)
 
 
-def fourier_embedding(x: Tensor, ctx: "FineTuneContext") -> Tensor:
+def fourier_embedding(x: Tensor, ctx: FineTuneContext) -> Tensor:
     """Random Fourier features ``sqrt(2/D) cos(W x + b)``, ``(B, 2) -> (B, D)``: the toy's CLIP embedding f(y, x).
 
     With ``W ~ N(0, 1/l^2)`` the dot product of two embeddings approximates the RBF kernel
@@ -183,31 +168,12 @@ def fourier_embedding(x: Tensor, ctx: "FineTuneContext") -> Tensor:
     return math.sqrt(2.0 / weight.shape[1]) * torch.cos(x @ weight + bias)  # (B, 2) @ (2, D) -> (B, D)
 
 
-def contrast_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """Diff-contrast (paper 002 Eq. (9)): every winner against every loser, weights from embedding similarity."""
-    x_w, x_l = paired_batch(ctx)
-    f = pair_forward(ctx, x_w, x_l)
-    return objective(ctx)(
-        f.err_w, f.err_l, f.ref_err_w, f.ref_err_l, fourier_embedding(x_w, ctx), fourier_embedding(x_l, ctx),
-        beta=ctx.spec.beta, tau=ctx.spec.options["tau"],
-    )
-
-
-def dspo_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    """DSPO (paper 004 Eq. (13)): score matching on the winner, gated by the DPO margin."""
-    f = pair_forward(ctx, *paired_batch(ctx))
-    gamma = ctx.spec.options["gamma"]
-    if gamma is None:  # paper 004 Theorem 1: gamma = 1 / (2 lambda) aligns the gradient with the RLHF objective
-        gamma = 1.0 / (2.0 * ctx.spec.beta)
-    return objective(ctx)(f.pred_w, f.ref_pred_w, f.noise, f.err_l, f.ref_err_l, beta=ctx.spec.beta, gamma=gamma)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Self-play: SPIN-Diffusion
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def spin_step(ctx: "FineTuneContext", step: int) -> LossOutput:
+def self_play_step(ctx: FineTuneContext, step: int) -> LossOutput:
     """SPIN-Diffusion (paper 000 Sec. 3.2 (iii)): real desirable data vs the frozen opponent's own samples.
 
     The run is split into ``iterations`` equal parts; at the start of each the opponent becomes a frozen copy of
@@ -225,16 +191,23 @@ def spin_step(ctx: "FineTuneContext", step: int) -> LossOutput:
     pool = ctx.state["pool"]
     x_real = ctx.data.batch(ctx.spec.batch, ctx.generator, desirable=True)
     x_generated = pool[torch.randint(len(pool), (ctx.spec.batch,), generator=ctx.generator)]
-    f = pair_forward(ctx, x_real, x_generated, reference=ctx.state["opponent"])
-    out = objective(ctx)(f.err_w, f.err_l, f.ref_err_w, f.ref_err_l, beta=ctx.spec.beta)
+    out = row_loss(ctx, pair_forward(ctx, x_real, x_generated, reference=ctx.state["opponent"]))
     out.metrics["iteration"] = float(ctx.state["iteration"])
     return out
 
 
-def spo_step(ctx: "FineTuneContext", step: int) -> LossOutput:
-    from .spo import spo_step as online_step  # the online rollout lives in its own file
+def online_step(ctx: FineTuneContext, step: int) -> LossOutput:
+    from .spo import spo_step  # the online rollout (SPO) lives in its own file
 
-    return online_step(ctx, step)
+    return spo_step(ctx, step)
+
+
+STEPS = {"binary": binary_step, "paired": paired_step, "self_play": self_play_step, "online": online_step}
+
+
+def step_for(spec: MethodSpec) -> Callable[[FineTuneContext, int], LossOutput]:
+    """The step of ``spec``: by its row's data kind."""
+    return STEPS[spec.row.data]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,38 +216,50 @@ def spo_step(ctx: "FineTuneContext", step: int) -> LossOutput:
 
 KTO_WHY = "Diffusion-KTO, gamma = 0.8 (Sec. 4.3), batch-mean reference point (authors' code); same beta as DPO"
 
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in (
-        MethodSpec("sft", "sft", sft_step, None, 1e-3, 600, 256,
-                   why="the supervised baseline; desirable data only"),
-        MethodSpec("csft", "csft", csft_step, None, 1e-3, 600, 256, sample_condition="good",
-                   why="all data, good/bad condition; sampled with 'good'"),
-        MethodSpec("bce", "bce", bce_step, 1.0, 1e-3, 600, 256, {"anchored": False},
-                   why="paper 000 Eq. (3) as written: reference-free, beta = 1"),
-        MethodSpec("dpo", "dpo", dpo_step, 500.0, 1e-3, 600, 256,
-                   why="beta * d_err / 2 ~ 1 at d_err ~ 0.1 (see the module docstring)"),
-        MethodSpec("kto_kahneman_tversky", "kto", kto_step, 500.0, 1e-3, 600, 256,
-                   {"utility": "kahneman_tversky", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
-        MethodSpec("kto_loss_averse", "kto", kto_step, 500.0, 1e-3, 600, 256,
-                   {"utility": "loss_averse", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
-        MethodSpec("kto_risk_seeking", "kto", kto_step, 500.0, 1e-3, 600, 256,
-                   {"utility": "risk_seeking", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
-        MethodSpec("kto_risk_seeking_bounded", "kto", kto_step, 500.0, 1e-3, 600, 256,
-                   {"utility": "risk_seeking_bounded", "gamma": 0.8, "reference_point": "batch"},
-                   why=KTO_WHY + "; the authors' bounded risk-seeking form (risk_seeking_1 in their code)"),
-        MethodSpec("spin", "spin", spin_step, 500.0, 1e-3, 600, 256, {"iterations": 2, "pool": 4096},
-                   why="2 self-play iterations, as DPO otherwise"),
-        MethodSpec("contrast", "contrast", contrast_step, 500.0, 1e-3, 600, 256,
-                   {"tau": 0.5, "length_scale": 0.1},
-                   why="tau 0.5 (paper 002, SDXL); embedding = random Fourier features of the point"),
-        MethodSpec("dspo", "dspo", dspo_step, 500.0, 1e-3, 600, 256, {"gamma": None},
-                   why="beta as DPO; gamma = 1/(2 beta), paper 004 Theorem 1 (so beta * gamma = 1/2)"),
-        MethodSpec("spo", "spo", spo_step, 10.0, 1e-5, 300, 128,
-                   {"candidates": 4, "threshold": 0.3, "t_max": 750, "oracle": False},
-                   why="paper 003: beta 10, clip 0.1, 4 candidates, threshold 0.3, t < 750, DDIM 20 steps; lr 1e-5 (trust region, see docs)"),
-    )
-}
+SUPERVISED, PAIRED, BINARY, ONLINE = "supervised", "paired preferences", "binary feedback", "self-play and online"
+FAMILIES = (SUPERVISED, PAIRED, BINARY, ONLINE)  # the samples figure's rows, in order (toy/plots.py)
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def add(spec: MethodSpec) -> MethodSpec:
+    """Add a toy method (a row of minipref.METHODS plus its toy hyperparameters); figure and CLI follow."""
+    if spec.family not in FAMILIES:
+        raise ValueError(f"{spec.name}: family {spec.family!r} is not one of {FAMILIES}")
+    spec.row  # an unknown row fails now, listing the valid ones
+    METHODS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    MethodSpec("sft", "sft", SUPERVISED, None, 1e-3, 600, 256, why="the supervised baseline; desirable data only"),
+    MethodSpec("csft", "csft", SUPERVISED, None, 1e-3, 600, 256,
+               why="all data, good/bad condition; sampled with 'good'"),
+    MethodSpec("bce", "bce", BINARY, 1.0, 1e-3, 600, 256, {"bce_reference": False},
+               why="paper 000 Eq. (3) as written: reference-free, beta = 1"),
+    MethodSpec("dpo", "dpo", PAIRED, 500.0, 1e-3, 600, 256,
+               why="beta * d_err / 2 ~ 1 at d_err ~ 0.1 (see the module docstring)"),
+    MethodSpec("kto_kahneman_tversky", "kto", BINARY, 500.0, 1e-3, 600, 256,
+               {"utility": "kahneman_tversky", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
+    MethodSpec("kto_loss_averse", "kto", BINARY, 500.0, 1e-3, 600, 256,
+               {"utility": "loss_averse", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
+    MethodSpec("kto_risk_seeking", "kto", BINARY, 500.0, 1e-3, 600, 256,
+               {"utility": "risk_seeking", "gamma": 0.8, "reference_point": "batch"}, why=KTO_WHY),
+    MethodSpec("kto_risk_seeking_bounded", "kto", BINARY, 500.0, 1e-3, 600, 256,
+               {"utility": "risk_seeking_bounded", "gamma": 0.8, "reference_point": "batch"},
+               why=KTO_WHY + "; the authors' bounded risk-seeking form (risk_seeking_1 in their code)"),
+    MethodSpec("spin", "spin", ONLINE, 500.0, 1e-3, 600, 256, {"iterations": 2, "pool": 4096},
+               why="2 self-play iterations, as DPO otherwise"),
+    MethodSpec("contrast", "contrast", PAIRED, 500.0, 1e-3, 600, 256, {"tau": 0.5, "length_scale": 0.1},
+               why="tau 0.5 (paper 002, SDXL); embedding = random Fourier features of the point"),
+    MethodSpec("dspo", "dspo", PAIRED, 500.0, 1e-3, 600, 256, {"dspo_gamma": None},
+               why="beta as DPO; gamma = 1/(2 beta), paper 004 Theorem 1 (so beta * gamma = 1/2)"),
+    MethodSpec("spo", "spo", ONLINE, 10.0, 1e-5, 300, 128,
+               {"candidates": 4, "threshold": 0.3, "t_max": 750, "oracle": False},
+               why="paper 003: beta 10, clip 0.1, 4 candidates, threshold 0.3, t < 750, DDIM 20 steps; lr 1e-5 "
+                   "(trust region, see docs)"),
+):
+    add(_spec)
 
 
 def resolve(names: list[str] | None) -> list[MethodSpec]:
@@ -286,6 +271,4 @@ def resolve(names: list[str] | None) -> list[MethodSpec]:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(METHODS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"methods listed twice: {names}")
-    for spec in METHODS.values():  # fail early if minipref's registry lost a name the toy relies on
-        get_objective(spec.objective)
     return [METHODS[n] for n in names]

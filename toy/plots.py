@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
+from .methods import BINARY, METHODS, ONLINE, PAIRED, SUPERVISED
 from .data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings
 
 CONTOUR_STYLE = {PRETRAIN.name: "0.45", DESIRABLE.name: "tab:green", UNDESIRABLE.name: "tab:red"}
@@ -32,13 +33,18 @@ TITLES = {
     "kto_risk_seeking": "KTO, risk-seeking (SPEC)", "kto_risk_seeking_bounded": "KTO, risk-seeking (bounded)",
     "spin": "SPIN-Diffusion", "contrast": "Diff-contrast", "dspo": "DSPO", "spo": "SPO",
 }
-FAMILIES = {  # the grid's rows, and the curves' colours
-    "supervised": (["reference", "sft", "csft"], "tab:gray"),
-    "paired preferences": (["dpo", "contrast", "dspo"], "tab:blue"),
-    "binary feedback": (["bce", "kto_kahneman_tversky", "kto_loss_averse", "kto_risk_seeking",
-                         "kto_risk_seeking_bounded"], "tab:orange"),
-    "self-play and online": (["spin", "spo"], "tab:purple"),
-}
+FAMILY_COLOURS = {SUPERVISED: "tab:gray", PAIRED: "tab:blue", BINARY: "tab:orange", ONLINE: "tab:purple"}
+
+
+def method_families() -> dict[str, tuple[list[str], str]]:
+    """The grid's rows and the curves' colours: each family of toy/methods.py (the reference leads the supervised
+    row), its methods in the table's order. Read from the table, so a new method cannot be left out of a figure."""
+    rows = {family: (["reference"] if family == SUPERVISED else [], colour) for family, colour in FAMILY_COLOURS.items()}
+    for name, spec in METHODS.items():
+        rows[spec.family][0].append(name)
+    return rows
+
+
 HERO = ["reference", "sft", "dpo", "kto_kahneman_tversky", "kto_risk_seeking_bounded"]
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
 EXACT_DESIRABLE = "exact desirable samples: in D 0.87 | in U 0.40 | ED 0 | mean (0.30, 0.80)"
@@ -46,7 +52,7 @@ EXACT_DESIRABLE = "exact desirable samples: in D 0.87 | in U 0.40 | ED 0 | mean 
 
 def style_of(name: str) -> tuple[str, object]:
     """A method's colour (its family's) and line style (its place in the family)."""
-    for members, colour in FAMILIES.values():
+    for members, colour in method_families().values():
         if name in members:
             return colour, LINESTYLES[members.index(name) % len(LINESTYLES)]
     return "k", "-"
@@ -120,8 +126,8 @@ def plot_hero(samples: dict, results: dict, path: Path) -> None:
 
 
 def plot_samples(samples: dict, results: dict, path: Path) -> None:
-    """``samples_all.png``: every method, one row per family (rows: ``FAMILIES``)."""
-    rows = [(family, [n for n in members if n in samples]) for family, (members, _) in FAMILIES.items()]
+    """``samples_all.png``: every method, one row per family (rows: ``method_families``)."""
+    rows = [(family, [n for n in members if n in samples]) for family, (members, _) in method_families().items()]
     rows = [(family, names) for family, names in rows if names]
     cols = max(len(names) for _, names in rows)
     fig = Figure(figsize=(2.6 * cols + 0.4, 3.5 * len(rows) + 0.6))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .seeding import generator_for  # noqa: F401  (also the tutorials' and train_dpo.py's)
 from .data import DESIRABLE, PreferenceData, bayes_ceilings
 from .evaluate import HeldOutPairs, implicit_accuracy, mean_within, sample_metrics
 from .methods import MethodSpec, resolve
@@ -80,11 +81,6 @@ class RunConfig:
                 oracle=self.spo_oracle or None,
             ))
         return specs
-
-
-def generator_for(seed: int, name: str) -> torch.Generator:
-    """A generator that depends only on the seed and a phase name (crc32 is stable across runs and platforms)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 class Timer:
@@ -203,7 +199,7 @@ def run(config: RunConfig) -> dict:
     overall.update()
 
     # The longest job first, so that the other worker fills the remaining time with the short ones.
-    jobs = sorted(specs, key=lambda spec: spec.objective != "spo") + [None]
+    jobs = sorted(specs, key=lambda spec: spec.row.data != "online") + [None]
     done = {}
     overall.set_postfix_str(f"fine-tune, sample, evaluate ({config.workers} workers)")
     with timer.phase("methods (wall)"):

@@ -23,7 +23,6 @@ Optimization" (Liang et al. 2024), Sec. 4, and the authors' code (RockeyCoss/SPO
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,7 @@ from .model import TimestepEmbedding, draw_t_and_noise
 from .optim import Adam
 from .sampling import ddim_step_gaussian, previous_timestep, step_alphas_per_row
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import FineTuneContext
+from .context import FineTuneContext
 
 
 class StepAwarePreferenceModel(nn.Module):
@@ -86,7 +84,7 @@ def train_preference_model(
     return spm.requires_grad_(False).eval(), losses
 
 
-def score_candidates(ctx: "FineTuneContext", x_prev: Tensor, t_prev: int) -> tuple[Tensor, Tensor | None]:
+def score_candidates(ctx: FineTuneContext, x_prev: Tensor, t_prev: int) -> tuple[Tensor, Tensor | None]:
     """Preference scores ``(n,)`` of candidates ``x_{t-1}`` ``(n, 2)`` at step ``t_prev`` (-1 = clean), and the
     policy's noise prediction ``(n, 2)`` for them at ``t_prev`` that the scores were made from (None if none was)."""
     n = len(x_prev)
@@ -101,7 +99,7 @@ def score_candidates(ctx: "FineTuneContext", x_prev: Tensor, t_prev: int) -> tup
 
 
 @torch.no_grad()
-def rollout(ctx: "FineTuneContext") -> dict[str, Tensor]:
+def rollout(ctx: FineTuneContext) -> dict[str, Tensor]:
     """One batch of SPO chains; returns the kept pairs: ``x_t`` ``(P, 2)``, ``t`` ``(P,)``, ``x_w``, ``x_l`` ``(P, 2)``.
 
     Rows come grouped by timestep, in chain order.
@@ -133,7 +131,7 @@ def rollout(ctx: "FineTuneContext") -> dict[str, Tensor]:
     return {"x_t": x_t[keep], "t": t[keep], "x_w": x_w[keep], "x_l": x_l[keep]}
 
 
-def step_log_probs(ctx: "FineTuneContext", model: nn.Module, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def step_log_probs(ctx: FineTuneContext, model: nn.Module, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``log pi(x_w | x_t)`` and ``log pi(x_l | x_t)`` ``(P,)`` under ``model``: one forward and one step Gaussian for
     all pairs (winner and loser share it: same ``x_t``), each row with the alphas of its own timestep."""
     eps = model(pairs["x_t"], pairs["t"])
@@ -142,7 +140,7 @@ def step_log_probs(ctx: "FineTuneContext", model: nn.Module, pairs: dict[str, Te
     return gaussian_step_log_prob(pairs["x_w"], mean, std), gaussian_step_log_prob(pairs["x_l"], mean, std)
 
 
-def spo_step(ctx: "FineTuneContext", step: int) -> LossOutput:
+def spo_step(ctx: FineTuneContext, step: int) -> LossOutput:
     """One SPO update: a rollout, then ``spo_loss`` on its kept pairs (a zero loss if none was kept)."""
     if "spm" not in ctx.state and not ctx.spec.options["oracle"]:
         ctx.state["spm"], ctx.state["spm_losses"] = train_preference_model(

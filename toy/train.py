@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .data import PRETRAIN, PreferenceData
 from .evaluate import HeldOutPairs, implicit_accuracy
-from .methods import MethodSpec
+from .context import FineTuneContext
+from .methods import MethodSpec, step_for
 from .model import EpsMLP, condition, denoising_error, draw_t_and_noise
 from .optim import Adam, clip_grad_norm, warmup_cosine
 from .schedule import DDIMSteps, DPMSolver, NoiseSchedule
@@ -65,21 +66,6 @@ def pretrain(
 
 
 @dataclass
-class FineTuneContext:
-    """Everything a method's step function may use. ``state`` holds per-method extras (SPIN's opponent, SPO's SPM)."""
-
-    spec: MethodSpec
-    policy: nn.Module
-    reference: nn.Module
-    scheduler: NoiseSchedule
-    sampler: DPMSolver
-    ddim: DDIMSteps
-    data: PreferenceData
-    generator: torch.Generator
-    state: dict = field(default_factory=dict)
-
-
-@dataclass
 class History:
     """Training curves: every metric the loss reports, per step; the held-out implicit accuracy every few steps."""
 
@@ -121,6 +107,7 @@ def finetune(
     cond = condition(spec.sample_condition, 1)
     curve_every = max(1, spec.steps // curve_points)
     history = History()
+    method_step = step_for(spec)  # by the row's data kind (toy/methods.py)
 
     def record_heldout(step: int) -> None:
         history.heldout_step.append(step)
@@ -133,7 +120,7 @@ def finetune(
     for step in tqdm(range(spec.steps), desc=spec.name, disable=not progress, leave=False):
         if step % curve_every == 0:
             record_heldout(step)
-        out = spec.step(ctx, step)
+        out = method_step(ctx, step)
         if not torch.isfinite(out.loss):  # keep the last finite weights and report it, rather than stop the comparison
             history.diverged_at_step = step
             break

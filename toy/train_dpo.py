@@ -20,7 +20,7 @@ import torch
 import minipref
 from toy.data import DESIRABLE, PreferenceData
 from toy.evaluate import HeldOutPairs, implicit_accuracy, mean_within, sample_metrics
-from toy.run import generator_for
+from toy.seeding import generator_for
 from toy.sampling import make_sampler, sample
 from toy.schedule import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from toy.train import PretrainConfig, pretrain
