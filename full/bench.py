@@ -6,7 +6,7 @@
 
 Models are built from configs with random weights (no download): `--config sd15` is the real SD1.5
 architecture (860M-parameter UNet, its VAE and CLIP ViT-L text encoder). Every method runs the trainer's
-own step (`full.denoise` + `compute_loss`, LoRA rank 8, AdamW) on the same `2B` images: `B` pairs for the
+own step (`full.denoise` + the method's row, LoRA rank 8, AdamW) on the same `2B` images: `B` pairs for the
 paired methods, the same `2B` images as per-image feedback for the binary ones. Two modes:
 
 * `uncached`: pixels through the VAE and token ids through the text encoder every step (tokenisation, which is
@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from full import models
 from minipref.methods import get_method
+
+from full import models
 from full.data.rows import data_kind_for
 from full.trainers.denoise import StepInputs, denoise
-from full.trainers.offline import compute_loss, needs_reference, parse_args
+from full.trainers.offline import objective_for, offline_methods, parse_args
 
-METHODS = ("sft", "csft", "bce", "dpo", "kto", "contrast", "dspo")
+METHODS = tuple(offline_methods())  # the offline rows of the method table
 
 CONFIGS = {
     "tiny": dict(
@@ -167,10 +168,11 @@ def run_step(parts, optimizer, batch, method, args, cached, generator, dtype):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     with autocast:
         inputs = step_inputs(parts, batch, method, cached)
+        objective = objective_for(args, "sd15")
         pred, ref_pred, target = denoise(parts.unet, parts.unet, parts.noise_scheduler, "sd15", inputs,
-                                               with_reference=needs_reference(args), generator=generator,
-                                               weight_dtype=dtype)
-        out = compute_loss(args, pred, ref_pred, target, inputs, "sd15")
+                                         with_reference=objective.needs_reference, generator=generator,
+                                         weight_dtype=dtype)
+        out = objective.loss(pred, ref_pred, target, inputs)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,9 @@ The keys of ``flags`` are the offline trainer's flag names (``PRESET_KEYS``, ``f
 ``--preset NAME`` sets them as defaults and any flag given on the command line wins. A value that no paper
 gives says so in its source, starting with "NOT in the paper", and names what was chosen and why.
 
+Sources cite the papers by their numbers 000-004 (the Papers table of docs/methods.md, printed under
+``python -m full.presets`` too) and the repository's conventions by section (docs/conventions.md §N).
+
 How the values were picked. Every preset trains LoRA. Paper 000 is the LoRA study of BCE / DPO / KTO /
 SPIN on SD1.5, so its recipe (rank 8, AdamW 1e-4, 500 warm-up steps, 10k steps) is the optimiser setting
 for every SD1.5 preset; each method's own hyperparameters (beta, tau, desirable ratio, utility, DSPO
@@ -34,25 +37,53 @@ from pathlib import Path
 PRESET_DIR = Path(__file__).resolve().parent
 MODEL_FAMILIES = ("sd15", "sdxl")
 
-# The trainer flags a preset may set (argparse destinations of full/trainers/offline.py and full/cli.py).
-PRESET_KEYS = (
+# The trainer flags a preset may set (argparse destinations of full/trainers/offline.py and full/cli): these, and
+# every option of every row of the method table (minipref/methods.py: utility, tau, dspo_variant, ...), so that a
+# method added as a row gets presets without an edit here.
+TRAINER_KEYS = (
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
     "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
     "resolution", "mixed_precision", "rank",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "beta",             # every objective's beta, minipref's convention (SPEC section 1)
+    "beta",             # every objective's beta, minipref's convention (docs/conventions.md §2)
     "feedback_policy",  # pairs -> per-image labels: winner_once | always_win (full.data.pairs_to_feedback)
-    "utility",          # KTO utility: kahneman_tversky | loss_averse | risk_seeking
     "desirable_ratio",  # gamma of Diffusion-KTO's sampler: P(draw a desirable image) (paper 001: 0.8)
-    "tau",              # Diff-contrast temperature
-    "dspo_variant",     # dspo | dspo_e | dspo_ref | dspo_sdxl
-    "dspo_gamma",       # gamma of DSPO Eq. (13) (paper 004: 1)
 )
-_TYPES = {"learning_rate": float, "beta": float, "desirable_ratio": float, "dspo_gamma": float, "tau": float,
+_TYPES = {"learning_rate": float, "beta": float, "desirable_ratio": float,
           "adam_beta1": float, "adam_beta2": float, "adam_weight_decay": float, "adam_epsilon": float,
           "lr_warmup_steps": int, "max_train_steps": int, "train_batch_size": int, "gradient_accumulation_steps": int,
-          "resolution": int, "rank": int, "lr_scheduler": str, "mixed_precision": str, "utility": str,
-          "dspo_variant": str, "feedback_policy": str, "gradient_checkpointing": bool}
+          "resolution": int, "rank": int, "lr_scheduler": str, "mixed_precision": str,
+          "feedback_policy": str, "gradient_checkpointing": bool}
+
+
+def preset_types() -> dict[str, type]:
+    """Each key a preset may set, with its type: the trainer's flags and the method table's options."""
+    from minipref import METHODS
+
+    options = {option.name: option.type for method in METHODS.values() for option in method.options}
+    return _TYPES | options
+
+
+PRESET_KEYS = tuple(preset_types())  # as the built-in rows stand; validation reads preset_types() when it runs
+
+
+# The papers the sources cite by number (docs/methods.md, "Papers"): title, and arXiv id where there is one.
+PAPERS = {
+    "000": "Aligning Text-to-Image Diffusion Models using Reinforcement Learning from Human Utility "
+           "(Yin and Zhang, Stanford project report; the LoRA study; no arXiv id)",
+    "001": "Aligning Diffusion Models by Optimizing Human Utility (Diffusion-KTO, Li et al. 2024; arXiv:2404.04465)",
+    "002": "Diffusion Preference Alignment via Relative Text-Image Contrast (Diff-contrast; the double-blind version "
+           "of Diffusion-RPO, Gu et al. 2024, arXiv:2406.06382)",
+    "003": "Aesthetic Post-Training Diffusion Models from Generic Preferences with Step-by-step Preference "
+           "Optimization (SPO, Liang et al.; arXiv:2406.04314)",
+    "004": "DSPO: Direct Score Preference Optimization for Diffusion Model Alignment (Zhu, Xiao and Honavar, "
+           "ICLR 2025; no arXiv id)",
+}
+
+
+def papers_legend() -> str:
+    """One line per paper number the sources cite."""
+    return "\n".join(f"paper {number}: {title}" for number, title in PAPERS.items())
 
 
 def available_presets() -> list[str]:
@@ -63,12 +94,13 @@ def _validate(preset: dict, origin: str) -> dict:
     for field in ("name", "model_family", "method", "flags"):
         if field not in preset:
             raise ValueError(f"preset {origin} has no {field!r} field")
+    types = preset_types()
     for key, entry in preset["flags"].items():
-        if key not in PRESET_KEYS:
-            raise ValueError(f"preset {origin}: {key!r} is not a trainer flag; known flags: {', '.join(PRESET_KEYS)}")
+        if key not in types:
+            raise ValueError(f"preset {origin}: {key!r} is not a trainer flag; known flags: {', '.join(types)}")
         if not isinstance(entry, dict) or set(entry) != {"value", "source"} or not str(entry["source"]).strip():
             raise ValueError(f"preset {origin}: flag {key!r} must be {{\"value\": ..., \"source\": \"...\"}}")
-        value, kind = entry["value"], _TYPES[key]
+        value, kind = entry["value"], types[key]
         if kind is bool:
             ok = isinstance(value, bool)
         else:
@@ -125,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.name is None:
             print(format_table())
+            print(f"\n{papers_legend()}")
             return 0
         preset = preset_details(args.name)
         print(f"{preset['name']}: {preset['description']}\n")
@@ -136,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nPaper setting (not applied): {preset['paper_full_finetune']}")
         for note in preset.get("notes", []):
             print(f"\nNote: {note}")
+        print(f"\n{papers_legend()}")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -37,9 +37,10 @@ from full.trainers.objective import Objective, resolve_objective
 
 logger = logging.getLogger(__name__)
 
-# The rows of the method table this trainer runs: the offline ones (paired and binary data); the others sample
-# during training and have their own entry points.
-METHODS = {name: m for name, m in minipref.METHODS.items() if m.data in ("paired", "binary")}
+def offline_methods() -> dict[str, minipref.Method]:
+    """The rows of the method table this trainer runs: the offline ones (paired and binary data), read when asked
+    (a row registered at run time counts); the others sample during training and have their own entry points."""
+    return {name: m for name, m in minipref.METHODS.items() if m.data in ("paired", "binary")}
 ONLINE_SCRIPTS = {"self_play": "full.spin", "online": "full.spo"}
 
 
@@ -52,11 +53,11 @@ def build_parser() -> cli.Parser:
     p = cli.Parser(prog="full.train", description=__doc__.split("\n\n")[0])
     cli.add_model_arguments(p)
     a = p.add_argument_group("method").add_argument
-    a("--method", required=True, help=" | ".join(METHODS) + " (rows of minipref/methods.py)")
+    a("--method", required=True, help=" | ".join(offline_methods()) + " (rows of minipref/methods.py)")
     a("--preset", default=None, help="full/presets name (e.g. sd15-dpo) or .json: defaults for the flags")
     a("--beta", type=float, default=None, help="default: the default of the method's minipref function")
     a("--desirable_ratio", type=float, default=None, help="binary data: P(draw a desirable image), gamma")
-    cli.add_method_arguments(p, METHODS.values())
+    cli.add_method_arguments(p, offline_methods().values())
     cli.add_image_data_arguments(p)
     data = p.add_argument_group("data")
     a = data.add_argument
@@ -73,17 +74,18 @@ def parse_args(argv=None):
     argv = cli.cli_argv(argv)
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.method not in METHODS:
+    methods = offline_methods()
+    if known.method not in methods:
         row = minipref.METHODS.get(known.method)
         if row is not None:
             parser.error(f"--method {known.method} ({row.paper}) needs {row.data} data: the model samples during "
                          f"training; run `accelerate launch -m {ONLINE_SCRIPTS[row.data]}` (full.train runs the "
                          "offline methods)")
-        parser.error(f"unknown method {known.method!r}: full.train takes {', '.join(METHODS)} "
+        parser.error(f"unknown method {known.method!r}: full.train takes {', '.join(methods)} "
                      f"(spin and spo have their own entry points, full.spin and full.spo)")
     cli.apply_preset(parser, argv, None)
     args = parser.parse_args(argv)
-    method = METHODS[args.method]
+    method = methods[args.method]
     if (args.dataset_name is None) == (args.cached_dir is None):
         parser.error("give exactly one of --dataset_name and --cached_dir")
     cli.check_image_data_arguments(parser, args)
@@ -95,7 +97,7 @@ def parse_args(argv=None):
                              "cannot augment; drop the flag, or train from --dataset_name")
         args.random_flip = False  # the default flip cannot apply either; args.json says so
     cli.check_training_arguments(parser, args, argv)
-    args.method_options = cli.method_options(parser, args, argv, method, METHODS.values())
+    args.method_options = cli.method_options(parser, args, argv, method, methods.values())
     if args.beta_dpo is not None and cli.given(argv, "--beta"):
         parser.error("give --beta or --beta_dpo, not both")
     args.beta_source = "--beta" if cli.given(argv, "--beta") else (f"--preset {args.preset}" if args.beta else None)
@@ -134,7 +136,7 @@ def make_loader(args, kind: str, accelerator):
         collate, labels = collate_cached, (dataset.desirable if kind == "feedback" else None)
     else:
         rows = load_training_rows(args, kind)
-        if METHODS[args.method].needs_embeddings:
+        if minipref.get_method(args.method).needs_embeddings:
             table = contrast_table(args, rows, accelerator)
             rows = rows_with_ids(rows, table)
         dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(
@@ -151,7 +153,7 @@ def make_loader(args, kind: str, accelerator):
 
 
 def check_cache(meta: dict, args, kind: str) -> None:
-    method = METHODS[args.method]
+    method = minipref.get_method(args.method)
     if meta["kind"] != kind:
         raise ValueError(f"cache {args.cached_dir} holds {meta['kind']} but --method {args.method} needs {kind}; "
                          f"build one with `python -m full.cache --method {args.method} ...`")
@@ -184,7 +186,7 @@ def contrast_table(args, rows, accelerator) -> dict[int, Tensor]:
 
 def objective_for(args, family: str) -> Objective:
     """The method's row with its options and beta resolved (full/trainers/objective.py)."""
-    return resolve_objective(METHODS[args.method], args.method_options, args.beta, args.beta_source, family)
+    return resolve_objective(minipref.get_method(args.method), args.method_options, args.beta, args.beta_source, family)
 
 
 def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, inputs: StepInputs,
