@@ -41,7 +41,7 @@ from full import cli
 from full.eval.checks import check_flags, check_focus, check_paths
 from full.eval import plots as eval_plots
 from full.eval import scorers, stats
-from full.eval.generate import (IDENTITY_KEYS, SETTING_KEYS, _default_resolution, _file_stem, generate,  # noqa: F401
+from full.eval.generate import (IDENTITY_KEYS, SETTING_KEYS, default_resolution, file_stem, generate,  # noqa: F401
                                 load_pipeline, load_prompts, merge_manifest_parts, parse_models,
                                 read_jsonl, read_manifest, resolve_loras)
 from full.paths import model_fingerprint
@@ -112,7 +112,7 @@ def report(out: Path, *, focus: str | None = None, n_resamples: int = stats.DEFA
         rows = sorted((r for r in manifest if r["prompt_id"] == pid), key=lambda r: r["seed"])
         images = {m: [str(out / r["path"]) for r in rows if r["model"] == m] for m in models}
         eval_plots.plot_image_grid(rows[0]["prompt"], {m: p for m, p in images.items() if p},
-                                   out / "grids" / f"{_file_stem(pid)}.png", seeds=sorted({r["seed"] for r in rows}))
+                                   out / "grids" / f"{file_stem(pid)}.png", seeds=sorted({r["seed"] for r in rows}))
     return summary
 
 
@@ -249,8 +249,8 @@ def run(args: argparse.Namespace) -> dict | None:
         if names:  # a scorer that cannot load fails now, not after hours of generation
             check_scorers(names, options)
         settings = {"base_model": args.base_model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
-                    "guidance": args.guidance, "height": args.height or _default_resolution(pipe),
-                    "width": args.width or _default_resolution(pipe), "negative_prompt": args.negative_prompt,
+                    "guidance": args.guidance, "height": args.height or default_resolution(pipe),
+                    "width": args.width or default_resolution(pipe), "negative_prompt": args.negative_prompt,
                     "dtype": dtype, "base_model_identity": model_fingerprint(args.base_model)}
         print(f"generating {len(models)} model(s) x {len(prompts)} prompts x {len(seeds)} seeds {seeds}: "
               f"scheduler={settings['scheduler']}{'' if args.scheduler else ' (pipeline default)'}, "

@@ -91,12 +91,12 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     duplicates = sorted({pid for pid in ids if ids.count(pid) > 1})
     if duplicates:
         raise ValueError(f"{source}: duplicate prompt ids {duplicates[:5]}")
-    if len({_file_stem(pid) for pid in ids}) != len(ids):  # ids become file names
-        raise ValueError(f"{source}: prompt ids collide once made file-safe ({_file_stem.__doc__})")
+    if len({file_stem(pid) for pid in ids}) != len(ids):  # ids become file names
+        raise ValueError(f"{source}: prompt ids collide once made file-safe ({file_stem.__doc__})")
     return prompts
 
 
-def _file_stem(prompt_id: str) -> str:
+def file_stem(prompt_id: str) -> str:
     """characters other than letters, digits, '.', '_' and '-' become '_'"""
     return re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
 
@@ -178,7 +178,7 @@ def merge_manifest_parts(out: Path) -> None:
             path.unlink()
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)  # atomic: an interrupted write never leaves half a file
@@ -212,7 +212,7 @@ def load_pipeline(base_model: str, *, scheduler: str | None, dtype: str, device:
     return pipe.to(device)
 
 
-def _default_resolution(pipe) -> int | None:
+def default_resolution(pipe) -> int | None:
     unet = getattr(pipe, "unet", None)
     return unet.config.sample_size * pipe.vae_scale_factor if unet is not None else None
 
@@ -295,7 +295,7 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
                               height=settings["height"], width=settings["width"])
                 nsfw = getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
                 for (pid, prompt, seed), image, flagged in zip(batch, result.images, nsfw):
-                    rel = Path("images") / model.name / f"{_file_stem(pid)}_seed{seed}.png"
+                    rel = Path("images") / model.name / f"{file_stem(pid)}_seed{seed}.png"
                     image.save(out / rel)
                     row = {"model": model.name, "prompt_id": pid, "prompt": prompt, "seed": seed, "path": str(rel),
                            **settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None,

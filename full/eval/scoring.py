@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from full.eval import scorers
-from full.eval.generate import _write_jsonl, read_jsonl, read_manifest
+from full.eval.generate import write_jsonl, read_jsonl, read_manifest
 from full.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what a --fid_reference folder may hold
@@ -55,7 +55,7 @@ def write_scores(out: Path, new_rows: list[dict], skipped: dict) -> dict:
     scored = {r["scorer"] for r in new_rows}
     # Earlier scorers' rows stay (a skipped scorer keeps its old scores); re-run scorers are replaced.
     kept = [r for r in read_jsonl(out / "scores.jsonl") if r["scorer"] not in scored]
-    _write_jsonl(out / "scores.jsonl", kept + new_rows)
+    write_jsonl(out / "scores.jsonl", kept + new_rows)
     skipped_path = out / "skipped_scorers.json"
     previous = json.loads(skipped_path.read_text()) if skipped_path.is_file() else {}
     skipped = {**{k: v for k, v in previous.items() if k not in scored}, **skipped}
@@ -86,7 +86,7 @@ def score_across_processes(out: Path, state, scorer_names: list[str], scorer_opt
                                      scorer_options, batch_size, main_process=state.is_main_process)
     print(f"process {state.process_index}: scored {len({(r['model'], r['prompt_id'], r['seed']) for r in new_rows})}"
           f" image(s)")
-    _write_jsonl(out / f"scores.part-{state.process_index}.jsonl", new_rows)
+    write_jsonl(out / f"scores.part-{state.process_index}.jsonl", new_rows)
     state.wait_for_everyone()
     if state.is_main_process:
         parts = [out / f"scores.part-{p}.jsonl" for p in range(state.num_processes)]
