@@ -207,6 +207,23 @@ def peak_of_step(fn, device) -> int:
     return memory.peak
 
 
+def data_parser() -> argparse.ArgumentParser:
+    """`python -m full.bench --data`'s flags (full/data/bench.py runs it)."""
+    from full.data.bench import READERS, ROW_SIZES
+
+    p = argparse.ArgumentParser(prog="full.bench --data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=list(ROW_SIZES))
+    p.add_argument("--workdir", default=None, help="where the parquet and the datasets cache go (default: a tmp dir)")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--allocator", choices=("system", "default"), default="system",
+                   help="system: the readers run with ALLOCATORS (flat memory); default: Arrow's mimalloc and glibc's "
+                        "heap as they come, which keep freed image buffers and grow with the rows read")
+    p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS[:2]),
+                   help="which readers to run (default: loader stream)")
+    p.add_argument("--_reader", nargs=2, help=argparse.SUPPRESS)  # internal: mode, path (one fresh process each)
+    return p
+
+
 def main(argv=None) -> dict:
     import sys
 
@@ -214,7 +231,7 @@ def main(argv=None) -> dict:
     if "--data" in argv:  # the data benchmark: full/data/bench.py
         from full.data import bench as data_bench
 
-        return data_bench.main([a for a in argv if a != "--data"])
+        return data_bench.run(data_parser().parse_args([a for a in argv if a != "--data"]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=tuple(CONFIGS), default="tiny")
     p.add_argument("--device", default="cpu")

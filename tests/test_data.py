@@ -399,9 +399,9 @@ def test_undecodable_items_are_counted_in_the_batch(tmp_path):
 
 def test_data_benchmark_runs_and_reads_every_row(tmp_path):
     """`python -m full.bench --data` on a tiny size: both readers see every row (figures, not timings, checked)."""
-    from full.data import bench
+    from full import bench
 
-    figures = bench.main(["--rows", "24", "--workdir", str(tmp_path), "--out", str(tmp_path / "f.json")])
+    figures = bench.main(["--data", "--rows", "24", "--workdir", str(tmp_path), "--out", str(tmp_path / "f.json")])
     assert [(f["n_rows"], f["mode"], f["rows"]) for f in figures] == [(24, "loader", 24), (24, "stream", 24)]
     assert all(f["anon_mb"] > 0 and f["rows_per_s"] > 0 for f in figures) and (tmp_path / "f.json").is_file()
 

@@ -25,7 +25,6 @@ bounded by JPEG decoding (`decode` column: decoding the 2 JPEGs of a row alone, 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -159,18 +158,8 @@ def decode_rate(pool: list[bytes], rows: int = 500) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="full.bench --data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=list(ROW_SIZES))
-    p.add_argument("--workdir", default=None, help="where the parquet and the datasets cache go (default: a tmp dir)")
-    p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--allocator", choices=("system", "default"), default="system",
-                   help="system: the readers run with ALLOCATORS (flat memory); default: Arrow's mimalloc and glibc's "
-                        "heap as they come, which keep freed image buffers and grow with the rows read")
-    p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS[:2]),
-                   help="which readers to run (default: loader stream)")
-    p.add_argument("--_reader", nargs=2, help=argparse.SUPPRESS)  # internal: mode, path (one fresh process each)
-    args = p.parse_args(argv)
+def run(args) -> list[dict]:
+    """The data benchmark of the parsed flags (their parser: `full.bench`'s `data_parser`)."""
     if args._reader:
         print(json.dumps(run_reader(*args._reader)))
         return []
