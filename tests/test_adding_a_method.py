@@ -90,3 +90,13 @@ def test_a_new_method_trains_through_the_toy(new_method, tmp_path):
     assert metrics["pairwise_implicit_acc"] > 0.6  # it learned the preference, as DPO does on the toy
     assert metrics["mean"] != output["methods"]["reference"]["mean"]
     assert spec.sample_condition is None and spec.row is new_method
+
+
+def test_every_row_of_the_table_is_in_the_toy_and_the_lab():
+    """A method added to the table but not to the toy's or the lab's list fails here, instead of being left out of
+    their figures and tables without a word (their lists hold the hyperparameters each arm runs with)."""
+    from full.lab.methods import all_methods
+    from toy.methods import METHODS as TOY
+
+    assert {spec.method for spec in TOY.values()} == set(minipref.METHODS)
+    assert {arm.row for arm in all_methods()} == set(minipref.METHODS)

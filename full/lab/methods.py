@@ -22,43 +22,63 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from minipref.dspo import VARIANTS as DSPO_VARIANTS
+from minipref.methods import get_method
 from minipref.kto import UTILITY_NAMES
 from minipref.sft import GOOD_PREFIX
 
 from full.lab.presets import COMMON_FLAGS, FAMILIES, LabConfig
 
 
+# Which entry point trains a row of the method table, by its data kind (users launch these).
+ENTRY_OF_KIND = {"paired": "full.train", "binary": "full.train", "self_play": "full.spin", "online": "full.spo"}
+# Which of the lab's data files a row reads by default, by its data kind.
+DATA_OF_KIND = {"paired": "pairs", "binary": "feedback", "self_play": "pairs", "online": "prompts"}
+
+
 @dataclass(frozen=True)
 class Method:
+    """A lab arm: a row of the method table (minipref.METHODS) with the lab's preset and flags. The entry point, the
+    data file and the sampling prefix follow from the row, so an arm cannot disagree with how its method trains."""
+
     name: str
-    entry: str  # the module users launch: full.train, full.spin, full.spo
+    row: str  # the method table's row: its entry point, data kind, label-in-prompt
     family: str  # which preset of presets.FAMILIES
-    flags: dict  # method-specific flags
-    data: str  # "pairs", "feedback" or "pairs_swapped": which file of the preference data
-    prompt_prefix: str = ""  # what the trained model is prompted with before each caption at sampling time
+    flags: dict = field(default_factory=dict)  # the row's options and other trainer flags
+    data_file: str | None = None  # None: by the row's data kind; "pairs_swapped" for the broken DPO
     seed: int = 0  # the trainer's --seed (its LoRA's initial weights, its batches and noise)
+
+    @property
+    def entry(self) -> str:
+        return ENTRY_OF_KIND[get_method(self.row).data]
+
+    @property
+    def data(self) -> str:
+        return self.data_file or DATA_OF_KIND[get_method(self.row).data]
+
+    @property
+    def prompt_prefix(self) -> str:
+        """What the trained model is prompted with before each caption at sampling time (CSFT: "good image, ")."""
+        return GOOD_PREFIX if get_method(self.row).label_in_prompt else ""
 
 
 def all_methods() -> list[Method]:
-    methods = [Method("sft", "full.train", "sft", {"method": "sft"}, "feedback"),
+    methods = [Method("sft", "sft", "sft"),
                # CSFT learns "good image, <caption>" and "bad image, <caption>", and is sampled with the first
-               Method("csft", "full.train", "sft", {"method": "csft"}, "feedback", prompt_prefix=GOOD_PREFIX),
+               Method("csft", "csft", "sft"),
                # BCE with the implicit reward as its logit: the reference form of paper 000 Eq. (3)
-               Method("bce", "full.train", "reference", {"method": "bce", "bce_reference": True}, "feedback"),
-               Method("dpo", "full.train", "reference", {"method": "dpo"}, "pairs"),
-               Method("dpo_swapped", "full.train", "reference", {"method": "dpo"}, "pairs_swapped")]
-    methods += [Method(f"kto_{u}", "full.train", "reference", {"method": "kto", "utility": u}, "feedback")
-                for u in UTILITY_NAMES]
-    methods.append(Method("contrast", "full.train", "reference", {"method": "contrast"}, "pairs"))
+               Method("bce", "bce", "reference", {"bce_reference": True}),
+               Method("dpo", "dpo", "reference"),
+               Method("dpo_swapped", "dpo", "reference", data_file="pairs_swapped")]
+    methods += [Method(f"kto_{u}", "kto", "reference", {"utility": u}) for u in UTILITY_NAMES]
+    methods.append(Method("contrast", "contrast", "reference"))
     # dspo_sdxl is the authors' switch for SDXL (full/presets/sdxl-dspo.json); the lab's model is SD1.5-shaped
-    methods += [Method(v, "full.train", "dspo", {"method": "dspo", "dspo_variant": v}, "pairs")
-                for v in DSPO_VARIANTS if v != "dspo_sdxl"]
-    methods.append(Method("spin", "full.spin", "reference", {"num_iterations": 2}, "pairs"))
-    methods.append(Method("spo", "full.spo", "spo", {}, "prompts"))
+    methods += [Method(v, "dspo", "dspo", {"dspo_variant": v}) for v in DSPO_VARIANTS if v != "dspo_sdxl"]
+    methods.append(Method("spin", "spin", "reference", {"num_iterations": 2}))
+    methods.append(Method("spo", "spo", "spo"))
     return methods
 
 
@@ -97,8 +117,8 @@ def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: P
     if smoke:
         flags["max_train_samples"] = lab.smoke_rows
     if method.entry == "full.train":
-        flags["dataset_name"] = data[method.data]
-        if method.flags["method"] == "contrast":
+        flags.update(method=method.row, dataset_name=data[method.data])
+        if get_method(method.row).needs_embeddings:
             flags["clip_model_name_or_path"] = clip
     elif method.entry == "full.spin":  # samples its own losers with the lab's sampler settings
         flags.update(dataset_name=data[method.data], generation_steps=lab.sample_steps,
