@@ -256,8 +256,7 @@ for _row in (
         Option("beta_dpo", None, "the diffusers DPO scripts' beta: --beta 2B here for SD1.5 (that script drops the "
                "1/2), B for SDXL (full/ only)", low=0.0, low_open=True),
         Option("dpo_loss_type", "sigmoid", "sigmoid (Diffusion-DPO) or a variant", type=str, choices=LOSS_TYPES),
-        Option("dpo_label_smoothing", 0.0, "label-noise rate e of cdpo / robust, in [0, 0.5)", low=0.0, high=0.5,
-               high_open=True))),
+        Option("dpo_label_smoothing", 0.0, "label-noise rate e of cdpo / robust, in (0, 0.5)"))),  # _dpo_check
     Method("kto", "kto", _kto, options=(
         Option("utility", "kahneman_tversky", "the utility of the implicit reward", type=str, choices=UTILITY_NAMES),
         Option("reference_point", "batch", "z_ref: the clamped batch mean of the reward, or 0", type=str,

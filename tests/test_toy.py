@@ -475,8 +475,10 @@ def test_toy_adam_and_clipping_are_torchs_bit_for_bit():
     assert not same(train(toys, max_norm=1.01), expected)
 
 
-def test_a_non_finite_loss_stops_that_method_and_is_reported():
+def test_a_non_finite_loss_stops_that_method_and_is_reported(monkeypatch):
     from dataclasses import replace
+
+    from toy import methods as toy_methods
 
     from minipref import LossOutput
     from toy.data import PreferenceData
@@ -490,7 +492,8 @@ def test_a_non_finite_loss_stops_that_method_and_is_reported():
     scheduler = make_noise_scheduler()
     reference = EpsMLP().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    spec = replace(METHODS["sft"], step=explodes_at_step_3, steps=10)
+    monkeypatch.setitem(toy_methods.STEPS, "binary", explodes_at_step_3)  # SFT's step, by its row's data kind
+    spec = replace(METHODS["sft"], steps=10)
     model, history = finetune(spec, reference, PreferenceData.draw(8, g), scheduler, make_sampler(scheduler),
                               make_ddim(scheduler), g, HeldOutPairs.draw(reference, scheduler, 4, 2, g), progress=False)
     assert history.diverged_at_step == 3 and len(history.loss) == 3
