@@ -1,7 +1,7 @@
 """Run entry points one after another in the same launched processes (they start once, which is most of the cost):
 
     accelerate launch ... tests/launch_driver.py '[["full.cache:main", [argv...]],
-                                                   ["full.eval.evaluate:main", [argv...]]]'
+                                                   ["full.evaluate:main", [argv...]]]'
 
 Each entry is `module:function` called with its argv, exactly what `python -m full.cache` / `-m full.evaluate`
 call (their `__main__` adds only the one-line error printing).

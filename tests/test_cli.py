@@ -284,7 +284,7 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(monkeypatch, tmp
 
 
 def test_evaluate_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
-    from full.eval import evaluate
+    from full import evaluate
 
     with pytest.raises(SystemExit, match="^full.evaluate: error: --stages: unknown"):
         evaluate.main(["--out", str(tmp_path), "--stages", "paint"])

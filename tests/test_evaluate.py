@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from full.eval import evaluate, scorers
+from full import evaluate
+from full.eval import evaluate as evaluate_library
+from full.eval import scorers
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a city skyline at night"]
 
@@ -536,7 +538,7 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(evaluate, "load_pipeline", refuse)
+    monkeypatch.setattr(evaluate_library, "load_pipeline", refuse)  # where run() looks it up
     monkeypatch.setattr(scorers, "build_scorer", refuse)
 
 

@@ -64,5 +64,5 @@ def two_process_jobs(tiny_sd15, tiny_clip, pickapic_parquet, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
     jobs = [["full.cache:main", cache_argv(tiny_sd15, pickapic_parquet, out / "cache",
                                                              "contrast", "--clip_model_name_or_path", tiny_clip)],
-            ["full.eval.evaluate:main", evaluate_argv(tiny_sd15, tiny_clip, out / "eval")]]
+            ["full.evaluate:main", evaluate_argv(tiny_sd15, tiny_clip, out / "eval")]]
     return out, launch_two(str(ROOT / "tests" / "launch_driver.py"), json.dumps(jobs), timeout=500)

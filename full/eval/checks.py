@@ -1,39 +1,19 @@
-"""What `python -m full.evaluate` checks before anything loads: the flags that need no file (at parse time, one line
-naming the flag and what it accepts), then the files and models they name (a local path that is not there is one
-line, never a Hub lookup), then `--focus` against the models the report will hold."""
+"""What `python -m full.evaluate` checks before anything loads, besides its flags (full/evaluate.py checks those at
+parse time): the files and models the flags name (a local path that is not there is one line, never a Hub lookup),
+then `--focus` against the models the report will hold."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from full import cli
 from full.eval.generate import lora_spec, read_manifest
 from full.paths import missing_local_path
 
-POSITIVE_FLAGS = ("seeds", "steps", "batch_size", "max_prompts", "score_batch_size", "bootstrap")
 # The scorers' model flags: a local-looking path that is not there is named at once (full/paths.py), instead of a
 # minute of Hub retries and a traceback.
 SCORER_MODEL_FLAGS = {"pickscore_model": "pickscore", "pickscore_processor": "pickscore", "clip_model": "clip",
                       "aesthetic_clip_model": "aesthetic", "imagereward_model": "imagereward"}
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed overflows above
-
-
-def check_flags(parser: cli.Parser, args: argparse.Namespace) -> None:
-    """The flags that need no file: one line naming the flag and what it accepts (exit 2), before anything runs."""
-    cli.check_positive(parser, args, POSITIVE_FLAGS)
-    for name in ("height", "width"):  # the VAE halves the image side three times (SD1.5, SDXL)
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            parser.error(f"--{name} must be a positive multiple of 8, got {value}")
-    cli.check_range(parser, args, "confidence", 0, 1, low_open=True, high_open=True)
-    cli.check_range(parser, args, "grid_prompts", 0, math.inf)
-    cli.check_range(parser, args, "bootstrap_seed", 0, math.inf)  # numpy's default_rng takes no negative seed
-    cli.check_range(parser, args, "seed_start", 0, MAX_SEED + 1 - args.seeds)
-    for name in ("guidance", "lora_scale"):
-        if not math.isfinite(getattr(args, name)):
-            parser.error(f"--{name} must be a finite number, got {getattr(args, name)}")
 
 
 def check_out(out: str) -> None:
