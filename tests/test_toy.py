@@ -99,7 +99,7 @@ def test_metrics_json_has_the_pinned_shape_and_finite_numbers(quick_run):
 
 
 def test_every_fine_tuned_model_differs_from_the_reference(quick_run):
-    # The reference's margins against itself are exactly 0, so ties give exactly 0.5 (SPEC section 1); an
+    # The reference's margins against itself are exactly 0, so ties give exactly 0.5 (docs/conventions.md §5); an
     # untouched copy would too. Anything else means the weights moved.
     methods = quick_run[1]["methods"]
     assert methods["reference"]["pairwise_implicit_acc"] == 0.5

@@ -11,7 +11,7 @@ Sample metrics (3500 samples per method, paper 001 Sec. 7):
   well as the mean. Unbiased (U-statistic) within-sample terms, so two desirable samples score ~0.
 * ``mean``: the sample mean ``[x, y]``.
 
-Pairwise implicit accuracy (SPEC section 1): for each of ``N`` fresh (desirable ``x_w``, undesirable ``x_l``)
+Pairwise implicit accuracy (docs/conventions.md §5): for each of ``N`` fresh (desirable ``x_w``, undesirable ``x_l``)
 pairs we draw ``K`` (timestep, noise) couples, *shared by winner and loser*, and average the reward margin
 
     m = mean_k [ r_k(x_w) - r_k(x_l) ],     r_k(x) = -(1/2) (err_model(x; t_k, eps_k) - err_ref(x; t_k, eps_k))
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from minipref import implicit_reward, pairwise_accuracy  # ties count half (SPEC section 1)
+from minipref import implicit_reward, pairwise_accuracy  # ties count half (docs/conventions.md §5)
 
 from .data import DESIRABLE, UNDESIRABLE, bayes_ceilings
 from .model import NUM_TRAIN_TIMESTEPS, denoising_error

@@ -11,7 +11,7 @@ full-scale trainer does:
 * a winner and its loser share ``t`` and ``eps``: one forward over the concatenated ``2B`` batch.
 
 ``METHODS`` lists the toy's methods with their hyperparameters and the reason for each (docs/toy.md has the
-table). Beta follows SPEC section 1, ``r = -(beta/2)(err_model - err_ref)``, and its natural scale here is not SD's
+table). Beta follows docs/conventions.md §2, ``r = -(beta/2)(err_model - err_ref)``, and its natural scale here is not SD's
 5000. The DDPM bound makes the log-likelihood ratio of two models ``-T * E_t[k_t * d_err_t]`` (2 coordinates, so
 ``||d||^2 = 2 err``), with ``T k_t = T beta_t / (alpha_t (1 - abar_{t-1}))`` running from ~1000 near ``t = 0`` to
 ~10-20 for large ``t`` on this schedule; a uniform-``t`` reward matches it when ``beta / 2`` is in that range. We use

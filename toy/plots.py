@@ -30,7 +30,7 @@ LIMITS = ((-0.15, 1.15), (0.2, 1.5))  # x, y: the pretraining Gaussian +- 3 std;
 TITLES = {
     "reference": "pretrained (reference)", "sft": "SFT", "csft": "CSFT (sampled 'good')", "bce": "BCE (no reference)",
     "dpo": "Diffusion-DPO", "kto_kahneman_tversky": "KTO, Kahneman-Tversky", "kto_loss_averse": "KTO, loss-averse",
-    "kto_risk_seeking": "KTO, risk-seeking (SPEC)", "kto_risk_seeking_bounded": "KTO, risk-seeking (bounded)",
+    "kto_risk_seeking": "KTO, risk-seeking (unbounded)", "kto_risk_seeking_bounded": "KTO, risk-seeking (bounded)",
     "spin": "SPIN-Diffusion", "contrast": "Diff-contrast", "dspo": "DSPO", "spo": "SPO",
 }
 FAMILY_COLOURS = {SUPERVISED: "tab:gray", PAIRED: "tab:blue", BINARY: "tab:orange", ONLINE: "tab:purple"}

@@ -50,7 +50,7 @@ def diverged(m: dict) -> bool:
 CLAIMS = {
     "DPO deviates from the desirable distribution":
         lambda r: r["dpo"]["energy_distance"] > r["reference"]["energy_distance"],  # ends farther than it started
-    "risk-seeking (SPEC form) behaves like SFT":
+    "risk-seeking (unbounded form) behaves like SFT":
         lambda r: not diverged(r["kto_risk_seeking"])
         and abs(r["kto_risk_seeking"]["desirable_frac"] - r["sft"]["desirable_frac"]) <= 0.1,
     "risk-seeking (bounded form) behaves like SFT":

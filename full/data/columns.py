@@ -1,6 +1,6 @@
 """Which columns of a source hold the images, the label and the caption: the trainers' column flags.
 
-Inside `full/data` every row has the canonical names of the two schemas (SPEC section 6): pairs ``jpg_0, jpg_1,
+Inside `full/data` every row has the canonical names of the two schemas (docs/conventions.md §10): pairs ``jpg_0, jpg_1,
 label_0, caption`` (Pick-a-Pic v2) and binary feedback ``image, caption, label``. A source that names them otherwise
 is read with these flags (diffusers' names where its scripts have one), and the readers rename its columns:
 

@@ -1,6 +1,6 @@
 """Reading preference data: a parquet file, a directory of parquet files, or a Hub dataset, as checked rows.
 
-Two schemas reach the trainers (SPEC section 6):
+Two schemas reach the trainers (docs/conventions.md §10):
 
 * **pairs** (Diffusion-DPO, Diff-contrast, DSPO, SFT on winners): the Pick-a-Pic v2 schema of
   Kirstain et al., one row per comparison, ``jpg_0, jpg_1`` (JPEG bytes, or the Hub's

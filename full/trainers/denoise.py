@@ -1,7 +1,7 @@
 """The diffusion step shared by the trainers that denoise real images (offline methods, SPIN).
 
 1. latents `x0` (VAE, or a cache built by `full/data/cache.py`) and prompt embeddings `c`;
-2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (SPEC section 1), drawn from
+2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (docs/conventions.md §3), drawn from
    the item's own generator in the offline trainer (so that P processes and one process draw the same),
    `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, target `eps` or `v` from the scheduler config;
 3. the reference `eps_ref(x_t, t, c)`: the same UNet with its LoRA disabled, under `torch.no_grad()`

@@ -4,7 +4,7 @@
         --preset sd15-spo --spm_model_name_or_path runs/spm-sd15 --prompts_file prompts.json --output_dir runs/spo
 
 Paper 003 ("Aesthetic Post-Training Diffusion Models from Generic Preferences with Step-by-step Preference
-Optimization"), Sec. 4, and SPEC section 3. Training alternates two phases per batch of prompts, as the authors'
+Optimization"), Sec. 4, and docs/conventions.md §7. Training alternates two phases per batch of prompts, as the authors'
 code does:
 
 **Collect** (no gradients). Sample with the current policy: `x_T ~ N(0, I)`, 20 DDIM steps with eta = 1 (each step a
@@ -31,7 +31,7 @@ the *guided* Gaussian (`train.cfg = True`: `eps_u + 5 (eps_c - eps_u)` for the p
 distribution the samples were actually drawn from; we do the same (`--no-train_cfg` scores the conditional
 model alone).
 
-The t < 750 rule is SPEC's (paper: "only when t < 750"). The authors' code starts at step index 4 of 20, which
+The t < 750 rule is docs/conventions.md §7's (paper: "only when t < 750"). The authors' code starts at step index 4 of 20, which
 with Stable Diffusion's `steps_offset = 1` is t = 751; pass `--max_timestep 752` to include that step.
 
 This file holds the flags, the prompts and the run; the sampler is `full/online/sampler.py`, the collect phase
