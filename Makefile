@@ -58,6 +58,8 @@ KERNELS ?= default
 test-kernels: $(VENV)/.all-installed
 	ATEN_CPU_CAPABILITY=$(KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup $(KERNEL_TESTS)
 
+# The toy's wall time in calibration units (`python -m toy.calib`, the repository's fixed CPU workload;
+# docs/benchmarks.md).
 bench: $(VENV)/.all-installed
 	$(PY) -m toy.bench
 

@@ -1,6 +1,7 @@
 """BCE LoRA: the minimal binary preference baseline of the LoRA study.
 
-Paper 000, "Aligning Text-to-Image Diffusion Models using Reinforcement Learning from Human Utility", Eq. (3):
+Paper 000, "Aligning Text-to-Image Diffusion Models using Reinforcement Learning from Human Utility" (Yin and Zhang,
+Stanford; a project report without an arXiv id), Eq. (3):
 
     L_pref = BCE( -MSE(eps_theta, eps), y ),     y = 1 for a liked ("exclusive win") image, 0 otherwise
 
@@ -11,7 +12,7 @@ on a disliked one to denoise it *worse*, with nothing anchoring the model to whe
 why the paper saw BCE LoRA fall below the base model (PickScore 20.74 vs 21.25, Table 1).
 
 With ``err_ref`` given, the logit becomes the implicit reward ``r = -(beta/2)(err_model - err_ref)``: a
-reference-anchored BCE, which equals loss-averse Diffusion-KTO with reference point 0, minus 1 (SPEC identity 5).
+reference-anchored BCE, which equals loss-averse Diffusion-KTO with reference point 0, minus 1 (docs/conventions.md I5).
 
 Hyperparameters (paper 000 Sec. 4): SD v1.5, LoRA rank 8 on to_q/to_k/to_v/to_out.0, AdamW lr 1e-4, 500 warmup,
 10k steps.

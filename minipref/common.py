@@ -1,6 +1,6 @@
 """The pieces every objective shares: the per-sample denoising error, the implicit reward, and input checks.
 
-Conventions (../shared/SPEC.md section 1), used by every file in this package:
+Conventions (docs/conventions.md §1-§5), used by every file in this package:
 
 * ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``t`` a diffusers training timestep.
 * ``target`` is ``eps`` (epsilon-prediction) or the velocity (v-prediction); no loss here cares which.
@@ -17,9 +17,11 @@ drawn from the forward posterior ``q(x_{t-1} | x_t, x0)``, the log-ratio against
     log p_theta(x_{t-1}|x_t) - log p_ref(x_{t-1}|x_t)
         = -(k_t / 2) * ( ||eps_theta(x_t) - eps||^2 - ||eps_ref(x_t) - eps||^2 )  + terms equal for both models
 
-with ``k_t = beta_t^2 / (sigma_t^2 alpha_t (1 - abar_t))`` (Diff-contrast paper 002, Eq. (8) and App. Eq. (11)-(12);
-DSPO paper 004, Eq. (11) and App. B.1). Holding the timestep weight constant, as Ho et al. and Diffusion-DPO do,
-folds ``k_t`` and the element count of the mean into one constant ``beta``:
+with ``k_t = beta_t^2 / (sigma_t^2 alpha_t (1 - abar_t))`` (Diff-contrast, paper 002 "Diffusion Preference Alignment
+via Relative Text-Image Contrast", arXiv:2406.06382, Eq. (8) and App. Eq. (11)-(12); DSPO, paper 004 "DSPO: Direct
+Score Preference Optimization for Diffusion Model Alignment", ICLR 2025, Eq. (11) and App. B.1). Holding the timestep
+weight constant, as Ho et al. and Diffusion-DPO do, folds ``k_t`` and the element count of the mean into one constant
+``beta``:
 
     r(x) = -(beta / 2) * (err_model(x) - err_ref(x))                                   (implicit reward)
 

@@ -1,9 +1,10 @@
 """Diff-contrast (Diffusion-RPO): every winner against every loser in the batch, weighted by similarity.
 
-Paper 002, "Diffusion Preference Alignment via Relative Text-Image Contrast" (Gu et al. 2024), Sec. 2.1 and Eq. (9).
-Diffusion-DPO compares a winner only with its own loser. Diff-contrast also compares winner ``i`` with the
-loser of pair ``j``, trusting that comparison in proportion to how similar the two (image, prompt) pairs are.
-With embeddings ``f(y, x)`` of each (image, prompt) and a temperature ``tau``:
+Paper 002, "Diffusion Preference Alignment via Relative Text-Image Contrast", Sec. 2.1 and Eq. (9): the double-blind
+version of Diffusion-RPO (Gu et al. 2024, arXiv:2406.06382). Diffusion-DPO compares a winner only with its own loser.
+Diff-contrast also compares winner ``i`` with the loser of pair ``j``, trusting that comparison in proportion to how
+similar the two (image, prompt) pairs are. With embeddings ``f(y, x)`` of each (image, prompt) and a temperature
+``tau``:
 
     d_ij  = 1 - cos(f(y_w_i, x_i), f(y_l_j, x_j))                       (the paper calls this "cos")
     W~_ij = exp(-d_ij / tau),      W_ij = W~_ij / sum_j' W~_ij'          (rows sum to 1; detached)

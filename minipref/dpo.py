@@ -1,7 +1,7 @@
 """Diffusion-DPO: preference pairs through the implicit reward.
 
-Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization" (2024), as written in
-paper 000 Eq. (4), paper 002 Eq. (14) and paper 004 Eq. (7):
+Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization" (CVPR 2024, arXiv:2311.12908), as
+written in paper 000 Eq. (4), paper 002 Eq. (14) and paper 004 Eq. (7) (the papers of docs/methods.md, "Papers"):
 
     L_DPO = -log sigmoid( r(x_w) - r(x_l) ),      r(x) = -(beta/2) (||eps_theta(x_t) - eps||^2 - ||eps_ref(x_t) - eps||^2)
 

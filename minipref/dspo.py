@@ -1,15 +1,16 @@
 """DSPO: direct score preference optimisation, preference alignment as score matching.
 
-Paper 004, "DSPO: Direct Score Preference Optimization for Diffusion Model Alignment" (Zhu et al. 2025), Eq. (13)
-and App. D.1. Instead of a classifier-style loss on the reward margin, DSPO regresses the model's score onto the
-score of the preference-tilted distribution. In noise-prediction form, for the *winner* of each pair:
+Paper 004, "DSPO: Direct Score Preference Optimization for Diffusion Model Alignment" (Zhu, Xiao and Honavar, ICLR
+2025; no arXiv version), Eq. (13) and App. D.1. Instead of a classifier-style loss on the reward margin, DSPO
+regresses the model's score onto the score of the preference-tilted distribution. In noise-prediction form, for the
+*winner* of each pair:
 
     L_DSPO = || (eps_theta - eps) - lambda * gamma * (1 - sigmoid(r_w - r_l)) * (eps_theta - eps_ref) ||^2     (Eq. (13))
 
 where ``I = r_w - r_l`` is the Diffusion-DPO margin (same beta as the implicit reward, ``lambda = beta``) and the
 timestep weight ``A(t)`` is dropped as in DDPM and Diffusion-DPO. Reading it: the ordinary denoising residual,
 corrected by how far the model has already moved from the reference, and the correction is switched off as the pair
-becomes well separated (``sigmoid -> 1``). Consequences (SPEC identity 8):
+becomes well separated (``sigmoid -> 1``). Consequences (docs/conventions.md I8):
 
 * ``beta = 0`` makes it SFT on the winners, in value and gradient;
 * at ``theta = ref`` the correction term is 0 and ``sigmoid(0) = 1/2``, so its gradient is

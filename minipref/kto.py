@@ -1,6 +1,7 @@
 """Diffusion-KTO: maximise human utility from per-image likes and dislikes, no pairs needed.
 
-Paper 001, "Aligning Diffusion Models by Optimizing Human Utility" (Li et al. 2024), Eq. (13)-(15), Sec. 4.2-4.3.
+Paper 001, "Aligning Diffusion Models by Optimizing Human Utility" (Li et al. 2024, arXiv:2404.04465), Eq. (13)-(15),
+Sec. 4.2-4.3.
 Prospect theory says people value an outcome *relative to a reference point* and through a non-linear utility.
 With the implicit reward ``r`` of each image (see ``common.py``) and a reference point ``z_ref``:
 
@@ -20,7 +21,7 @@ Three utilities ``U`` (Sec. 4.2.1-4.2.3, App. Fig. 8):
 * ``risk_seeking``: ``U(u) = -log sigmoid(-u)``, convex; ``U_rs(u) + U_la(u) = u``. Its gradient vanishes for large
   *losses*, so it ignores undesirable samples it already rates badly, much like SFT.
 
-SPEC's ``risk_seeking`` is unbounded below: an undesirable sample's loss ``1 - softplus(-(r - z_ref))`` falls
+The convex ``risk_seeking`` above is unbounded below: an undesirable sample's loss ``1 - softplus(-(r - z_ref))`` falls
 without limit as its reward goes to ``-inf``, i.e. as the model unlearns it, and on the toy it diverges
 (docs/toy.md). The authors' code also has a bounded form (``risk_seeking_1`` there), offered here as
 
@@ -36,13 +37,13 @@ The reference point estimates the KL term of KTO, ``z_ref ~ KL(pi_theta || pi_re
 * ``"zero"``: ``z_ref = 0``.
 * a tensor: the caller's own estimate, scalar or per-sample ``(B,)``, e.g. the mean reward of mismatched
   (prompt, image) pairs as in the paper and HALOs. Clamp it at 0 and detach it before passing; it is used as
-  given, so that ``z_ref = r_l`` with gradient reproduces DPO exactly (SPEC identity 3).
+  given, so that ``z_ref = r_l`` with gradient reproduces DPO exactly (docs/conventions.md I3).
 
-Data: each training sample is desirable with probability ``gamma`` (Sec. 4.3; 0.8 in App. A), which the
-trainer's sampler handles. Hyperparameters (App. A): SD v1.5, Adam, lr 1e-7, 1000 warmup, 10k iterations, batch 2 per
-GPU x 16, beta 5000. The authors' logit ``beta_K * (err_ref - err_model)`` has no 1/2 (SPEC section 1), so their
-beta is half of ours: the paper's App. A value 5000 is our 10000 (the presets use it), and the code's default
-``--beta_dpo 1000`` (``train_kto_sd_v1.5.py``; its example launcher ``exps/example.sh`` does not set it) is our 2000.
+Data: each training sample is desirable with probability ``gamma`` (Sec. 4.3; 0.8 in App. A), which the trainer's
+sampler handles. Hyperparameters (App. A): SD v1.5, Adam, lr 1e-7, 1000 warmup, 10k iterations, batch 2 per GPU x 16,
+beta 5000. The authors' logit ``beta_K * (err_ref - err_model)`` has no 1/2 (docs/conventions.md §2), so their beta is
+half of ours: the paper's App. A value 5000 is our 10000 (the presets use it), and the code's default ``--beta_dpo
+1000`` (``train_kto_sd_v1.5.py``; its example launcher ``exps/example.sh`` does not set it) is our 2000.
 """
 
 from __future__ import annotations

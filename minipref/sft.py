@@ -1,7 +1,8 @@
 """SFT and CSFT: the supervised baselines every preference paper compares against.
 
-SFT (baseline in Diffusion-KTO, paper 001 Sec. 5.1.2; Diff-contrast, paper 002; DSPO, paper 004): fine-tune on the
-preferred images only, with the plain denoising objective of Ho et al.,
+SFT (baseline in Diffusion-KTO, paper 001 Sec. 5.1.2, arXiv:2404.04465; Diff-contrast, paper 002; DSPO, paper 004;
+the papers of docs/methods.md, "Papers"): fine-tune on the preferred images only, with the plain denoising objective
+of Ho et al.,
 
     L_SFT = E_{x0 ~ D_desirable, t, eps} || eps_theta(x_t, t, c) - eps ||^2  =  mean_i err_model_i  (i desirable)
 

@@ -1,8 +1,9 @@
 """SPIN-Diffusion: self-play, the model against its own earlier iterate.
 
-Yuan et al., "Self-Play Fine-Tuning of Diffusion Models for Text-to-Image Generation" (2024), as used in paper 000
-Sec. 3.2 (iii): iteration ``k`` plays against a frozen copy ``theta_k``. For each prompt the winner is the *real*
-image and the loser is the opponent's own sample for the same prompt; the reference is the opponent itself:
+Yuan et al., "Self-Play Fine-Tuning of Diffusion Models for Text-to-Image Generation" (2024, arXiv:2402.10210), as
+used in paper 000 Sec. 3.2 (iii): iteration ``k`` plays against a frozen copy ``theta_k``. For each prompt the winner
+is the *real* image and the loser is the opponent's own sample for the same prompt; the reference is the opponent
+itself:
 
     L_SPIN(theta; theta_k) = -log sigmoid( r(x_real) - r(x_generated) ),
     r(x) = -(beta/2) (||eps_theta(x_t) - eps||^2 - ||eps_theta_k(x_t) - eps||^2)

@@ -1,15 +1,14 @@
 """SPO: step-by-step preference optimisation on pairs of *single denoising steps*.
 
 Paper 003, "Aesthetic Post-Training Diffusion Models from Generic Preferences with Step-by-step Preference
-Optimization" (Liang et al. 2024), Sec. 4 (Eq. (4)-(5); the equations were lost in the text extraction, SPEC
-section 3 restores them together with the clipping of the authors' code).
+Optimization" (Liang et al. 2024, arXiv:2406.04314), Sec. 4, Eq. (4)-(5), as docs/conventions.md §7 states them
+in this repository's convention, with the clipping of the authors' code.
 
-Pairs are made online. At a denoising step with ``t < 750`` (Sec. 5.1; the timestep-range ablation is Table 9 of the
-extracted text, Sec. 5.4), ``k`` candidates
-``x_{t-1}`` are drawn from one shared ``x_t`` with a stochastic DDIM step (eta = 1); a step-aware preference model
-scores each candidate's predicted ``x0`` given ``(prompt, t)`` (Sec. 4.2); best and worst form the pair, kept only
-when ``softmax([s_best, s_worst])`` differs by more than a threshold (0.3 SD1.5, 0.4 SDXL); the chain continues from a
-*random* candidate. The objective is DPO on the log-probabilities of the two steps under the policy:
+Pairs are made online. At a denoising step with ``t < 750`` (Sec. 5.1; the timestep-range ablation is in Sec. 5.4),
+``k`` candidates ``x_{t-1}`` are drawn from one shared ``x_t`` with a stochastic DDIM step (eta = 1); a step-aware
+preference model scores each candidate's predicted ``x0`` given ``(prompt, t)`` (Sec. 4.2); best and worst form the
+pair, kept only when ``softmax([s_best, s_worst])`` differs by more than a threshold (0.3 SD1.5, 0.4 SDXL); the chain
+continues from a *random* candidate. The objective is DPO on the log-probabilities of the two steps under the policy:
 
     log rho_y = clamp( log pi_theta(x_{t-1}^y | x_t) - log pi_ref(x_{t-1}^y | x_t),  log(1 - clip), log(1 + clip) )
     L_SPO     = mean softplus( -beta * (log rho_w - log rho_l) )
@@ -49,7 +48,7 @@ def spo_loss(
     beta: float = 10.0,
     clip: float = 0.1,
 ) -> LossOutput:
-    """Eq. (4)-(5) of paper 003 with the ratio clipping of SPEC section 3; all inputs are step log-probs ``(B,)``."""
+    """Eq. (4)-(5) of paper 003 with the ratio clipping of docs/conventions.md §7; inputs are step log-probs ``(B,)``."""
     check_per_sample(logp_w=logp_w, ref_logp_w=ref_logp_w, logp_l=logp_l, ref_logp_l=ref_logp_l)
     beta = check_number(beta, "beta")
     clip = check_number(clip, "clip", high=1.0)

@@ -1,11 +1,11 @@
 """Shared pieces for the core (minipref/) tests: hypothesis settings, random tensors, a tiny eps-model.
 
-Everything here is written from SPEC.md alone, never from the implementation, so the tests check the code
+Everything here is written from docs/conventions.md alone, never from the implementation, so the tests check the code
 rather than restate it. Nothing is shared between tests (no module state), so `pytest -n 2` is safe.
 
 The tiny model is an MLP epsilon-predictor on random (x0, eps, t) with a frozen copy as the reference, the
 same wiring the trainers use: winner and loser share `t` and `eps` and go through one forward over the
-concatenated `2B` batch (SPEC section 1). Per-sample errors are computed *longhand* here
+concatenated `2B` batch (docs/conventions.md §3). Per-sample errors are computed *longhand* here
 (`mean over non-batch dims of (pred - target)^2`), so a bug in `minipref.per_sample_mse` cannot hide
 inside an identity test; `per_sample_mse` has its own golden test.
 """
@@ -48,7 +48,7 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def longhand_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SPEC section 1: mean over all non-batch dims of (pred - target)^2 -> (B,)."""
+    """docs/conventions.md §1: mean over all non-batch dims of (pred - target)^2 -> (B,)."""
     return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
 
 
@@ -103,7 +103,7 @@ def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def pair_forward(model: nn.Module, reference: nn.Module, seed: int, batch: int):
-    """One forward over the concatenated 2B batch; winner and loser share t and eps (SPEC section 1).
+    """One forward over the concatenated 2B batch; winner and loser share t and eps (docs/conventions.md §3).
 
     Returns (pred, ref_pred, target), each of shape (2B, 2, 3): rows [:B] are winners, [B:] losers.
     """

@@ -1,8 +1,8 @@
-"""DSPO beyond SPEC identity 8: the authors' SDXL switch (``variant="dspo_sdxl"``) and why beta 0.001 is SFT.
+"""DSPO beyond docs/conventions.md I8: the authors' SDXL switch (``variant="dspo_sdxl"``) and why beta 0.001 is SFT.
 
 The SDXL switch (huaishengzhu/DSPO ``train.py --sdxl``): with ``d_i = mean_d (pred_w - ref_pred_w)^2``,
 ``L = mean_i (1 - sigmoid(I_i))^2 d_i`` when ``mean_i d_i >= threshold`` and ``mean_i (1 - sigmoid(I_i))^2`` (the
-dspo_ref form, Eq. (47)) otherwise. Expected sides are written longhand from those formulas (SPEC section 1 for the
+dspo_ref form, Eq. (47)) otherwise. Expected sides are written longhand from those formulas (docs/conventions.md §2 for the
 margin ``I = r_w - r_l``), never by calling the function under test with another variant unless the property *is*
 the equality of two variants. The golden values (transcribed element by element) are in test_golden.py.
 """
@@ -49,7 +49,7 @@ def _tensors(seed: int, batch: int, drift_scale: float = 1.0):
 
 
 def _margin(pred_w, ref_pred_w, target_w, err_l, ref_err_l, beta):
-    """I = r_w - r_l with r = -(beta/2)(err - err_ref), err a mean over the sample (SPEC section 1)."""
+    """I = r_w - r_l with r = -(beta/2)(err - err_ref), err a mean over the sample (docs/conventions.md §1-§2)."""
     err_w, ref_err_w = longhand_mse(pred_w, target_w), longhand_mse(ref_pred_w, target_w)
     return -(beta / 2.0) * (err_w - ref_err_w) + (beta / 2.0) * (err_l - ref_err_l)
 

@@ -1,7 +1,7 @@
 """Golden values: every objective recomputed LONGHAND from its paper's equation on fixed small tensors.
 
 The expected side uses plain Python floats and the `math` module only (scalar helpers in core_helpers), never
-the function under test or any minipref helper. Conventions are those of SPEC section 1:
+the function under test or any minipref helper. Conventions are those of docs/conventions.md §1-§2:
 err = mean over non-batch dims of (pred - target)^2, r = -(beta/2)(err_model - err_ref).
 """
 
@@ -45,7 +45,7 @@ def close(actual, expected) -> None:
 
 
 def r_longhand(err_model, err_ref, beta):
-    """SPEC section 1 (paper 002 eq. 8, paper 004 eq. 11 with the timestep factor folded into beta)."""
+    """docs/conventions.md §2 (paper 002 eq. 8, paper 004 eq. 11 with the timestep factor folded into beta)."""
     return [-(beta / 2.0) * (e - e_ref) for e, e_ref in zip(err_model, err_ref)]
 
 
@@ -67,7 +67,7 @@ def test_golden_per_sample_mse():
 
 
 def test_golden_implicit_reward():
-    # r = -(beta/2)(err_model - err_ref)   (SPEC section 1)
+    # r = -(beta/2)(err_model - err_ref)   (docs/conventions.md §2)
     err_model, err_ref, beta = [0.3, 0.5, 0.2], [0.4, 0.5, 0.1], 3.0
     close(implicit_reward(t(err_model), t(err_ref), beta), r_longhand(err_model, err_ref, beta))
     close(implicit_reward(t(err_model), t(err_ref), beta), [0.15, 0.0, -0.15])

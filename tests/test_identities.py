@@ -1,10 +1,10 @@
-"""The identities of SPEC section 4 (items 1-9), as named property tests in float64.
+"""The identities I1-I9 of docs/conventions.md §8, as named property tests in float64.
 
 Each identity is checked twice: on random tensors (gradients with respect to the error tensors) and through a
 tiny random eps-model with a frozen copy as the reference (gradients with respect to the model parameters, by
-real autograd). Item 10 (finiteness, gradcheck) lives in test_numerics.py.
+real autograd). I10 (finiteness, gradcheck) lives in test_numerics.py.
 
-Notation (SPEC section 1): r = -(beta/2)(err_model - err_ref), DPO margin m = r_w - r_l,
+Notation (docs/conventions.md §2): r = -(beta/2)(err_model - err_ref), DPO margin m = r_w - r_l,
 L_DPO = mean softplus(-m). The expected sides below are written longhand from those formulas; they never call
 the function under test.
 """
@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -60,7 +61,7 @@ UTILITY_NAMES = ["kahneman_tversky", "loss_averse", "risk_seeking"]
 
 
 def reward(err_model, err_ref, beta):
-    """SPEC section 1, longhand: r = -(beta/2)(err_model - err_ref)."""
+    """docs/conventions.md §2, longhand: r = -(beta/2)(err_model - err_ref)."""
     return -(beta / 2.0) * (err_model - err_ref)
 
 
@@ -72,7 +73,7 @@ lambdas = st.floats(min_value=0.1, max_value=10.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. DPO at err_model == err_ref: loss = log 2, implicit_acc = 0.5, grad = (beta/4)(grad err_w - grad err_l)
+# I1. DPO at err_model == err_ref: loss = log 2, implicit_acc = 0.5, grad = (beta/4)(grad err_w - grad err_l)
 # ----------------------------------------------------------------------------------------------------------
 @FAST
 @given(seed=seeds, batch=batch_sizes, beta=betas)
@@ -127,7 +128,7 @@ def test_dpo_implicit_accuracy_counts_ties_as_half(seed, n_pos, n_neg, n_tie, be
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. DPO swap: L(-m) - L(m) = m; shifting both rewards by a constant changes nothing.
+# I2. DPO swap: L(-m) - L(m) = m; shifting both rewards by a constant changes nothing.
 # ----------------------------------------------------------------------------------------------------------
 @FAST
 @given(seed=seeds, batch=batch_sizes, beta=betas)
@@ -194,7 +195,7 @@ def test_dpo_shifting_both_rewards_by_a_constant_changes_nothing_through_tiny_mo
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. KTO -> DPO (Diffusion-KTO Sec. 4.2.1): loss_averse, desirable winners only, reference point r_l (kept in
+# I3. KTO -> DPO (Diffusion-KTO Sec. 4.2.1): loss_averse, desirable winners only, reference point r_l (kept in
 #    the graph): kto_loss == lambda_d * (1 + dpo_loss), in value and in gradient (lambda_d = 1: kto - 1 == dpo).
 # ----------------------------------------------------------------------------------------------------------
 @FAST
@@ -269,7 +270,7 @@ def test_kto_loss_averse_with_loser_reference_equals_dpo_through_tiny_model(seed
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. KTO utilities.
+# I4. KTO utilities.
 # ----------------------------------------------------------------------------------------------------------
 def _both_ways_batch(err: torch.Tensor, ref: torch.Tensor):
     """Every sample twice: once labelled desirable, once undesirable. (2B,) tensors and labels."""
@@ -300,6 +301,33 @@ def test_kto_sample_labelled_both_desirable_and_undesirable_contributes_a_consta
     assert_close(out.loss, lam / 2.0)  # lam per pair of rows, averaged over 2B rows
     (grad,) = input_grads(out.loss, [err])
     assert_close(grad, torch.zeros_like(grad), atol=1e-12 * max(1.0, beta) * lam)
+
+
+@FAST
+@given(seed=seeds, batch=batch_sizes, beta=betas, lam=lambdas, reference_point=st.sampled_from(["zero", "tensor"]))
+def test_kto_sample_labelled_both_ways_is_not_a_constant_for_loss_averse_and_risk_seeking(
+    seed, batch, beta, lam, reference_point
+):
+    """The other half of I4: only Kahneman-Tversky makes a both-ways sample a constant. With u = r - z_ref,
+    loss-averse contributes lam (2 + softplus(u) + softplus(-u)) and risk-seeking lam (2 - softplus(u) - softplus(-u))
+    per sample, so d/du is +lam tanh(u/2) and -lam tanh(u/2): a gradient, of opposite signs."""
+    gen = generator(seed)
+    err, ref = leaf(rand_errors(gen, batch)), rand_errors(gen, batch)
+    err_all, ref_all, labels = _both_ways_batch(err, ref)
+    point = torch.randn((), generator=gen, dtype=F64) if reference_point == "tensor" else reference_point
+    u = reward(err, ref, beta) - (point if isinstance(point, torch.Tensor) else 0.0)
+    pair_sum = F.softplus(u) + F.softplus(-u)
+    expected = {"loss_averse": lam * (2 + pair_sum), "risk_seeking": lam * (2 - pair_sum)}
+    for utility, sign in (("loss_averse", 1.0), ("risk_seeking", -1.0)):
+        out = kto_loss(err_all, ref_all, labels, beta=beta, utility=utility, reference_point=point, lambda_d=lam,
+                       lambda_u=lam)
+        assert_close(out.loss, expected[utility].sum() / (2 * batch), atol=1e-12 * max(1.0, beta) * lam)
+        (grad,) = input_grads(out.loss, [err])
+        # d/d err_i = (1 / 2B) * sign * lam * tanh(u_i / 2) * du/derr, with du/derr = -beta/2
+        longhand = sign * lam * torch.tanh(u.detach() / 2) * (-beta / 2) / (2 * batch)
+        assert_close(grad, longhand, atol=1e-12 * max(1.0, beta) * lam)
+    if float(u.detach().abs().max()) > 1e-3:
+        assert float(grad.abs().max()) > 0.0  # not a constant: a both-ways sample still pulls the model
 
 
 @MODEL
@@ -437,7 +465,7 @@ def test_kto_batch_reference_point_is_the_detached_clamped_batch_mean(seed, batc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. BCE with err_ref == loss_averse KTO with reference_point="zero", minus 1.
+# I5. BCE with err_ref == loss_averse KTO with reference_point="zero", minus 1.
 # ----------------------------------------------------------------------------------------------------------
 @FAST
 @given(seed=seeds, batch=batch_sizes, beta=betas)
@@ -464,7 +492,7 @@ def test_bce_with_reference_equals_loss_averse_kto_at_zero_minus_one_through_tin
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. SPIN-Diffusion on the same tensors is Diffusion-DPO.
+# I6. SPIN-Diffusion on the same tensors is Diffusion-DPO.
 # ----------------------------------------------------------------------------------------------------------
 def _assert_spin_equals_dpo(spin, dpo, grads_spin, grads_dpo, beta):
     assert_close(spin.loss, dpo.loss, atol=1e-12 * max(1.0, beta))
@@ -496,7 +524,7 @@ def test_spin_equals_dpo_on_same_tensors_through_tiny_model(seed, batch, beta):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Diff-contrast: W = I gives DPO exactly; tau -> 0 gives W -> I; tau -> inf gives uniform W; rows sum to 1.
+# I7. Diff-contrast: W = I gives DPO exactly; tau -> 0 gives W -> I; tau -> inf gives uniform W; rows sum to 1.
 # ----------------------------------------------------------------------------------------------------------
 def _one_hot_embeddings(gen: torch.Generator, batch: int, dim: int = 8):
     """Orthogonal rows with random positive scales (cosine ignores scale): 1 - cos is 0 on the diagonal, 1 off it."""
@@ -605,7 +633,7 @@ def test_contrast_weights_are_detached_from_the_embeddings(seed, batch, beta, we
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. DSPO: beta = 0 is SFT on winners; at theta == ref the gradient is (1 - beta*gamma/2) x the SFT gradient
+# I8. DSPO: beta = 0 is SFT on winners; at theta == ref the gradient is (1 - beta*gamma/2) x the SFT gradient
 #    (sigmoid(I) = 1/2 at init, and the (pred_w - ref_pred_w) factor kills the gradient through I).
 # ----------------------------------------------------------------------------------------------------------
 def _dspo_tensors(gen: torch.Generator, batch: int):
@@ -711,7 +739,7 @@ def test_dspo_ref_at_reference_is_quarter_with_half_the_dpo_gradient_through_tin
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. SPO: log 2 at theta == ref; swapping winner and loser negates the logit; no gradient outside the clip.
+# I9. SPO: log 2 at theta == ref; swapping winner and loser negates the logit; no gradient outside the clip.
 # ----------------------------------------------------------------------------------------------------------
 def _clamped_log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor, clip: float) -> torch.Tensor:
     """log clamp(exp(logp - ref_logp), 1 - clip, 1 + clip), longhand (clamping commutes with the monotone log)."""

@@ -1,4 +1,4 @@
-"""SPEC section 4, item 10: every loss is finite (value, gradients, metrics) for errors up to 1e4 and beta up to
+"""docs/conventions.md I10: every loss is finite (value, gradients, metrics) for errors up to 1e4 and beta up to
 1e5 in float32 and bfloat16, and passes torch.autograd.gradcheck in float64. Plus the saturated asymptotes:
 a stable log-sigmoid gives exactly |m| for a hopeless margin m, where a naive log(sigmoid(m)) gives inf.
 """
@@ -147,7 +147,7 @@ FINITE = settings(max_examples=12, deadline=None)
 @pytest.mark.parametrize("name", list(BUILDERS))
 @FINITE
 @given(seed=seeds, log_err=st.floats(-3.0, 4.0), log_beta=st.floats(-3.0, 5.0))
-@example(seed=0, log_err=4.0, log_beta=5.0)  # the corner the SPEC names: errors 1e4, beta 1e5
+@example(seed=0, log_err=4.0, log_beta=5.0)  # the corner I10 names: errors 1e4, beta 1e5
 def test_every_loss_is_finite_for_large_errors_and_beta(name, dtype, seed, log_err, log_beta):
     inputs, call = BUILDERS[name](generator(seed), dtype, 10.0**log_err)
     out = call(10.0**log_beta)

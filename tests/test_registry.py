@@ -1,4 +1,4 @@
-"""The pinned package surface (SPEC section 2): root exports, the LossOutput contract, and the OBJECTIVES registry."""
+"""The pinned package surface (docs/conventions.md §6): root exports, the LossOutput contract, and the OBJECTIVES registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError naming the argument (SPEC section 2), never a deep torch error or a silent number.
+"""Bad input raises ValueError naming the argument (docs/conventions.md §6), never a deep torch error or a silent number.
 
 Each case is a call that must fail; the message must contain the name of (one of) the offending argument(s).
 A positive control next to them checks that the same base inputs pass, so every failure below is caused by

@@ -2,19 +2,20 @@
 
 Absolute times do not transfer between machines, so the targets (issue 14) are ratios: the wall time of the whole
 ``python -m toy`` *process* (interpreter start, imports, everything, exit) divided by the seconds of the fixed CPU
-workload ``calib.py`` (``../shared/bench/``), measured back to back on the same machine:
+workload ``python -m toy.calib`` (``toy/calib.py``), measured back to back on the same machine:
 
     python -m toy --quick    <= 1.5 calibration units
     python -m toy            <= 4   calibration units
 
-On a shared machine both times move from run to run (calib.py 5.3-7.4 s within minutes here), and they move
-differently: calib.py keeps the fastest of its three repeats, a run has no such shield. ``--repeat`` measures several
-back-to-back pairs and judges the target on the median ratio.
+On a shared machine both times move from run to run (the calibration 5.3-7.4 s within minutes here), and they
+move differently: the calibration keeps the fastest of its three repeats, a run has no such shield. ``--repeat``
+measures several back-to-back pairs and judges the target on the median ratio.
 
-A benchmark, not a test: it prints figures and asserts nothing. For each configuration it runs calib.py, then
-the real command in a fresh process, and prints both times, the ratio, the phases the run reports in
+A benchmark, not a test: it prints figures and asserts nothing. For each configuration it runs the calibration,
+then the real command in a fresh process, and prints both times, the ratio, the phases the run reports in
 ``metrics.json`` (summed over the worker processes: CPU-side seconds, not wall), and the machine's load average
-(other jobs on the machine inflate the job more than calib.py, which keeps its fastest of three repeats).
+(other jobs on the machine inflate the job more than the calibration, which keeps its fastest of three repeats).
+``$MINIPREF_CALIB=/path/to/calib.py`` replaces the built-in workload by another script that prints seconds.
 
     python -m toy.bench                 # quick, then full
     python -m toy.bench --only quick    # or: --only full
@@ -42,10 +43,12 @@ TARGETS = {"quick": 1.5, "full": 4.0}
 
 
 def find_calib() -> Path | None:
-    """calib.py from ``$MINIPREF_CALIB``, ``../shared/bench`` next to the repository, or ``/work/shared/bench``."""
-    candidates = [os.environ.get("MINIPREF_CALIB"), REPO.parent / "shared" / "bench" / "calib.py",
-                  Path("/work/shared/bench/calib.py")]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    """The calibration script: ``$MINIPREF_CALIB`` if set (any script that prints seconds last), else the
+    repository's own workload ``toy/calib.py`` (``python -m toy.calib``; it imports only torch, so it runs as a file
+    too). None when the file named is missing."""
+    override = os.environ.get("MINIPREF_CALIB")
+    path = Path(override) if override else REPO / "toy" / "calib.py"
+    return path if path.is_file() else None
 
 
 def children_cpu() -> float:
@@ -100,10 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     calib = find_calib()
     if calib is None:
-        sys.exit("toy.bench: calib.py not found: put the shared bench next to the repository "
-                 "(../shared/bench/calib.py) "
-                 "or set MINIPREF_CALIB=/path/to/calib.py")
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calib: {calib}")
+        where = os.environ.get("MINIPREF_CALIB")
+        missing = f"MINIPREF_CALIB={where} is not a file" if where else "toy/calib.py is missing"
+        sys.exit(f"toy.bench: calib.py not found: {missing}; unset MINIPREF_CALIB to use the repository's workload "
+                 "(python -m toy.calib) or set MINIPREF_CALIB=/path/to/calib.py")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; calibration: {calib}")
     start_s, _, _ = timed([sys.executable, "-c", "import toy.cli, toy.run"])
     print(f"interpreter start + toy imports: {start_s:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:

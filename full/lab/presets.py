@@ -97,8 +97,8 @@ FAMILIES = {
     "reference": dict(flags=REFERENCE_FLAGS,
                       reason="Diffusion-DPO's beta 5000 unchanged; batch 16 pairs = 32 images, as SFT's 32"),
     # DSPO (all three variants): the reference family's settings, and gamma = 1 / (2 beta) instead of the paper's 1.
-    # At theta = ref DSPO's gradient is (1 - beta gamma / 2) times SFT's on the winners (SPEC identity 8): at beta
-    # 5000 and gamma 1 that is -2499 x SFT, an anti-SFT start that undoes the pretraining (the lab measured it: no
+    # At theta = ref DSPO's gradient is (1 - beta gamma / 2) times SFT's on the winners (docs/conventions.md I8): at
+    # beta 5000 and gamma 1 that is -2499 x SFT, an anti-SFT start that undoes the pretraining (the lab measured it: no
     # move at all). gamma = 1/(2 beta) is Theorem 1's value: the start is 3/4 SFT and the gate weights the
     # correction (docs/methods.md, "DSPO"). dspo_ref (Eq. 47) has no gamma; it takes the family's flags unchanged.
     "dspo": dict(flags={**REFERENCE_FLAGS, "dspo_gamma": 1.0 / (2.0 * REFERENCE_FLAGS["beta"])},

@@ -59,22 +59,39 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return min(COLOURS, key=lambda name: min(abs(hue - COLOURS[name]), 360.0 - abs(hue - COLOURS[name])))
 
 
-def read(image) -> Reading:
-    """`image`: PIL image or (H, W, 3) uint8 array."""
-    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float64) / 255.0
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float64) / 255.0
+
+
+def _segment(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1 above: (chroma, the shape's piece, its coverage), each (H, W); coverage is 0 where there is no piece."""
     chroma = pixels.max(axis=-1) - pixels.min(axis=-1)  # (H, W), 0 for grey
     piece = largest_piece(chroma > CHROMA_THRESHOLD)
+    if not piece.any():
+        return chroma, piece, np.zeros_like(chroma)
+    near = ndimage.binary_dilation(piece, iterations=1)
+    return chroma, piece, np.clip(chroma / SHAPE_CHROMA, 0.0, 1.0) * near
+
+
+def coverage(image) -> np.ndarray:
+    """How much of each pixel the shape covers, (H, W) in [0, 1]: what the rater sums (all 0 without a shape).
+    The lab figure outlines the base model's shape with it."""
+    return _segment(_pixels(image))[2]
+
+
+def read(image) -> Reading:
+    """`image`: PIL image or (H, W, 3) uint8 array."""
+    pixels = _pixels(image)
+    chroma, piece, covered = _segment(pixels)
     # background: pixels at least 2 px away from anything saturated (edges blend shape and grey)
     away = ~ndimage.binary_dilation(chroma > CHROMA_THRESHOLD / 2, iterations=2)
     grey = pixels[away].mean() if away.any() else pixels.mean()
     background = "dark" if grey < DARK_BELOW else "light"
     if not piece.any():
         return Reading(None, None, background, 0.0, 0.0)
-    near = ndimage.binary_dilation(piece, iterations=1)
-    coverage = np.clip(chroma / SHAPE_CHROMA, 0.0, 1.0) * near  # (H, W)
-    width, height = coverage.max(axis=0).sum(), coverage.max(axis=1).sum()
+    width, height = covered.max(axis=0).sum(), covered.max(axis=1).sum()
     # fill = area / (width * height): 1 square, pi/4 circle, 1/2 triangle
-    fill = float(coverage.sum() / (width * height))
+    fill = float(covered.sum() / (width * height))
     shape = "square" if fill > SQUARE_FILL else "triangle" if fill < TRIANGLE_FILL else "circle"
     colour = nearest_colour(pixels[piece].mean(axis=0))
-    return Reading(colour, shape, background, float(coverage.mean()), fill)
+    return Reading(colour, shape, background, float(covered.mean()), fill)

@@ -1,6 +1,6 @@
 """LoRA with peft on the UNet's attention projections: add, run with and without (the reference), save, load.
 
-The reference model of every objective is the frozen starting point (SPEC section 1): with LoRA it is the
+The reference model of every objective is the frozen starting point (docs/conventions.md §4): with LoRA it is the
 *same* UNet with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights. Saved LoRAs
 are in diffusers format: `pipe.load_lora_weights(directory)`.
 """

@@ -10,7 +10,7 @@ Two families share everything except three small functions (`_encode_prompts_*`,
   taken from each image's *real* original size and crop. The SDXL VAE overflows in fp16, so it stays in
   fp32 unless a fixed VAE is given with `--pretrained_vae_model_name_or_path` (as the diffusers scripts do).
 
-The reference model of every objective is the frozen starting point (SPEC section 1): with LoRA it is the
+The reference model of every objective is the frozen starting point (docs/conventions.md §4): with LoRA it is the
 *same* UNet with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights.
 """
 

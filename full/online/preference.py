@@ -11,7 +11,8 @@ from torch import Tensor
 
 from minipref import LossOutput, pairwise_accuracy
 
-THRESHOLD = {"sd15": 0.3, "sdxl": 0.4}  # SPO keeps a pair only when preference_gap exceeds this (SPEC section 3)
+# SPO keeps a pair only when preference_gap exceeds this (docs/conventions.md §7)
+THRESHOLD = {"sd15": 0.3, "sdxl": 0.4}
 
 
 def _get(size, key):
@@ -45,7 +46,8 @@ def pair_preference_loss(scores_w: Tensor, scores_l: Tensor, label_w: Tensor | N
     loss = per_pair.mean()
     prob_w = log_probs[:, 0].exp().detach()
     decided = label_w != 0.5
-    # margin towards the labelled winner; equal scores count half (SPEC section 1), so an untrained model reads 0.5
+    # margin towards the labelled winner; equal scores count half (docs/conventions.md §5), so an untrained model
+    # reads 0.5
     margin = ((scores_w - scores_l) * torch.sign(label_w - 0.5)).detach()
     accuracy = pairwise_accuracy(margin[decided]) if decided.any() else float("nan")
     return LossOutput(loss, {"loss": loss.item(), "accuracy": accuracy, "prob_w": prob_w.mean().item(),

@@ -1,5 +1,5 @@
 """SPO's sampler pieces: the guided prediction, the stochastic DDIM step as a Gaussian, and the log-probability of
-a step under it (paper 003 Sec. 4, SPEC section 3). Each DDIM step with eta > 0 is
+a step under it (paper 003 Sec. 4, docs/conventions.md §7). Each DDIM step with eta > 0 is
 `x_{t-1} ~ N(mean(x_t, out), std^2 I)` (`minipref.ddim_step_gaussian`), so SPO can score how likely the policy
 and the reference make a sampled step.
 """
