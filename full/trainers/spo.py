@@ -31,8 +31,9 @@ the *guided* Gaussian (`train.cfg = True`: `eps_u + 5 (eps_c - eps_u)` for the p
 distribution the samples were actually drawn from; we do the same (`--no-train_cfg` scores the conditional
 model alone).
 
-The t < 750 rule is docs/conventions.md §7's (paper: "only when t < 750"). The authors' code starts at step index 4 of 20, which
-with Stable Diffusion's `steps_offset = 1` is t = 751; pass `--max_timestep 752` to include that step.
+The t < 750 rule is the paper's (Sec. 5.1: "only when t < 750"; docs/conventions.md §7). The authors' code starts
+at step index 4 of 20, which with Stable Diffusion's `steps_offset = 1` is t = 751; pass `--max_timestep 752` to
+include that step.
 
 This file holds the flags, the prompts and the run; the sampler is `full/online/sampler.py`, the collect phase
 `full/online/rollouts.py`, and resume, checkpoints, NaN stop, logging and saving are `full/run/loop.py`.
