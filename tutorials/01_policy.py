@@ -14,83 +14,83 @@
 # %% [markdown]
 # # Lesson 1: a diffusion model is a policy
 #
+# **Assumes** DDPM's forward process and denoising loss (Ho et al., *Denoising Diffusion Probabilistic Models*,
+# arXiv:2006.11239) and, from [00_prerequisites.md](00_prerequisites.md), section 2 (the KL-regularised objective)
+# and section 3 (DPO for language models).
+#
 # Every objective in minipref is built from one quantity, the **implicit reward**
 #
-# ```
-# r(x) = -(beta / 2) * (err_model(x) - err_ref(x)),      err = mean over dims of (eps_pred - eps)^2
-# ```
+# $$r(x) = -\frac{\beta}{2}\big(\mathrm{err}_\theta(x) - \mathrm{err}_{\mathrm{ref}}(x)\big), \qquad
+# \mathrm{err} = \frac{1}{D}\sum_{d=1}^{D} (\epsilon_{\mathrm{pred}} - \epsilon)_d^2$$
 #
-# (`minipref.implicit_reward`, docs/conventions.md).
+# (`minipref.implicit_reward`; docs/conventions.md §2, "The implicit reward and the one beta"). This lesson derives it
+# from the one thing a preference method needs, the log-probability ratio of an action under the fine-tuned policy
+# and the reference, and **checks every step numerically** on the 2D toy: its diffusers `DDPMScheduler`
+# (T = 1000), its pretrained epsilon-MLP as the reference, and a perturbed copy as the policy.
 #
-# **Notation.** Ho et al. call the noise schedule `beta_t`; preference papers call the reward's KL weight `beta`.
-# Here `beta` is always the reward's (the `beta=` argument of every minipref loss) and the schedule is `b_t`:
+# **Notation.** Ho et al. call the noise schedule $\beta_t$; preference papers call the reward's KL weight
+# $\beta$. Here $\beta$ is always the reward's (the `beta=` argument of every minipref loss) and the schedule is
+# $b_t$:
 #
 # | symbol | meaning | in code |
 # |---|---|---|
-# | `T` | number of diffusion steps (1000) | `scheduler.config.num_train_timesteps` |
-# | `b_t` | noise added at step `t` (Ho et al.'s `beta_t`) | `scheduler.betas`, here `betas` |
-# | `alpha_t = 1 - b_t`, `abar_t = prod_{s<=t} alpha_s` | signal kept in one step / up to step `t` | `alphas`, `abar` (`scheduler.alphas_cumprod`) |
-# | `b~_t = (1 - abar_{t-1}) / (1 - abar_t) b_t` | variance of the posterior `q(x_{t-1} \| x_t, x0)` | `beta_tilde` |
-# | `sigma_t^2` | variance of the model's reverse step (`= b~_t` in diffusers' `fixed_small`) | |
-# | `eps`, `eps_theta`, `eps_ref` | true noise, policy's and reference's predictions | |
-# | `err = mean over D dims of (eps_pred - eps)^2` | denoising error of one sample | `minipref.per_sample_mse` |
-# | `D` | dimensions of one sample (2 here, 4 x 64 x 64 for SD1.5 latents) | `D` |
-# | `k_t = b_t^2 / (sigma_t^2 alpha_t (1 - abar_t))` | the timestep weight derived below | `k` |
-# | `beta` | the reward's scale (a KL weight times `T k_t D`, see below) | `beta=` |
-# | `beta_KL` | the KL weight of the RLHF objective on whole chains | | This lesson derives it from the one thing a preference method
-# needs, the log-probability ratio of an action under the fine-tuned policy and the reference, and **checks every
-# step numerically** on the 2D toy: its diffusers `DDPMScheduler` (T = 1000), its pretrained epsilon-MLP as the
-# reference, and a perturbed copy as the policy.
+# | $T$ | number of diffusion steps (1000) | `scheduler.config.num_train_timesteps` |
+# | $b_t$ | noise added at step $t$ (Ho et al.'s $\beta_t$) | `scheduler.betas`, here `betas` |
+# | $\alpha_t = 1 - b_t$, $\bar\alpha_t = \prod_{s \le t} \alpha_s$ | signal kept in one step / up to step $t$ | `alphas`, `abar` (`scheduler.alphas_cumprod`) |
+# | $\tilde b_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t} b_t$ | variance of the posterior $q(x_{t-1} \mid x_t, x_0)$ | `beta_tilde` |
+# | $\sigma_t^2$ | variance of the model's reverse step ($= \tilde b_t$ in diffusers' `fixed_small`) | |
+# | $\epsilon$, $\epsilon_\theta$, $\epsilon_{\mathrm{ref}}$ | true noise, policy's and reference's predictions | |
+# | $\mathrm{err}$ | denoising error of one sample, a mean over its $D$ elements | `minipref.per_sample_mse` |
+# | $D$ | elements of one sample (2 here, $4 \times 64 \times 64$ for SD1.5 latents) | `D` |
+# | $k_t = b_t^2 / (\sigma_t^2 \alpha_t (1 - \bar\alpha_t))$ | the timestep weight derived below | `k` |
+# | $\beta$ | the reward's scale (a KL weight times $T k_t D$, see below) | `beta=` |
+# | $\beta_{KL}$ | the KL weight of the RLHF objective on whole chains | `BETA_KL` |
 #
-# **The policy.** Sampling is a chain of Gaussian actions. One reverse step of DDPM (Ho et al. 2020, Eq. (11)) is
+# **The policy.** Sampling is a chain of Gaussian actions. One reverse step of DDPM (Ho et al., Eq. (11)) is
 #
-# ```
-# p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I),   mu_theta = (x_t - b_t / sqrt(1 - abar_t) * eps_theta(x_t)) / sqrt(alpha_t)
-# ```
+# $$p_\theta(x_{t-1} \mid x_t) = \mathcal N\big(\mu_\theta(x_t), \sigma_t^2 I\big), \qquad
+# \mu_\theta = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{b_t}{\sqrt{1 - \bar\alpha_t}}\,\epsilon_\theta(x_t)\Big)$$
 #
-# with `alpha_t = 1 - b_t`, `abar_t = prod_{s<=t} alpha_s`, and a variance `sigma_t^2` that does *not* depend on
-# the model (diffusers' default `variance_type="fixed_small"`: the posterior variance `b~_t` below).
+# with a variance $\sigma_t^2$ that does *not* depend on the model (diffusers' default
+# `variance_type="fixed_small"`: the posterior variance $\tilde b_t$ below).
 #
-# **The posterior.** Given the clean sample `x0` that produced `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, the
-# forward process can be run backwards exactly (Ho et al. Eq. (6)-(7)):
+# **The posterior.** Given the clean sample $x_0$ that produced $x_t = \sqrt{\bar\alpha_t}\, x_0 +
+# \sqrt{1 - \bar\alpha_t}\, \epsilon$, the forward process can be run backwards exactly (Ho et al.,
+# Eq. (6)-(7)):
 #
-# ```
-# q(x_{t-1} | x_t, x0) = N(mu_tilde, b~_t I)
-# mu_tilde     = sqrt(abar_{t-1}) b_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t
-#              = (x_t - b_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)          (substitute x0; the TRUE noise)
-# b~_t = (1 - abar_{t-1}) / (1 - abar_t) * b_t
-# ```
+# $$q(x_{t-1} \mid x_t, x_0) = \mathcal N(\tilde\mu, \tilde b_t I), \qquad
+# \tilde\mu = \frac{\sqrt{\bar\alpha_{t-1}}\, b_t}{1 - \bar\alpha_t} x_0 + \frac{\sqrt{\alpha_t}(1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t} x_t
+# = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{b_t}{\sqrt{1 - \bar\alpha_t}}\,\epsilon\Big)$$
 #
-# So the model's mean is the posterior mean with `eps` replaced by the prediction `eps_theta`, and
+# (the second form substitutes $x_0$, and has the TRUE noise $\epsilon$). So the model's mean is the posterior mean
+# with $\epsilon$ replaced by the prediction $\epsilon_\theta$:
 #
-# ```
-# mu_tilde - mu_theta = b_t / (sqrt(alpha_t) sqrt(1 - abar_t)) * (eps_theta - eps)
-# ```
+# $$\tilde\mu - \mu_\theta = \frac{b_t}{\sqrt{\alpha_t}\sqrt{1 - \bar\alpha_t}}\,(\epsilon_\theta - \epsilon).$$
 #
-# **The log-ratio.** Draw the action from the posterior, `x_{t-1} = mu_tilde + sqrt(b~_t) z`. Both models
-# share `sigma_t`, so their normalising constants cancel, and
+# **The log-ratio.** Draw the action from the posterior, $x_{t-1} = \tilde\mu + \sqrt{\tilde b_t}\, z$. Both
+# models share $\sigma_t$, so their normalising constants cancel, and
 #
-# ```
-# log p_theta(x_{t-1}|x_t) - log p_ref(x_{t-1}|x_t)
-#   = -( ||x_{t-1} - mu_theta||^2 - ||x_{t-1} - mu_ref||^2 ) / (2 sigma_t^2)
-#   = -( ||mu_tilde - mu_theta||^2 - ||mu_tilde - mu_ref||^2 ) / (2 sigma_t^2)          <- what survives
-#     - sqrt(b~_t) z . (mu_ref - mu_theta) / sigma_t^2                          <- zero on average over z
-#     ( b~_t ||z||^2 appears in both squares and cancels exactly )
-# ```
+# $$\log \frac{p_\theta(x_{t-1} \mid x_t)}{p_{\mathrm{ref}}(x_{t-1} \mid x_t)}
+# = -\frac{\lVert \tilde\mu - \mu_\theta\rVert^2 - \lVert \tilde\mu - \mu_{\mathrm{ref}}\rVert^2}{2\sigma_t^2}
+# \;-\; \frac{\sqrt{\tilde b_t}\, z \cdot (\mu_{\mathrm{ref}} - \mu_\theta)}{\sigma_t^2}$$
 #
-# Averaged over the action, with `||.||^2` a **sum** over the `D` dimensions and `err` a **mean**:
+# (the $\tilde b_t \lVert z\rVert^2$ terms appear in both squares and cancel exactly; the last term is zero on
+# average over $z$). Averaged over the action, with $\lVert\cdot\rVert^2$ a **sum** over the $D$ elements and
+# $\mathrm{err}$ a **mean**:
 #
-# ```
-# E_q[ log-ratio ] = -(k_t / 2) (||eps_theta - eps||^2 - ||eps_ref - eps||^2) = -(k_t D / 2) (err_theta - err_ref)
-# k_t = b_t^2 / (sigma_t^2 alpha_t (1 - abar_t))
-# ```
+# $$\mathbb E_q\big[\text{log-ratio}\big] = -\frac{k_t}{2}\big(\lVert\epsilon_\theta - \epsilon\rVert^2 - \lVert\epsilon_{\mathrm{ref}} - \epsilon\rVert^2\big)
+# = -\frac{k_t D}{2}\big(\mathrm{err}_\theta - \mathrm{err}_{\mathrm{ref}}\big), \qquad
+# k_t = \frac{b_t^2}{\sigma_t^2\, \alpha_t (1 - \bar\alpha_t)},$$
 #
-# which is `implicit_reward(err_theta, err_ref, beta = k_t * D)`. Diff-contrast (paper 002, Eq. (8) and App.
-# Eq. (11)-(12)) and DSPO (paper 004, Eq. (11) and App. B.1) derive the same thing. The section "From one step to
-# Diffusion-DPO's objective" below carries it from one step to the whole chain. Now the numbers.
+# which is `implicit_reward(err_theta, err_ref, beta = k_t * D)`. Diff-contrast (*Diffusion Preference Alignment
+# via Relative Text-Image Contrast*, Eq. (8) and App. Eq. (11)-(12)) and DSPO (Zhu, Xiao and Honavar, *DSPO: Direct
+# Score Preference Optimization for Diffusion Model Alignment*, Eq. (11) and App. B.1) derive the same thing. The
+# section "From one step to Diffusion-DPO's objective" below carries it from one step to the whole chain. Now the
+# numbers.
 
 # %%
 import copy
+import math
 
 import lesson
 import matplotlib.pyplot as plt
@@ -150,6 +150,90 @@ def model_mean(eps_pred: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tenso
 
 
 # %% [markdown]
+# ## The two chains on the toy
+#
+# The **forward** chain adds noise, $x_t = \sqrt{\alpha_t}\, x_{t-1} + \sqrt{b_t}\, z$, until $x_T$ is a
+# standard Gaussian whatever $x_0$ was. The **reverse** chain is the policy: start from $x_T \sim \mathcal N(0, I)$
+# and take the Gaussian action $p_\theta(x_{t-1} \mid x_t)$ a thousand times (`DDPMScheduler.step`). Below, a few
+# paths of each for the pretrained model, and where 512 reverse chains end: on the pretraining Gaussian
+# $\mathcal N((0.5, 0.8), 0.04 I)$ (toy/data.py), which is what the reference has learned. Each panel shows the
+# $y$ coordinate against $t$, over the band that the forward process gives the noised data,
+# $y_t \sim \mathcal N(\sqrt{\bar\alpha_t}\, \mu_y, \bar\alpha_t \sigma_y^2 + 1 - \bar\alpha_t)$.
+
+# %%
+T = scheduler.config.num_train_timesteps
+N_PATHS, N_ENDS = 6, 512
+
+
+def forward_chain(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x_0, x_1, ..., x_T under q: (T + 1, N, 2)."""
+    path = [x0]
+    for t in range(T):
+        path.append(alphas[t].sqrt() * path[-1] + betas[t].sqrt() * torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
+    return torch.stack(path)
+
+
+def reverse_chain(model, n: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T, ..., x_0 sampled with DDPMScheduler.step from the model: (T + 1, n, 2)."""
+    x = torch.randn(n, 2, generator=generator)
+    path = [x]
+    for t in range(T - 1, -1, -1):
+        with torch.no_grad():
+            x = scheduler.step(model(x, torch.full((n,), t)), t, x, generator=generator).prev_sample
+        path.append(x)
+    return torch.stack(path)
+
+
+chain_generator = torch.Generator().manual_seed(2)  # its own draws: the checks below keep theirs
+forward = forward_chain(DESIRABLE.sample(N_PATHS, chain_generator).double(), chain_generator)
+reverse = reverse_chain(reference, N_ENDS, chain_generator)
+ends = reverse[-1]
+print(f"forward: {N_PATHS} paths end at |x_T| up to {forward[-1].norm(dim=1).max():.2f}; reverse: {N_ENDS} chains end at mean "
+      f"({ends[:, 0].mean():.3f}, {ends[:, 1].mean():.3f}), std ({ends[:, 0].std():.3f}, {ends[:, 1].std():.3f})")
+lesson.check_range("after T forward steps nothing of x_0 is left: abar_T < 1e-4", abar[-1].item(), high=1e-4)
+lesson.check("the reverse chains of the pretrained model end on the pretraining Gaussian (mean within 0.05, std within 0.05 of 0.2)",
+             bool(((ends.mean(0) - torch.tensor([0.5, 0.8])).abs() < 0.05).all() and ((ends.std(0) - 0.2).abs() < 0.05).all()),
+             f"mean ({ends[:, 0].mean():.3f}, {ends[:, 1].mean():.3f}), std ({ends[:, 0].std():.3f}, {ends[:, 1].std():.3f})")
+
+def noised_y(mean_y: float, var: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of y_t under q when y_0 ~ N(mean_y, var): sqrt(abar_t) mean_y, sqrt(abar_t var + 1 - abar_t)."""
+    ab = torch.cat([torch.ones(1, dtype=torch.float64), abar])  # abar at t = 0..T, with abar_0 = 1 (clean data)
+    return ab.sqrt() * mean_y, (ab * var + 1 - ab).sqrt()
+
+
+# The reverse chains visit the same marginals q(x_t) as the forward process applied to the pretraining data: check
+# the 512 chains' y at a few steps against them (reverse[i] is x_{T - i}).
+pre_mean, pre_std = noised_y(0.8, 0.04)
+marginal_gaps = {t: (abs(reverse[T - t][:, 1].mean().item() - pre_mean[t].item()),
+                     abs(reverse[T - t][:, 1].std().item() - pre_std[t].item())) for t in (900, 500, 100)}
+lesson.check("... and on the way they follow q(y_t) of the noised pretraining data (mean and std within 0.1 at t = 900, 500, 100)",
+             all(max(gap) < 0.1 for gap in marginal_gaps.values()),
+             ", ".join(f"t {t}: {a:.3f} / {b:.3f}" for t, (a, b) in marginal_gaps.items()))
+
+fig, axes = plt.subplots(1, 3, figsize=(14, 4.0), layout="constrained")
+steps = np.arange(T + 1)
+for ax, paths, (band_mean, band_std), title in (
+        (axes[0], forward[:, :, 1], noised_y(0.8, 0.01), "forward: y_t of 6 desirable points"),
+        (axes[1], reverse.flip(0)[:, :N_PATHS, 1], (pre_mean, pre_std), "reverse (the policy): y_t of 6 chains")):
+    ax.fill_between(steps, band_mean - 2 * band_std, band_mean + 2 * band_std, color="0.9", label="q(y_t): mean +- 2 std")
+    ax.plot(steps, paths.numpy(), lw=0.7)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("t")
+axes[1].invert_xaxis()  # the reverse chain runs from t = T down to 0: time flows left to right in both panels
+axes[0].set_ylabel("y")
+axes[0].legend(fontsize=7, loc="lower left")
+axes[2].scatter(ends[:, 0], ends[:, 1], s=3, color="tab:red", label=f"x_0 of {N_ENDS} reverse chains")
+axes[2].add_patch(plt.Circle((0.5, 0.8), 0.4, fill=False, ls="--", color="k", label="pretraining Gaussian, 2 std"))
+axes[2].set_aspect("equal")
+axes[2].set_title("where the reverse chains end", fontsize=10)
+axes[2].set_xlabel("x")
+axes[2].set_ylabel("y")
+axes[2].legend(fontsize=7, loc="lower right")
+fig.suptitle("The toy's chains: the forward process forgets x_0; the pretrained policy's reverse chain rebuilds the data",
+             fontsize=10)
+lesson.save_figure(fig, "01_chains")
+
+# %% [markdown]
 # ## Check 1: this Gaussian is what diffusers samples
 #
 # `DDPMScheduler.step` (with `clip_sample=False`, as the toy sets it) computes the step through the predicted `x0`
@@ -176,9 +260,9 @@ lesson.check("DDPMScheduler.step samples N(mu_theta, b~_t I)", max(step_gaps) < 
 # %% [markdown]
 # ## Check 2: the posterior mean is the model mean with the true noise
 #
-# Ho et al.'s Eq. (7) writes `mu_tilde` from `x0` and `x_t`; substituting `x0 = (x_t - sqrt(1 - abar_t) eps) /
-# sqrt(abar_t)` gives `model_mean` with `eps` in place of `eps_theta`. That is the only reason a denoising error
-# appears in a log-probability.
+# Ho et al.'s Eq. (7) writes $\tilde\mu$ from $x_0$ and $x_t$; substituting $x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,
+# \epsilon) / \sqrt{\bar\alpha_t}$ gives `model_mean` with $\epsilon$ in place of $\epsilon_\theta$. That is
+# the only reason a denoising error appears in a log-probability.
 
 # %%
 def posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -194,11 +278,11 @@ lesson.check("mu_tilde(x0, x_t) == mu(eps = true noise)", max(gaps) < 1e-12, f"l
 # %% [markdown]
 # ## Check 3: the average log-ratio is `implicit_reward(err_theta, err_ref, beta = k_t * D)`
 #
-# For each `x0` we draw `N_DRAWS` actions from the posterior, score each under both models with
-# `minipref.gaussian_step_log_prob` (the same function SPO uses; it returns the **mean** over dimensions, so the
-# log-density is `D` times it), and average. The Monte-Carlo error of each average is its standard error; the
-# claim holds if every point's gap is within 5 of them. Then the same with **antithetic** draws (`z` and `-z`):
-# the cross term is odd in `z`, so it cancels exactly and the agreement is to float64 round-off.
+# For each $x_0$ we draw `N_DRAWS` actions from the posterior, score each under both models with
+# `minipref.gaussian_step_log_prob` (the same function SPO uses; it returns the **mean** over elements, so the
+# log-density is $D$ times it), and average. The Monte-Carlo error of each average is its standard error; the
+# claim holds if every point's gap is within 5 of them. Then the same with **antithetic** draws ($z$ and $-z$):
+# the cross term is odd in $z$, so it cancels exactly and the agreement is to float64 round-off.
 
 # %%
 rows, per_t = [], {}
@@ -241,15 +325,20 @@ print("One action alone is a poor estimate: its log-ratio has a standard deviati
       "The reward is an expectation over actions, which the squared errors give in closed form.")
 
 # %%
-fig, axes = plt.subplots(1, len(TIMESTEPS), figsize=(4.2 * len(TIMESTEPS), 3.8))
+# Constrained layout keeps each panel's tick labels clear of its neighbour's; the rewards at large t are ~1e-3, so
+# the axes use scientific notation and at most four ticks (longer labels collided).
+fig, axes = plt.subplots(1, len(TIMESTEPS), figsize=(4.4 * len(TIMESTEPS), 4.0), layout="constrained")
 for ax, t in zip(axes, TIMESTEPS):
     predicted, mc_mean, mc_se = (v.numpy() for v in per_t[t])
     ax.errorbar(predicted, mc_mean, yerr=2 * mc_se, fmt=".", ms=4, alpha=0.7, label="Monte Carlo (+-2 SE)")
     lo, hi = min(predicted.min(), mc_mean.min()), max(predicted.max(), mc_mean.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
     ax.set_title(f"t = {t}, k_t = {k[t]:.4f}", fontsize=10)
-    ax.set_xlabel("implicit_reward(err_theta, err_ref, beta = k_t D)")
-axes[0].set_ylabel("mean of log p_theta - log p_ref over actions")
+    ax.set_xlabel("implicit_reward(beta = k_t D)")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(plt.MaxNLocator(4))
+    ax.ticklabel_format(style="sci", scilimits=(-2, 2), useMathText=True)
+axes[0].set_ylabel("mean over actions of log p_theta - log p_ref")
 axes[0].legend(fontsize=8)
 fig.suptitle("The reverse-step log-ratio, averaged over posterior draws, is a difference of denoising errors")
 lesson.save_figure(fig, "01_log_ratio_vs_implicit_reward")
@@ -257,67 +346,84 @@ lesson.save_figure(fig, "01_log_ratio_vs_implicit_reward")
 # %% [markdown]
 # ## From one step to Diffusion-DPO's objective
 #
-# LLM-DPO compares the log-probabilities of two whole responses. For a diffusion model the "response" is the whole
-# chain `x_{0:T}`, and DPO with KL weight `beta_KL` would read
+# LLM-DPO (prerequisites, section 3) compares the log-probabilities of two whole responses. For a diffusion model
+# the "response" is the whole chain $x_{0:T}$, and DPO with KL weight $\beta_{KL}$ would read
 #
-# ```
-# L = -log sigmoid( beta_KL * [ log p_theta(x^w_{0:T}) / p_ref(x^w_{0:T})  -  log p_theta(x^l_{0:T}) / p_ref(x^l_{0:T}) ] )
-# ```
+# $$\mathcal L = -\log\sigma\Big(\beta_{KL}\Big[\log\frac{p_\theta(x^w_{0:T})}{p_{\mathrm{ref}}(x^w_{0:T})}
+# - \log\frac{p_\theta(x^l_{0:T})}{p_{\mathrm{ref}}(x^l_{0:T})}\Big]\Big).$$
 #
-# Wallace et al. (Diffusion-DPO, Sec. 4) get from there to a loss on single noised images in four steps:
+# Wallace et al. (*Diffusion Model Alignment Using Direct Preference Optimization*, arXiv:2311.12908, Sec. 4) get
+# from there to a loss on single noised images in four steps:
 #
-# 1. **The chain is unknown; use the forward process.** Only `x_0` is in the dataset. They average over chains
-#    `x_{1:T} ~ q(x_{1:T} | x_0)` (in place of the policy's own reverse chain, an approximation). The prior
-#    `p(x_T) = N(0, I)` is shared and cancels, so the chain's log-ratio is the **sum over steps** of the reverse-step
-#    log-ratios above; averaged over `q`, each step's term is its closed form, `implicit_reward(beta = k_t D)`:
+# 1. **The chain is unknown; use the forward process.** Only $x_0$ is in the dataset. They average over chains
+#    $x_{1:T} \sim q(x_{1:T} \mid x_0)$ (in place of the policy's own reverse chain, an approximation). The prior
+#    $p(x_T) = \mathcal N(0, I)$ is shared and cancels, so the chain's log-ratio is the **sum over steps** of the
+#    reverse-step log-ratios above; averaged over $q$, each step's term is its closed form,
+#    `implicit_reward(beta = k_t D)`:
 #
-#    ```
-#    E_q[ log p_theta(x_{0:T}) / p_ref(x_{0:T}) ] = sum_t E_{q(x_t|x_0)}[ -(k_t D / 2)(err_theta - err_ref) ]
-#    ```
+#    $$\mathbb E_q\Big[\log\frac{p_\theta(x_{0:T})}{p_{\mathrm{ref}}(x_{0:T})}\Big] = \sum_t \mathbb E_{q(x_t \mid x_0)}\Big[-\frac{k_t D}{2}(\mathrm{err}_\theta - \mathrm{err}_{\mathrm{ref}})\Big].$$
 #
-# 2. **The factor `T`.** A sum over `T` steps is `T` times the mean over a uniform `t`:
-#    `sum_t f(t) = T E_{t ~ U}[f(t)]`. One random `t` per image (as in training) is an unbiased, noisier estimate.
-# 3. **Jensen's bound.** `-log sigmoid` is convex, so `-log sigmoid(E[m]) <= E[-log sigmoid(m)]`: moving the
-#    expectation over `(t, x_t)` *outside* gives an upper bound that can be minimised one `(t, x_t)` at a time:
+# 2. **The factor $T$.** A sum over $T$ steps is $T$ times the mean over a uniform $t$:
+#    $\sum_t f(t) = T\, \mathbb E_{t \sim U}[f(t)]$. One random $t$ per image (as in training) is an unbiased,
+#    noisier estimate.
+# 3. **Jensen's bound.** $-\log\sigma$ is convex, so $-\log\sigma(\mathbb E[m]) \le \mathbb E[-\log\sigma(m)]$:
+#    moving the expectation over $(t, x_t)$ *outside* gives an upper bound that can be minimised one $(t, x_t)$ at
+#    a time:
 #
-#    ```
-#    L <= E_{t, x^w_t, x^l_t}[ -log sigmoid( -beta_KL T (k_t D / 2) [ (err^w_theta - err^w_ref) - (err^l_theta - err^l_ref) ] ) ]
-#    ```
+#    $$\mathcal L \le \mathbb E_{t, x^w_t, x^l_t}\Big[-\log\sigma\Big(-\beta_{KL}\, T\, \frac{k_t D}{2}\big[(\mathrm{err}^w_\theta - \mathrm{err}^w_{\mathrm{ref}}) - (\mathrm{err}^l_\theta - \mathrm{err}^l_{\mathrm{ref}})\big]\Big)\Big].$$
 #
-# 4. **The timestep weight folded into `beta`.** Holding `k_t` constant (Ho et al.'s "simple" weighting) turns
-#    `beta_KL T k_t D` into one number, the `beta` of `r = -(beta / 2)(err_theta - err_ref)`. That is Diffusion-DPO
-#    (lesson 2), and `beta = beta_KL T k_t D` says what kind of number `beta` is.
+# 4. **The timestep weight folded into $\beta$.** Holding $k_t$ constant (Ho et al.'s "simple" weighting) turns
+#    $\beta_{KL} T k_t D$ into one number, the $\beta$ of $r = -(\beta/2)(\mathrm{err}_\theta -
+#    \mathrm{err}_{\mathrm{ref}})$. That is Diffusion-DPO (lesson 2), and $\beta = \beta_{KL} T k_t D$ says what
+#    kind of number $\beta$ is.
 #
-# Steps 1 to 3 can be checked numerically. We draw whole forward chains (`x_t = sqrt(alpha_t) x_{t-1} + sqrt(b_t) z`,
-# all `T` steps) from `N_X0` desirable and as many undesirable points, score every reverse step `t = 1..T-1` of each
-# chain under both models (the last step, `t = 0`, has `sigma_0 = 0` in diffusers: it is the decoder term `L_0`
-# that Ho et al. treat apart), and compare. The policy here is a copy with larger weight noise (0.1) than above, so
-# that it is clearly worse than the reference and the chain's log-ratio is clearly negative.
+# Steps 1 to 3 can be checked numerically. We draw whole forward chains (as `forward_chain` above, all $T$ steps) from
+# `N_X0` desirable and as many undesirable points, score every reverse step $t = 1, \dots, T-1$ of each chain under
+# both models (the last step, $t = 0$, has $\sigma_0 = 0$ in diffusers: it is the decoder term $L_0$ that Ho et
+# al. treat apart), and compare. The policy here is a copy with larger weight noise (0.1) than above, so that it is
+# clearly worse than the reference and the chain's log-ratio is clearly negative.
 
 # %%
-T = scheduler.config.num_train_timesteps
 N_X0, N_CHAINS = 8, (32 if QUICK else 128)  # chains per point
-far_policy = copy.deepcopy(reference)
-with torch.no_grad():
-    for parameter in far_policy.parameters():
-        parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def perturbed(model, noise_std: float, generator: torch.Generator):
+    """A copy of ``model`` with N(0, noise_std^2) added to every weight."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in copy_.parameters():
+            parameter.add_(noise_std * torch.randn(parameter.shape, generator=generator))
+    return copy_
+
+
+def chain_log_ratios(policy_model, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward chains from ``x0`` (N, 2), scored step by step under ``policy_model`` and the reference.
+
+    Returns the sampled log-ratio of each whole chain (sum over t = 1..T-1 of log p_theta - log p_ref at the drawn
+    x_{t-1}), shape (N,), and implicit_reward(beta = k_t D) at every step, shape (T, N) (row 0 unused).
+    """
+    n = len(x0)
+    x_prev = alphas[0].sqrt() * x0 + betas[0].sqrt() * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    sampled = torch.zeros(n, dtype=torch.float64)
+    reward = torch.zeros(T, n, dtype=torch.float64)
+    for t in range(1, T):
+        x_t = alphas[t].sqrt() * x_prev + betas[t].sqrt() * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        eps_t = (x_t - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # the noise that takes x0 to x_t
+        eps_theta, eps_ref = model_eps(policy_model, x_t, t), model_eps(reference, x_t, t)
+        mu_theta, mu_ref = model_mean(eps_theta, x_t, t), model_mean(eps_ref, x_t, t)
+        # log N(x_prev; mu_theta, sigma_t^2) - log N(x_prev; mu_ref, sigma_t^2): the normalisers cancel
+        sampled += -(((x_prev - mu_theta) ** 2).sum(1) - ((x_prev - mu_ref) ** 2).sum(1)) / (2 * beta_tilde[t])
+        reward[t] = minipref.implicit_reward(minipref.per_sample_mse(eps_theta, eps_t),
+                                             minipref.per_sample_mse(eps_ref, eps_t), beta=(k[t] * D).item())
+        x_prev = x_t
+    return sampled, reward
+
+
+far_policy = perturbed(reference, 0.1, generator)
 x0_chain = torch.cat([DESIRABLE.sample(N_X0, generator), UNDESIRABLE.sample(N_X0, generator)]).double()
 x0_chain = x0_chain.repeat_interleave(N_CHAINS, 0)  # (2 N_X0 N_CHAINS, 2): the first half desirable
 n_chains = len(x0_chain)
-
-x_prev = alphas[0].sqrt() * x0_chain + betas[0].sqrt() * torch.randn(n_chains, 2, generator=generator, dtype=torch.float64)
-sampled_log_ratio = torch.zeros(n_chains, dtype=torch.float64)  # sum over steps of log p_theta - log p_ref, as drawn
-reward_per_step = torch.zeros(T, n_chains, dtype=torch.float64)  # implicit_reward(beta = k_t D) at each x_t
-for t in range(1, T):
-    x_t = alphas[t].sqrt() * x_prev + betas[t].sqrt() * torch.randn(n_chains, 2, generator=generator, dtype=torch.float64)
-    eps_t = (x_t - abar[t].sqrt() * x0_chain) / (1 - abar[t]).sqrt()  # the noise that takes x0 to x_t
-    eps_theta, eps_ref = model_eps(far_policy, x_t, t), model_eps(reference, x_t, t)
-    mu_theta, mu_ref = model_mean(eps_theta, x_t, t), model_mean(eps_ref, x_t, t)
-    # log N(x_prev; mu_theta, sigma_t^2) - log N(x_prev; mu_ref, sigma_t^2): the normalisers cancel
-    sampled_log_ratio += -(((x_prev - mu_theta) ** 2).sum(1) - ((x_prev - mu_ref) ** 2).sum(1)) / (2 * beta_tilde[t])
-    reward_per_step[t] = minipref.implicit_reward(minipref.per_sample_mse(eps_theta, eps_t),
-                                                  minipref.per_sample_mse(eps_ref, eps_t), beta=(k[t] * D).item())
-    x_prev = x_t
+sampled_log_ratio, reward_per_step = chain_log_ratios(far_policy, x0_chain, generator)
 closed_form = reward_per_step.sum(0)  # step 1: sum_t of the closed forms along the same chains
 one_t = torch.randint(1, T, (n_chains,), generator=generator)  # step 2: one uniform t per chain, times (T - 1)
 one_t_estimate = (T - 1) * reward_per_step[one_t, torch.arange(n_chains)]
@@ -344,10 +450,17 @@ lesson.check_range("... at the price of a much larger standard error than the fu
 # Step 3, per (desirable, undesirable) pair of points: the chain loss against its Jensen bound. The margin of one
 # (t, x_t) draw is (T - 1) * beta_KL * (r_w - r_l); beta_KL is chosen so that the chain margins are of order 1.
 BETA_KL = 0.05
-r_w, r_l = reward_per_step[1:, : n_chains // 2], reward_per_step[1:, n_chains // 2:]  # (T - 1, N_X0 * N_CHAINS) each
-step_margin = ((T - 1) * BETA_KL * (r_w - r_l)).reshape(T - 1, N_X0, N_CHAINS)  # pair i = (desirable i, undesirable i)
-chain_loss = torch.nn.functional.softplus(-step_margin.mean(dim=(0, 2)))  # -log sigmoid(E[m]), per pair
-jensen_bound = torch.nn.functional.softplus(-step_margin).mean(dim=(0, 2))  # E[-log sigmoid(m)], per pair
+
+
+def chain_loss_and_bound(reward: torch.Tensor, beta_kl: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair i = (desirable i, undesirable i): -log sigmoid(E[m]) and its Jensen bound E[-log sigmoid(m)]."""
+    r_w, r_l = reward[1:, : n_chains // 2], reward[1:, n_chains // 2:]  # (T - 1, N_X0 * N_CHAINS) each
+    step_margin = ((T - 1) * beta_kl * (r_w - r_l)).reshape(T - 1, N_X0, N_CHAINS)
+    return (torch.nn.functional.softplus(-step_margin.mean(dim=(0, 2))),
+            torch.nn.functional.softplus(-step_margin).mean(dim=(0, 2)))
+
+
+chain_loss, jensen_bound = chain_loss_and_bound(reward_per_step, BETA_KL)
 print("per pair, chain loss vs its bound: " + ", ".join(f"{a:.3f} <= {b:.3f}" for a, b in zip(chain_loss, jensen_bound)))
 lesson.check("step 3: Jensen, the per-(t, x_t) loss bounds the chain loss for every pair",
              bool((jensen_bound >= chain_loss).all()), f"smallest gap {(jensen_bound - chain_loss).min():.3f}")
@@ -355,13 +468,13 @@ lesson.check_range("... and the bound is loose here: on average it exceeds the c
                    (jensen_bound - chain_loss).mean().item(), 0.05)
 
 # %% [markdown]
-# ## The timestep weight `k_t`, and what `beta = 5000` means
+# ## The timestep weight $k_t$, and what $\beta = 5000$ means
 #
-# With `sigma_t^2 = b~_t`, `k_t = b_t / (alpha_t (1 - abar_{t-1}))`: huge at the last steps (the model
-# mean must be right to within a tiny posterior variance) and small elsewhere. Diffusion-DPO draws `t` uniformly
-# and uses one constant, so `beta` plays the role of `k_t D` for some "typical" `t`. Which one? Below: `k_t D` for
-# the toy (`D = 2`) and for Stable Diffusion 1.5 at 512 px (`D = 4 x 64 x 64` latent elements, its
-# `scaled_linear` schedule; for the real model,
+# With $\sigma_t^2 = \tilde b_t$, $k_t = b_t / (\alpha_t (1 - \bar\alpha_{t-1}))$: huge at the last steps (the
+# model mean must be right to within a tiny posterior variance) and small elsewhere. Diffusion-DPO draws $t$
+# uniformly and uses one constant, so $\beta$ plays the role of $k_t D$ for some "typical" $t$. Which one? Below:
+# $k_t D$ for the toy ($D = 2$) and for Stable Diffusion 1.5 at 512 px ($D = 4 \times 64 \times 64$ latent
+# elements, its `scaled_linear` schedule; for the real model,
 # `DDPMScheduler.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="scheduler")` gives the
 # same betas).
 
@@ -401,7 +514,6 @@ ax.set_title("The timestep weight that one constant beta stands in for", fontsiz
 ax.legend(fontsize=7, loc="lower left")
 lesson.save_figure(fig, "01_timestep_weight")
 
-# %% [markdown]
 # %%
 kl_weight = 5000 / (1000 * sd_kD)  # beta / (T k_t D): the KL weight that beta = 5000 implies at each t
 toy_chain = 1000 * toy_kD
@@ -418,35 +530,56 @@ lesson.check("toy: T k_t D runs from ~20 to ~2400, and 500 lies inside",
              f"{toy_chain.min():.1f} to {toy_chain.max():.0f}")
 
 # %% [markdown]
-# **Reading it.** For SD1.5 the `beta` that makes `r` the exact log-ratio of *one* reverse step runs from about
-# 16,500 (t = 1) down to about 110 (t ~ 500). `beta = 5000` lies inside that band, at its small-`t` end (it is
-# `k_t D` at t ~ 3), well above the median over `t` (~133). Summed over the whole chain, the log-ratio of two models
-# is `T E_t[...]` (dashed lines), and Diffusion-DPO's own derivation also multiplies by the KL weight of the RLHF
-# objective: against that, 5000 is *below* `T k_t D` at every `t`, i.e. a KL weight `beta / (T k_t D)` between
-# ~3e-4 and ~0.05. The toy's `beta = 500` sits inside its chain band (`T k_t D` from ~20 to ~2400; toy/methods.py
-# explains the choice). So `beta` is not derived from the schedule: the derivation says *what kind* of number it
-# is (a timestep weight times a dimension count, times a KL weight), and the value is tuned. Diffusion-DPO used 5000;
-# Diff-contrast (paper 002, App. C) found 2000 best of {2000, 5000, 7000, 10000}; docs/toy.md sweeps 100 to 5000.
+# **Reading it.** For SD1.5 the $\beta$ that makes $r$ the exact log-ratio of *one* reverse step runs from about
+# 16,500 ($t = 1$) down to about 110 ($t \approx 500$). $\beta = 5000$ lies inside that band, at its small-$t$ end
+# (it is $k_t D$ at $t \approx 3$), well above the median over $t$ (~133). Summed over the whole chain, the
+# log-ratio of two models is $T\,\mathbb E_t[\dots]$ (dashed lines), and Diffusion-DPO's own derivation also
+# multiplies by the KL weight of the RLHF objective: against that, 5000 is *below* $T k_t D$ at every $t$, i.e. a
+# KL weight $\beta_{KL} = \beta / (T k_t D)$ between ~3e-4 and ~0.05. The toy's $\beta = 500$ sits inside its chain
+# band ($T k_t D$ from ~20 to ~2400; toy/methods.py explains the choice). So $\beta$ is not derived from the
+# schedule: the derivation says *what kind* of number it is (a timestep weight times an element count, times a KL
+# weight), and the value is tuned. Diffusion-DPO used 5000; Diff-contrast (*Diffusion Preference Alignment via
+# Relative Text-Image Contrast*, App. C) found 2000 best of {2000, 5000, 7000, 10000}; docs/toy.md sweeps 100 to
+# 5000.
 #
-# **Conventions.** Because the error is a *mean* over dimensions, `beta` does not change with the resolution.
-# The diffusers SD1.5 DPO script writes `beta_dpo * (ref_diff - model_diff)` without the 1/2, so its 2500 is our
-# 5000 (its SDXL script keeps the 1/2); the Diffusion-KTO code has no 1/2 either, so the paper's 5000 is our 10000
-# (docs/conventions.md has the table, with the source line of each).
+# **The same $\beta$ at another resolution: a convention, not a property.** Because $\mathrm{err}$ is a *mean*
+# over the $D$ elements, the same $\beta$ gives rewards of the same size at any resolution, and that is how
+# $\beta$ is used in practice: 5000 for SD1.5 at 512 px and for SDXL at 1024 px (the diffusers SDXL script, our
+# `sdxl-dpo` preset). It is a usage convention. By $\beta = \beta_{KL} T k_t D$ the objective itself changes:
+# SDXL uses the same schedule (so the same $k_t$) on $4 \times 128 \times 128$ latent elements, 4 times SD1.5's,
+# so the same $\beta$ there is a **4 times smaller KL weight**, a looser leash on the whole chain. Keeping SD1.5's
+# KL weight at 1024 px would take $\beta = 20000$. Checked below.
 #
+# **Other implementations' $\beta$.** The diffusers SD1.5 DPO script writes `beta_dpo * (ref_diff - model_diff)`
+# without the 1/2, so its 2500 is our 5000 (its SDXL script keeps the 1/2); the Diffusion-KTO code has no 1/2
+# either, so the paper's 5000 is our 10000 (docs/conventions.md §2, "The same run in every implementation's beta", has
+# the table, with the source line of each).
+
+# %%
+sdxl_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+D_SDXL = 4 * 128 * 128
+sdxl_kD = (timestep_weight(sdxl_scheduler)[1:] * D_SDXL).numpy()
+kl_ratio = (5000 / (1000 * sd_kD)) / (5000 / (1000 * sdxl_kD))  # beta_KL at SD1.5 / beta_KL at SDXL, same beta
+lesson.check("the same beta = 5000 is a 4x smaller KL weight at SDXL's 4 x 128 x 128 latents than at SD1.5's, at every t",
+             bool(np.allclose(kl_ratio, 4.0, rtol=1e-12)), f"ratio {kl_ratio.min():.6f} to {kl_ratio.max():.6f}")
+
+# %% [markdown]
 # ## Takeaways
 #
 # * One reverse step of DDPM is a Gaussian policy whose variance does not depend on the model, so the log-ratio of
 #   two models, averaged over the posterior action, is a difference of denoising errors:
 #   `implicit_reward(err_theta, err_ref, beta = k_t D)`.
-# * Over the whole chain, under `q(x_{1:T} | x_0)`, the log-ratio is the sum of these terms, `T` times their mean
-#   over a uniform `t`; Jensen's inequality turns DPO on chains into an upper bound that is minimised one
-#   `(t, x_t)` at a time; holding `k_t` constant folds `beta_KL T k_t D` into Diffusion-DPO's `beta`.
-# * `beta` is therefore a KL weight times a timestep weight times a dimension count; its value is tuned, not derived.
+# * Over the whole chain, under $q(x_{1:T} \mid x_0)$, the log-ratio is the sum of these terms, $T$ times their
+#   mean over a uniform $t$; Jensen's inequality turns DPO on chains into an upper bound that is minimised one
+#   $(t, x_t)$ at a time; holding $k_t$ constant folds $\beta_{KL} T k_t D$ into Diffusion-DPO's $\beta$.
+# * $\beta$ is therefore a KL weight times a timestep weight times an element count; its value is tuned, not
+#   derived, and the same $\beta$ at another resolution is another KL weight.
 #
 # ## Exercises
 #
-# 1. Predict `k_t D` at `t = 1` for SD1.5 at 1024 px (SDXL's latent is `4 x 128 x 128`) before computing it with
-#    `timestep_weight`. Why does the *mean* error keep `beta` the same across resolutions?
+# 1. Predict $k_t D$ at $t = 1$ for SDXL at 1024 px ($4 \times 128 \times 128$ latent elements, the same schedule)
+#    before computing it with `timestep_weight`. What $\beta$ would give SDXL the KL weight that $\beta = 5000$
+#    gives SD1.5?
 # 2. Change the far policy's weight noise from 0.1 to 0.03. Predict how the chain's log-ratio and its standard
 #    error change, and whether the "clearly negative" check still holds. (Hint: the reference is a minimum of the
 #    denoising loss.)
@@ -463,4 +596,77 @@ lesson.save_results("01_policy", {
               "jensen_min_gap": (jensen_bound - chain_loss).min().item()},
     "sd15_kD": {"t1": float(sd_kD[0]), "t10": float(sd_kD[9]), "t100": float(sd_kD[99]), "t500": float(sd_kD[499]),
                 "median": float(np.median(sd_kD)), "T_times_mean": float(1000 * sd_kD.mean())},
+    "sdxl_kl_weight_ratio": float(kl_ratio.mean()),
+    "reverse_chain_end": {"mean": ends.mean(0).tolist(), "std": ends.std(0).tolist()},
 })
+
+# %% [markdown]
+# ## Solutions
+#
+# Each solution states the prediction, runs the experiment and checks the prediction with the same `lesson.check`
+# as the lesson. They run with `python tutorials/01_policy.py --solutions` (or `MINIPREF_SOLUTIONS=1`; in a
+# notebook, set `lesson.SOLUTIONS = True` before running this cell and the ones below).
+#
+# **1.** SDXL has the same schedule, hence the same $k_t$, and 4 times the elements: $k_1 D \approx 4 \times 16{,}500
+# \approx 66{,}000$. $\beta_{KL} = \beta / (T k_t D)$, so the same KL weight needs 4 times the $\beta$: 20,000.
+#
+# **2.** The reference minimises the expected denoising loss, so a small weight perturbation $\delta$ raises the
+# error by $O(\delta^2)$: the chain's log-ratio should shrink roughly quadratically, by about $(0.03/0.1)^2 = 0.09$,
+# and not linearly (0.3). Its standard error shrinks less: the per-chain log-ratio also has a part linear in
+# $\delta$ (on one chain the perturbed prediction can be off either way; that averages out over chains, not within
+# one). So the mean moves closer to 0 in units of its standard error, and the "clearly negative" check has less
+# room. The run (same noise direction, lengths 0.03 and 0.1): the mean shrinks to about 0.03 of the 0.1 policy's,
+# faster still than quadratic (at 0.1 the perturbation is already past the quadratic regime); the standard error
+# to about 0.11-0.12; the check still holds, with a quarter to a third of its margin counted in standard errors
+# (quick and full mode).
+#
+# **3.** The step margins scale with $\beta_{KL}$. Where the margins are small, $\mathrm{softplus}(-m) \approx
+# \log 2 - m/2 + m^2/8$ and the gap between $\mathbb E[\mathrm{softplus}(-m)]$ and $\mathrm{softplus}(-\mathbb E[m])$
+# is about $\mathrm{Var}(m)/8$: ten times the margins, a hundred times the gap. Where they are large,
+# $\mathrm{softplus}(-m) \approx \max(0, -m)$ is piecewise linear and the gap grows like $\beta_{KL}$: ten times.
+# So the gap grows by between 10 and 100 times; measured: about 12 times in quick mode, 18 in full mode (at
+# `BETA_KL = 0.05` the margins of one $(t, x_t)$ draw are already large, nearer the linear end).
+
+# %%
+def solution_1() -> dict:
+    predicted = 4 * float(sd_kD[0])
+    lesson.check_close("1. SDXL: k_1 D is 4 x SD1.5's", float(sdxl_kD[0]), predicted, rel_tol=1e-12,
+                       detail=f"SD1.5 {sd_kD[0]:.0f}")
+    beta_same_kl = 5000 * D_SDXL / D_SD15
+    lesson.check_close("1. SDXL: beta = 20000 gives the KL weight beta 5000 gives SD1.5",
+                       float((beta_same_kl / (1000 * sdxl_kD)).mean() / kl_weight.mean()), 1.0, rel_tol=1e-12)
+    return {"sdxl_k1D": float(sdxl_kD[0]), "beta_same_kl": beta_same_kl}
+
+
+def solution_2() -> dict:
+    closer = perturbed(reference, 0.03, torch.Generator().manual_seed(30))
+    farther = perturbed(reference, 0.1, torch.Generator().manual_seed(30))  # the same noise direction, 0.1 long
+    sampled = {}
+    for name, model in (("0.03", closer), ("0.1", farther)):
+        sampled[name], _ = chain_log_ratios(model, x0_chain, torch.Generator().manual_seed(31))
+    (m03, se03), (m10, se10) = mean_se(sampled["0.03"]), mean_se(sampled["0.1"])
+    print(f"2. chain log-ratio: noise 0.1 {m10:.2f} +- {se10:.2f}; noise 0.03 {m03:.3f} +- {se03:.3f}; "
+          f"ratio of means {m03 / m10:.3f} (predicted ~0.09), ratio of SEs {se03 / se10:.2f}, "
+          f"of |mean| / SE {(m03 / se03) / (m10 / se10):.2f}")
+    # log-midpoint of the quadratic (0.09) and linear (0.3) predictions: below it, the quadratic one is closer
+    lesson.check_range("2. the mean shrinks ly: closer to (0.03/0.1)^2 = 0.09 than to 0.3",
+                       m03 / m10, 0.0, math.sqrt(0.09 * 0.3))
+    lesson.check_range("2. the standard error shrinks less than the mean does", (se03 / se10) / (m03 / m10), 1.0)
+    lesson.check_range("2. the 'clearly negative' check still holds at noise 0.03", m03, high=-5 * se03)
+    return {"mean_0.03": m03, "se_0.03": se03, "mean_0.1": m10, "se_0.1": se10,
+            "still_clearly_negative": m03 < -5 * se03}
+
+
+def solution_3() -> dict:
+    gaps = {}
+    for beta_kl in (BETA_KL, 10 * BETA_KL):
+        loss, bound = chain_loss_and_bound(reward_per_step, beta_kl)
+        gaps[beta_kl] = (bound - loss).mean().item()
+    ratio = gaps[10 * BETA_KL] / gaps[BETA_KL]
+    print(f"3. mean Jensen gap: BETA_KL {BETA_KL}: {gaps[BETA_KL]:.3f}; {10 * BETA_KL}: {gaps[10 * BETA_KL]:.3f} ({ratio:.1f}x)")
+    lesson.check_range("3. ten times BETA_KL widens the Jensen gap by between 10x (linear regime) and 100x (quadratic)",
+                       ratio, 10.0, 100.0)
+    return {"gap": gaps[BETA_KL], "gap_x10": gaps[10 * BETA_KL]}
+
+
+lesson.run_solutions("01_policy", solution_1, solution_2, solution_3)

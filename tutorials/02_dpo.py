@@ -14,18 +14,21 @@
 # %% [markdown]
 # # Lesson 2: Diffusion-DPO
 #
-# Lesson 1 showed that `r(x) = -(beta/2)(err_model(x) - err_ref(x))` is (up to the constant `beta`) the policy's
-# log-probability ratio against the reference. Diffusion-DPO (Wallace et al. 2024; paper 000 Eq. (4), paper 002
-# Eq. (14), paper 004 Eq. (7)) plugs it into the Bradley-Terry likelihood of a human preference `x_w > x_l`:
+# **Assumes** lesson 1 and, from [00_prerequisites.md](00_prerequisites.md), section 1 (Bradley-Terry), section 3
+# (DPO for language models) and section 5 (Adam and the scale of a loss).
 #
-# ```
-# margin = r(x_w) - r(x_l),        L_DPO = mean( -log sigmoid(margin) ) = mean( softplus(-margin) )
-# ```
+# Lesson 1 showed that $r(x) = -\frac{\beta}{2}(\mathrm{err}_\theta(x) - \mathrm{err}_{\mathrm{ref}}(x))$ is (up
+# to the constant $\beta$) the policy's log-probability ratio against the reference. Diffusion-DPO (Wallace et al.,
+# *Diffusion Model Alignment Using Direct Preference Optimization*, arXiv:2311.12908) plugs it into the
+# Bradley-Terry likelihood of a human preference $x_w \succ x_l$:
 #
-# This lesson trains it on the 2D toy (paper 001 Sec. 7: desirable winners from `N((0.3, 0.8), 0.01 I)`,
-# undesirable losers from `N((0.3, 0.6), 0.01 I)`), and looks at the three things every DPO user asks about: what the
-# loss is at the start, what its gradient does there, and why a loss that sits near 0.693 is not a dead run.
-# The loss is `minipref.dpo_loss`, the function the full-scale trainer calls (`python -m full.train`; its `compute_loss`).
+# $$m = r(x_w) - r(x_l), \qquad \mathcal L_{\mathrm{DPO}} = \mathrm{mean}\big(-\log\sigma(m)\big) = \mathrm{mean}\big(\mathrm{softplus}(-m)\big).$$
+#
+# This lesson trains it on the 2D toy of Diffusion-KTO (Li et al., *Aligning Diffusion Models by Optimizing Human
+# Utility*, arXiv:2404.04465, Sec. 7: desirable winners from $\mathcal N((0.3, 0.8), 0.01 I)$, undesirable losers
+# from $\mathcal N((0.3, 0.6), 0.01 I)$), and looks at the three things every DPO user asks about: what the loss
+# is at the start, what its gradient does there, and why a loss that sits near 0.693 is not a dead run. The loss is
+# `minipref.dpo_loss`, the function the full-scale trainer calls (`python -m full.train`; its `compute_loss`).
 
 # %%
 import copy
@@ -56,7 +59,8 @@ heldout = HeldOutPairs.draw(reference, scheduler, 256, 8, torch.Generator().manu
 # ## One batch of pairs
 #
 # A winner and its loser get the **same** `t` and the **same** noise `eps`, and go through the network in one
-# forward over the concatenated `2B` batch (every reference implementation does this; docs/conventions.md). The
+# forward over the concatenated `2B` batch (every reference implementation does this; docs/conventions.md §3, "Shared
+# noise and timestep"). The
 # reference runs under `torch.no_grad()`. At the start the policy *is* the reference, so every margin is exactly
 # 0: the loss is `log 2 = 0.6931` and the implicit accuracy (ties count half) is 0.5.
 
@@ -84,13 +88,13 @@ lesson.check("at theta = ref: loss = log 2, implicit_acc = 0.5, margin = 0",
 # %% [markdown]
 # ## The gradient at the start: a quarter-beta SFT step on the winner minus one on the loser
 #
-# `d softplus(-m) / dm = -sigmoid(-m) = -1/2` at `m = 0`, and `dm / d err_w = -beta/2`, so
+# $\frac{d}{dm}\mathrm{softplus}(-m) = -\sigma(-m) = -\frac12$ at $m = 0$, and $\frac{\partial m}{\partial
+# \mathrm{err}_w} = -\frac{\beta}{2}$, so at $\theta = \mathrm{ref}$
 #
-# ```
-# grad L_DPO = (beta / 4) * ( grad mean(err_w) - grad mean(err_l) )          at theta = ref
-# ```
+# $$\nabla \mathcal L_{\mathrm{DPO}} = \frac{\beta}{4}\big(\nabla\, \mathrm{mean}(\mathrm{err}_w) - \nabla\, \mathrm{mean}(\mathrm{err}_l)\big).$$
 #
-# DPO starts out as supervised learning on the winners and *un*-learning on the losers, scaled by `beta/4`. In
+# DPO starts out as supervised learning on the winners and *un*-learning on the losers, scaled by $\beta/4$
+# (docs/conventions.md I1, the DPO-at-the-reference identity). In
 # float64 on the toy network:
 
 # %%
@@ -115,7 +119,7 @@ lesson.check("grad L_DPO == (beta/4)(grad err_w - grad err_l) at init", gap <= 1
 # %% [markdown]
 # ## Training, and what the curves do
 #
-# The loop below is the whole of DPO fine-tuning (`toy/methods.py`'s `dpo_step` and `python -m full.train` do exactly
+# The loop below is the whole of DPO fine-tuning (`toy/methods.py`'s `paired_step` and `python -m full.train` do
 # this): Adam, a cosine learning-rate schedule, gradient norm clipped at 1.0 as the Diffusion-DPO scripts do. We log
 # the per-batch loss, implicit accuracy and mean margin, and every few steps the **held-out** accuracy on fresh
 # pairs (8 shared `(t, eps)` draws each, so one pair's margin is a less noisy estimate; its ceiling is the Bayes
@@ -127,7 +131,7 @@ lesson.check("grad L_DPO == (beta/4)(grad err_w - grad err_l) at init", gap <= 1
 # |---|---|
 # | beta 500, lr 1e-3 | the toy's default |
 # | beta 500, lr 1e-7 | tiny steps, as in a real SD run: the loss barely leaves 0.693 |
-# | beta 5000, lr 1e-4 | 10x beta, lr / 10: the same curves as the default, 10x closer to the reference |
+# | beta 5000, lr 1e-4 | 10x beta, lr / 10: the same curves as the default; the lr / 10 keeps it 10x closer to the reference |
 # | beta 5000, lr 1e-3 | 10x beta at the default lr: steps too big, the batch loss jumps *above* 0.693 |
 
 # %%
@@ -137,7 +141,8 @@ BAYES_PAIRWISE = bayes_ceilings()[1]
 lesson.check_close("the pairwise Bayes ceiling of the two Gaussians", BAYES_PAIRWISE, 0.921, abs_tol=5e-4)
 
 
-def train_dpo(beta: float, lr: float, steps: int = STEPS, seed: int = 0) -> dict:
+def train_dpo(beta: float, lr: float, steps: int = STEPS, seed: int = 0, data=data, heldout=heldout) -> dict:
+    """Fine-tune a copy of the reference with DPO on ``data``; log the batch metrics and the held-out accuracy."""
     generator = torch.Generator().manual_seed(seed)
     policy = copy.deepcopy(reference).requires_grad_(True).train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
@@ -205,13 +210,22 @@ for name, log in logs.items():
 # %% [markdown]
 # ## Why a flat loss near 0.693 is normal
 #
-# Near `m = 0`, `softplus(-m) = log 2 - m/2 + m^2/8 - ...` (the series converges for `|m| < pi`), so the batch loss
-# is about `log 2 - mean(m)/2 + mean(m^2)/8`: it depends on the **size** of the margins, not on whether their
-# **signs** are right. The implicit accuracy only counts signs. With tiny steps (lr 1e-7 above; in a real SD run
-# the learning rate is small, `beta * d_err` is small and labels are noisy) the signs are right almost at once
-# while the margins stay tiny, so the loss barely leaves 0.693: it stays above 0.6 for the whole run while the
-# held-out accuracy sits at the ceiling from the first evaluation on. Read `implicit_acc` and `margin` (`python -m full.train`
-# logs both to TensorBoard as `train/implicit_acc`, `train/margin`), not the loss, in the first thousands of steps.
+# Near $m = 0$, $\mathrm{softplus}(-m) = \log 2 - \frac{m}{2} + \frac{m^2}{8} - \dots$ (the series converges for
+# $|m| < \pi$), so the batch loss is about
+#
+# $$\mathcal L \approx \log 2 - \frac{\mathrm{mean}(m)}{2} + \frac{\mathrm{mean}(m^2)}{8}.$$
+#
+# The first-order term is **signed**: margins of the right sign lower the loss, and flipping every sign raises it
+# by exactly $\mathrm{mean}(m)$ (because $\mathrm{softplus}(-m) - \mathrm{softplus}(m) = -m$; docs/conventions.md,
+# I2, the DPO swap identity). But it is a mean
+# of *margins*, so it is as small as they are: with tiny margins the loss stays near $\log 2$ however many signs are
+# right. Below, one batch at the end of the lr 1e-7 run: accuracy 0.90, loss 0.670; the same batch with every
+# sign flipped: accuracy 0.10, loss 0.720 (quick mode; the full run's longer training gives 0.635 and 0.775). The implicit accuracy counts only signs, so it can be at its ceiling while the loss has barely moved. With
+# tiny steps (lr 1e-7 above; in a real SD run the learning rate is small, $\beta\,\Delta\mathrm{err}$ is small and
+# labels are noisy) the signs are right almost at once while the margins stay tiny: the loss stays above 0.6 for
+# the whole run while the held-out accuracy sits at the ceiling from the first evaluation on. Read `implicit_acc`
+# and `margin` (`python -m full.train` logs both to TensorBoard as `train/implicit_acc`, `train/margin`), not the
+# loss, in the first thousands of steps.
 #
 # In that regime the Taylor value is the loss to three decimals; at the end of the default run the margins are
 # several units wide and the expansion is off by far more.
@@ -245,6 +259,15 @@ for name in (TINY, DEFAULT):
     taylor[name] = {"exact": exact, "taylor": approx, "mean_abs_margin": m.abs().mean().item()}
     print(f"one batch, end of {name}: loss {exact:.4f}, Taylor {approx:.4f}, mean |margin| {m.abs().mean():.3f}, "
           f"accuracy {minipref.pairwise_accuracy(m):.3f}")
+m_tiny = batch_margins(logs[TINY]["policy"], logs[TINY]["beta"]).double()  # float64: the identity is exact
+sign_flip_gap = (F.softplus(m_tiny).mean() - F.softplus(-m_tiny).mean()).item()  # loss(-m) - loss(m)
+lesson.check_close("the loss sees the signs: flipping every margin raises it by exactly mean(m)", sign_flip_gap,
+                   m_tiny.mean().item(), rel_tol=1e-9, abs_tol=1e-12)
+flipped_losses = (F.softplus(-m_tiny).mean().item(), F.softplus(m_tiny).mean().item())
+lesson.check_range("... but at tiny steps both the batch and its sign-flipped copy stay within 0.1 of log 2",
+                   max(abs(v - math.log(2)) for v in flipped_losses), high=0.1,
+                   detail=f"loss {flipped_losses[0]:.3f} at accuracy {minipref.pairwise_accuracy(m_tiny):.3f}, "
+                   f"{flipped_losses[1]:.3f} at {minipref.pairwise_accuracy(-m_tiny):.3f}")
 lesson.check_close("tiny steps: the Taylor value is the exact loss to three decimals",
                    taylor[TINY]["taylor"], taylor[TINY]["exact"], abs_tol=1e-3)
 lesson.check_range("default run: the expansion is off by more than 0.05 (margins of several units)",
@@ -306,21 +329,33 @@ lesson.check_range(f"{TOO_BIG}: batches with loss > log 2 and accuracy > 0.8", l
                    detail=f"largest batch loss {max(too_big['loss']):.2f}")
 
 # %% [markdown]
-# ## beta and the learning rate trade off (with Adam)
+# ## $\beta$ and the learning rate (with Adam)
 #
-# Adam's step size does not depend on the gradient's scale, so the errors move by about `lr` per step whatever
-# `beta` is, and the margin `beta * d_err` grows like `beta * lr`. Beta 5000 at lr 1e-4 and beta 500 at lr 1e-3
-# then trace nearly the **same** loss and accuracy curves (figure above), but the first run moves the network about
-# ten times less: a larger `beta` is a tighter leash on the distance from the reference. A loss curve alone cannot
-# tell `beta` from the learning rate; compare runs at a fixed learning rate when you tune `beta`.
+# Adam's update does not depend on the gradient's scale (prerequisites, section 5): each **parameter** moves by at
+# most about the learning rate per step, whatever $\beta$ is. The errors move with the parameters, and the margin
+# $\beta\,\Delta\mathrm{err}$ grows like $\beta \times \mathrm{lr}$. So beta 5000 at lr 1e-4 and beta 500 at lr 1e-3
+# trace nearly the **same** loss and accuracy curves (figure above), and the first run moves the network about ten
+# times less, because its learning rate is ten times smaller. A loss curve alone cannot tell $\beta$ from the
+# learning rate.
+#
+# Does a larger $\beta$ by itself keep the network closer to the reference? Compare the two runs at the same lr
+# 1e-3 (beta 500 and beta 5000): ten times the $\beta$ moves the network only 2.4 times less in quick mode, 3.6
+# times in the full run (the printout has the numbers), not ten. Under Adam, $\beta$ is a weak leash; the learning rate and the number of steps set
+# the distance. Compare runs at a fixed learning rate when you tune $\beta$.
 
 # %%
-a, b = logs[DEFAULT], logs[SAME_CURVE]
+a, b, c = logs[DEFAULT], logs[SAME_CURVE], logs[TOO_BIG]
 curve_gap = np.mean(np.abs(smooth(a["loss"]) - smooth(b["loss"])))
 distance_ratio = a["distance_from_reference"] / b["distance_from_reference"]
+fixed_lr_ratio = a["distance_from_reference"] / c["distance_from_reference"]
+print(f"|theta - ref|: beta 500 lr 1e-3 {a['distance_from_reference']:.3f}, beta 5000 lr 1e-4 "
+      f"{b['distance_from_reference']:.3f} ({distance_ratio:.1f}x less), beta 5000 lr 1e-3 "
+      f"{c['distance_from_reference']:.3f} ({fixed_lr_ratio:.1f}x less)")
 lesson.check_range("beta x10 with lr / 10: nearly the same loss curve (mean gap between the smoothed curves)", curve_gap, high=0.05)
-lesson.check_range("... but the network moves about ten times less", distance_ratio, 5, 20,
-                   "|theta - ref| at beta 500 / at beta 5000")
+lesson.check_range("... and the network moves about ten times less", distance_ratio, 5, 20,
+                   "|theta - ref| at beta 500, lr 1e-3 / at beta 5000, lr 1e-4")
+lesson.check_range("at a fixed lr 1e-3, beta x10 moves the network less, but by far less than ten times (1 to 5)",
+                   fixed_lr_ratio, 1.0, 5.0, "|theta - ref| at beta 500 / at beta 5000")
 
 # %% [markdown]
 # ## Other losses on the same margin: `loss_type`
@@ -357,22 +392,25 @@ lesson.check("ipo == diffusers' ipo (with beta_dpo) / 4", math.isclose(losses["i
 #
 # * At the start DPO's loss is exactly `log 2` and its gradient is a `beta/4`-scaled SFT step on the winners minus
 #   one on the losers.
-# * The loss measures the *size* of the margins, the accuracy their *signs*. A loss near 0.693 with a rising
-#   accuracy is a healthy start; a loss above 0.693 at high accuracy means margins too big for the pairs no model
+# * The loss is a mean over the margins: signed, but only as large as they are; the accuracy counts only their
+#   signs. A loss near 0.693 with a rising accuracy is a healthy start; a loss above 0.693 at high accuracy means margins too big for the pairs no model
 #   can get right (`beta * lr` too large), not a model worse than chance.
 # * On this toy the preference is linear in `y`, so the ranking (and the accuracy) is learned in a few steps; the
 #   rest of training only scales it up. Lesson 3 shows where that sends the samples (up, out of the desirable
-#   region, as paper 001 Sec. 7 reports).
-# * With Adam, `beta` and the learning rate trade off in the curves but not in the distance from the reference.
+#   region, as Diffusion-KTO's Sec. 7 reports).
+# * With Adam, $\beta$ and the learning rate trade off in the curves but not in the distance from the reference:
+#   the learning rate sets how far the network moves; ten times the $\beta$ at a fixed learning rate moves it only
+#   2.4 to 3.6 times less on this toy.
 #
 # ## Exercises
 #
-# 1. Change `beta` to 50 in the default run and predict the final margin and loss before running it. (Hint: the
-#    margin grows like `beta * lr`.)
+# 1. Change `beta` to 50 in the default run and predict the final margin and loss before running it. (Hint: which
+#    margins minimise the loss on these Gaussians? Prerequisites, section 1.)
 # 2. Find the smallest `k` for which the scaled margins of the default run give a loss above `log 2`, and explain it
 #    with the 7.9% of pairs no model can get right.
 # 3. Replace the undesirable Gaussian by `N((0.5, 0.8), 0.01 I)` (same height as the desirable one, shifted in `x`)
-#    and predict what the held-out accuracy does in the first steps. Is the preference still linear in `y`?
+#    and predict what the held-out accuracy does in the first steps. Is the preference still linear in $y$? (The
+#    test pairs must come from the new Gaussian too.)
 #
 # Next: Diffusion-KTO, which needs no pairs.
 
@@ -384,4 +422,89 @@ lesson.save_results("02_dpo", {
                     "distance_from_reference": log["distance_from_reference"]} for name, log in logs.items()},
     "taylor": taylor, "sign_agreement_with_y": agreement, "scaled_margins": scaled, "too_big_batches_above_log2": len(above),
     "beta_lr_curve_gap": float(curve_gap), "beta_lr_distance_ratio": distance_ratio, "gradient_identity_gap": gap,
+    "fixed_lr_distance_ratio": fixed_lr_ratio, "sign_flip_gap": sign_flip_gap,
 })
+
+# %% [markdown]
+# ## Solutions
+#
+# Run with `python tutorials/02_dpo.py --solutions` (or set `lesson.SOLUTIONS = True` in a notebook); each solution
+# checks its prediction.
+#
+# **1.** The DPO loss is the Bradley-Terry likelihood, and the pairs here *are* Bradley-Terry with the reward
+# $\rho = 20y - 14$ (prerequisites, section 1). The loss is smallest when each pair's margin equals
+# $\rho(x_w) - \rho(x_l)$, whose mean over pairs is $20 \times (0.8 - 0.6) = 4$, whatever $\beta$ is: $\beta$ only
+# sets how much the denoising errors, hence the network, must change to produce that margin. So the final margin
+# is about the same as at beta 500 (about 4), not ten times smaller, the loss about the same too, and the network
+# moves *further* than at beta 500 to get there. (The lowest possible loss, with exact margins, is
+# $\mathbb E[\mathrm{softplus}(-Z)] = 0.19$ for $Z \sim \mathcal N(4, 8)$; a batch's margins come from one
+# $(t, \epsilon)$ draw per pair and are noisier, so the runs end above it.)
+#
+# **2.** Scaling the margins by $k$ leaves the right pairs' losses $\mathrm{softplus}(-k m) \to 0$ and makes each
+# wrong pair cost about $k |m|$: the loss is about $\frac{1}{B}\sum_{\text{wrong}} k |m_i|$ for large $k$. It
+# crosses $\log 2$ at the $k$ where the wrong pairs' summed $k|m|$ reaches $B \log 2$, so the smaller the fraction
+# of wrong pairs, the larger that $k$. In the batch below 8-10% of the margins are negative (the 7.9% of pairs whose
+# loser lies higher, plus the noise of one $(t, \epsilon)$ draw per pair); the loss crosses $\log 2$ between $k = 3$
+# and $k = 10$ (at about 7 in quick mode, 6 in the full run), and there the wrong pairs carry most of it.
+#
+# **3.** The log-density ratio of $\mathcal N((0.3, 0.8), 0.01 I)$ over $\mathcal N((0.5, 0.8), 0.01 I)$ is
+# $\rho = ((x - 0.5)^2 - (x - 0.3)^2)/0.02 = 8 - 20x$: still linear, now in $x$ ("further left is better") and
+# independent of $y$. The means are again 2 standard deviations apart, so the Bayes ceiling is the same 0.921, and
+# for the same reason as before the held-out accuracy is near it after the first few steps.
+
+# %%
+def solution_1() -> dict:
+    small, default = train_dpo(50.0, 1e-3), logs[DEFAULT]
+    margins = {"50": float(np.mean(small["margin"][-10:])), "500": float(np.mean(default["margin"][-10:]))}
+    losses = {"50": float(np.mean(small["loss"][-10:])), "500": float(np.mean(default["loss"][-10:]))}
+    distances = {"50": small["distance_from_reference"], "500": default["distance_from_reference"]}
+    print(f"1. final margin: beta 50 {margins['50']:.2f}, beta 500 {margins['500']:.2f}; loss {losses['50']:.3f} vs "
+          f"{losses['500']:.3f}; |theta - ref| {distances['50']:.3f} vs {distances['500']:.3f}")
+    for beta_name, margin in margins.items():
+        lesson.check_close(f"1. beta {beta_name}: the final margin is near the mean Bradley-Terry margin 20 x 0.2 = 4",
+                           margin, 4.0, rel_tol=0.2)
+    lesson.check_close("1. ... and the final losses agree", losses["50"], losses["500"], abs_tol=0.03)
+    lesson.check_range("1. to get there the network moves further at beta 50 than at beta 500",
+                       distances["50"] / distances["500"], 1.0)
+    return {"margins": margins, "losses": losses, "distances": distances}
+
+
+def solution_2() -> dict:
+    m = batch_margins(logs[DEFAULT]["policy"], 500.0)
+    ks = np.linspace(1, 40, 3901)
+    losses = np.array([F.softplus(-k * m).mean().item() for k in ks])
+    k_star = float(ks[np.argmax(losses > math.log(2))])
+    wrong = m < 0
+    share = (F.softplus(-k_star * m)[wrong].sum() / F.softplus(-k_star * m).sum()).item()
+    print(f"2. the loss first exceeds log 2 at k = {k_star:.2f}; {wrong.float().mean():.3f} of the pairs are wrong "
+          f"and carry {share:.2f} of the loss there")
+    lesson.check("2. the crossing k lies between 3 and 10 (k = 3 is below log 2, k = 10 above: the lesson)",
+                 3 < k_star <= 10, f"k = {k_star:.2f}")
+    lesson.check_range("2. at the crossing the wrong pairs carry most of the loss", share, 0.5)
+    return {"k_star": k_star, "wrong_share_of_loss": share}
+
+
+def solution_3() -> dict:
+    from toy.data import DESIRABLE, Gaussian2D
+    from toy.model import denoising_error as errors_of
+
+    shifted = Gaussian2D("undesirable, shifted in x", (0.5, 0.8), 0.01)
+    g = torch.Generator().manual_seed(40)
+    new_data = PreferenceData(DESIRABLE.sample(2000, g), shifted.sample(2000, g))
+    n, k = 256, 8  # fresh test pairs from the new Gaussians, 8 shared (t, eps) draws each, as HeldOutPairs draws them
+    x_w, x_l = DESIRABLE.sample(n, g).repeat_interleave(k, 0), shifted.sample(n, g).repeat_interleave(k, 0)
+    t, noise = torch.randint(0, 1000, (n * k,), generator=g), torch.randn(n * k, 2, generator=g)
+    with torch.no_grad():
+        ref_w, ref_l = errors_of(reference, scheduler, x_w, t, noise)[0], errors_of(reference, scheduler, x_l, t, noise)[0]
+    new_heldout = HeldOutPairs(n, k, x_w, x_l, t, noise, ref_w, ref_l)
+    rho_gap = ((DESIRABLE.log_prob(x_w) - shifted.log_prob(x_w)) - (8 - 20 * x_w[:, 0])).abs().max().item()
+    run = train_dpo(500.0, 1e-3, data=new_data, heldout=new_heldout)
+    print(f"3. rho = 8 - 20 x to {rho_gap:.1e}; held-out accuracy at steps {run['heldout_step'][:4]}: "
+          + ", ".join(f"{a:.3f}" for a in run["heldout_acc"][:4]))
+    lesson.check_range("3. the new log-density ratio is 8 - 20 x (linear in x, free of y)", rho_gap, high=1e-4)
+    lesson.check_range("3. the held-out accuracy is near the same Bayes ceiling 0.921 at the first evaluation after step 0",
+                       run["heldout_acc"][1], 0.85, BAYES_PAIRWISE + 0.04, f"step {run['heldout_step'][1]}")
+    return {"heldout_acc": run["heldout_acc"], "heldout_step": run["heldout_step"]}
+
+
+lesson.run_solutions("02_dpo", solution_1, solution_2, solution_3)

@@ -14,6 +14,10 @@ Each lesson starts with ``import lesson``. That works when the lesson runs as a 
   within a tolerance", "lies between a and b" or "is above a"); they print the value, the target and the tolerance
   themselves.
 * ``save_results(name, dict)``: the key numbers of a lesson as ``OUT/<name>.json`` (the test reads them back).
+* ``SOLUTIONS``: ``--solutions`` on the command line or ``MINIPREF_SOLUTIONS=1``. Each lesson ends with the solutions
+  of its exercises, functions that state a prediction, run the experiment and check the prediction;
+  ``run_solutions(name, *functions)`` runs them only in this mode and saves what they return as
+  ``OUT/<name>_solutions.json``. The test suite runs every lesson with ``--quick --solutions``.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ if str(ROOT) not in sys.path:  # `toy`, `full` and `tests.tiny_models` live at t
     sys.path.insert(0, str(ROOT))
 
 IN_NOTEBOOK = "ipykernel" in sys.modules
-# Progress bars would bury a lesson's printed checks (and lesson 5's trainer, pipelines and model writers all draw
+# Progress bars would bury a lesson's printed checks (and lesson 7's trainer, pipelines and model writers all draw
 # them). tqdm >= 4.66 reads its defaults from TQDM_* variables when it is first imported, so this must come before
 # anything imports tqdm; the Hub client has its own switch. Set TQDM_DISABLE=0 to see them.
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 QUICK = os.environ.get("MINIPREF_QUICK", "") not in ("", "0") or "--quick" in sys.argv
+SOLUTIONS = os.environ.get("MINIPREF_SOLUTIONS", "") not in ("", "0") or "--solutions" in sys.argv
 OUT = Path(os.environ.get("MINIPREF_TUTORIAL_OUT") or TUTORIALS / "out")
 OUT.mkdir(parents=True, exist_ok=True)
 
@@ -95,6 +100,20 @@ def save_results(name: str, results: dict) -> Path:
     path.write_text(json.dumps(results, indent=2, default=float))
     print(f"results: {path}", flush=True)
     return path
+
+
+def run_solutions(name: str, *solutions) -> dict | None:
+    """Run the exercises' solutions in order if ``SOLUTIONS`` is set (read at call time, so a notebook can set
+    ``lesson.SOLUTIONS = True`` first); save what each returns as ``OUT/<name>_solutions.json``."""
+    if not SOLUTIONS:
+        print("solutions: not run (add --solutions, or set MINIPREF_SOLUTIONS=1)", flush=True)
+        return None
+    results = {}
+    for number, solution in enumerate(solutions, start=1):
+        banner(f"solution {number}")
+        results[str(number)] = solution()
+    save_results(f"{name}_solutions", {"quick": QUICK, "solutions": results})
+    return results
 
 
 def pretrained_toy(seed: int = 0):

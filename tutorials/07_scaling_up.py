@@ -12,7 +12,10 @@
 # ---
 
 # %% [markdown]
-# # Lesson 5: scaling up to Stable Diffusion
+# # Lesson 7: scaling up, the same functions with the full-scale machinery
+#
+# **Assumes** lessons 2 and 3 and, from [00_prerequisites.md](00_prerequisites.md), section 6 (LoRA) and section 7
+# (how `accelerate` runs a script).
 #
 # The toy and the full-scale scripts call the **same** minipref functions; what changes is where the errors come
 # from (a UNet on VAE latents instead of an MLP on points), the data (Pick-a-Pic pairs, per-image feedback), and
@@ -20,8 +23,10 @@
 # image lab** (docs/lab.md): a real, tiny Stable-Diffusion-shaped pipeline pretrained on coloured shapes ("a red
 # circle on a dark background", 32 px), a synthetic rater whose taste is *bigger shapes are better* (no caption asks
 # for size, so the pretrained model is indifferent to it), and Pick-a-Pic-schema pairs of the model's own samples
-# labelled by that rater. So the run below has something to learn, and we can measure whether it learned it. Every
-# command takes a hub id in place of the lab's folders for a real run:
+# labelled by that rater. So the run below has something to learn, and we can measure whether it learned it.
+# Nothing here trains Stable Diffusion itself: SD1.5 and SDXL appear as presets and as the commands
+# `full/launch/train.sh` builds (printed, not run), and every command takes a hub id in place of the lab's folders
+# for a real run. What such a run costs, as the papers report it, is in the box near the end.
 #
 # | here | for real |
 # |---|---|
@@ -40,6 +45,7 @@
 import inspect
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -56,7 +62,7 @@ from PIL import Image
 
 QUICK = lesson.QUICK
 STEPS = 120 if QUICK else 300  # the full lab's DPO run is 300 steps; on the quick lab's weaker model 60 lift the curves too little
-WORK = lesson.OUT / "05_work"
+WORK = lesson.OUT / "07_work"
 started = time.perf_counter()
 
 
@@ -67,7 +73,7 @@ def find_lab() -> Path:
     for folder in candidates:
         if (folder / "model" / "model_index.json").is_file() and (folder / "data" / "pairs.parquet").is_file():
             return folder
-    sys.exit(f"lesson 5 trains on the CPU image lab, and there is none in {', '.join(map(str, candidates))}: run "
+    sys.exit(f"lesson 7 trains on the CPU image lab, and there is none in {', '.join(map(str, candidates))}: run "
              "`python -m full.lab --out runs/lab-quick --quick --methods dpo` from the repository root (a few minutes) or "
              "`make lab` (the full lab), or set MINIPREF_LAB to a lab's --out folder")
 
@@ -79,21 +85,25 @@ print(f"the lab: {LAB}")
 # %% [markdown]
 # ## 1. The same function, three call sites
 #
-# `full/trainers/offline.py`'s `compute_loss` is the one place the trainer dispatches on `--method`; each branch is a minipref
-# call on `per_sample_mse` errors, exactly like the toy's step functions (lessons 2-4):
+# minipref's method table (`minipref/methods.py`, `minipref.get_method`) has one row per method; a row's adapter
+# turns one step's per-sample errors into the minipref loss call. `full/trainers/offline.py`'s `compute_loss` asks
+# the row of `--method` for its loss, and so does the toy's step function (`toy/methods.py`, `row_loss`): both end
+# in the same `dpo_loss` that lessons 2-6 called directly.
 
 # %%
+import minipref  # noqa: E402
+import minipref.methods as method_table  # noqa: E402
 from full.trainers import offline as full_train  # noqa: E402
 from toy import methods as toy_methods  # noqa: E402
 
-source = inspect.getsource(full_train.compute_loss).splitlines()
-print("\n".join(source[:12]))
-print("    ...")
-print(inspect.getsource(toy_methods.dpo_step))
-lesson.check("full/trainers/offline.py and toy/methods.py both call minipref's dpo_loss",
-             "minipref.dpo_loss(" in inspect.getsource(full_train.compute_loss)
-             and "objective(ctx)(" in inspect.getsource(toy_methods.dpo_step)
-             and toy_methods.METHODS["dpo"].objective == "dpo")
+dpo_row = minipref.get_method("dpo")
+for function in (full_train.compute_loss, toy_methods.row_loss, dpo_row.loss):
+    print(inspect.getsource(function))
+lesson.check("full.train and the toy both go through the method table's dpo row, whose adapter calls minipref.dpo_loss",
+             "objective_for(" in inspect.getsource(full_train.compute_loss)
+             and "row.loss(" in inspect.getsource(toy_methods.row_loss)
+             and "dpo_loss(" in inspect.getsource(dpo_row.loss) and dpo_row.objective == "dpo"
+             and toy_methods.METHODS["dpo"].row is dpo_row and method_table.METHODS["dpo"] is dpo_row)
 
 
 # %% [markdown]
@@ -123,6 +133,7 @@ lesson.check("the lab's model loads as a StableDiffusionPipeline with a UNet of 
 
 # %%
 from full import data as full_data  # noqa: E402
+from full import data_commands  # noqa: E402  (python -m full.data: check, convert)
 
 table = pq.read_table(pairs_path)
 print(table.schema)
@@ -130,7 +141,7 @@ label_0, score_0, score_1 = (np.array(table.column(c).to_pylist()) for c in ("la
 decided = label_0 != 0.5
 disagree = np.mean((label_0[decided] == 1) != (score_0[decided] > score_1[decided]))
 print(f"{table.num_rows} pairs, {np.sum(~decided)} ties, {len(set(table.column('caption').to_pylist()))} captions")
-full_data.main(["check", pairs_path])
+data_commands.main(["check", pairs_path])
 lab_data = json.loads((LAB / "data" / "data.json").read_text())  # what the lab wrote about its data
 GUIDANCE = lab_data["config"]["guidance"]  # the lab's classifier-free guidance scale: we sample as its data was
 lesson.check("the lab flipped 5% of the labels and tied the 10% closest pairs", lab_data["label_noise"] == 0.05
@@ -150,17 +161,18 @@ for column, row in enumerate(np.flatnonzero(decided)[::decided.sum() // 6][:6]):
         ax.set_xticks([]), ax.set_yticks([])
     axes[1, column].set_xlabel(table.column("caption")[row].as_py().replace(" on a ", "\non a "), fontsize=7)
 fig.suptitle("the lab's pairs: winner (top) and loser (bottom), the rater's score (shape area)", fontsize=9)
-lesson.save_figure(fig, "05_lab_pairs")
+lesson.save_figure(fig, "07_lab_pairs")
 
 # %% [markdown]
 # **Per-image feedback** (KTO, BCE, CSFT, SFT) has the schema `image, caption, label`. The trainer converts pairs on
 # the fly (`--feedback_policy`), or you convert once with `python -m full.data convert`:
 #
-# * `pairs-to-feedback --policy winner_once`: desirable = won at least once (Diffusion-KTO, paper 001 App. C.1);
-#   `--policy always_win`: desirable = never lost (paper 000's "exclusive win", the BCE preset);
+# * `pairs-to-feedback --policy winner_once`: desirable = won at least once (Diffusion-KTO, arXiv:2404.04465,
+#   App. C.1); `--policy always_win`: desirable = never lost (the "exclusive win" of the LoRA study, Yin and Zhang,
+#   *Aligning Text-to-Image Diffusion Models using Reinforcement Learning from Human Utility*; the BCE preset);
 # * `scores-to-pairs` / `scores-to-feedback`: from a scalar score column (a reward model's; the lab's
 #   `feedback.parquet` is its top 30% by area);
-# * `red-filter`: the synthetic user of paper 001 Sec. 6, who likes red-tinted images.
+# * `red-filter`: the synthetic user of Diffusion-KTO's Sec. 6, who likes red-tinted images.
 
 # %%
 # The lesson's work folder starts empty on every run: a run on another lab would leave images and checkpoints that
@@ -168,7 +180,7 @@ lesson.save_figure(fig, "05_lab_pairs")
 shutil.rmtree(WORK, ignore_errors=True)
 WORK.mkdir(parents=True)
 feedback_path = WORK / "feedback.parquet"
-full_data.main(["convert", "pairs-to-feedback", "--input", pairs_path, "--output", str(feedback_path)])
+data_commands.main(["convert", "pairs-to-feedback", "--input", pairs_path, "--output", str(feedback_path)])
 feedback = pq.read_table(feedback_path)
 print(feedback.schema)
 lesson.check("winner_once: two images per decided pair, one of them desirable",
@@ -178,7 +190,7 @@ lesson.check("winner_once: two images per decided pair, one of them desirable",
 # ## 3. Presets: the papers' settings, each with its source
 #
 # `python -m full.presets` prints every preset; a preset sets the trainer's defaults and any flag on the command
-# line wins. The SD1.5 presets use paper 000's LoRA recipe (rank 8, AdamW 1e-4, 500 warm-up, 10k steps) with each
+# line wins. The SD1.5 presets use the LoRA study's recipe (rank 8, AdamW 1e-4, 500 warm-up, 10k steps; its Sec. 4.2) with each
 # method's own hyperparameters; values no paper gives say "NOT in the paper" and why they were chosen.
 
 # %%
@@ -196,12 +208,12 @@ for method in ("sft", "csft", "bce", "dpo", "kto", "spin", "contrast", "dspo", "
               f"{p['rank']:>5} {p['resolution']:>5}  {extra}")
 
 # %% [markdown]
-# ## 4. Launching on 1 and 8 A100s
+# ## 4. The launch commands for 1 and 8 A100s (printed, not run)
 #
 # `full/launch/train.sh METHOD MODEL CONFIG` builds the launch command (`python -m accelerate.commands.launch`, which
 # is `accelerate launch` run by a chosen interpreter, `PYTHON`) from the preset and an
-# accelerate config in `full/launch/accelerate/` (`1gpu`, `8gpu_ddp`, `8gpu_zero2`). The presets describe one
-# A100-80GB (per-device batch x accumulation); on 8 GPUs the script divides the accumulation by 8 so the effective
+# accelerate config in `full/launch/accelerate/` (`1gpu`, `8gpu_ddp`, `8gpu_zero2`). The presets are written for one
+# A100-80GB (per-device batch x accumulation; their memory use has not been measured here); on 8 GPUs the script divides the accumulation by 8 so the effective
 # batch stays the preset's where it can, and says so when it cannot. `DRY_RUN=1` prints the command:
 
 # %%
@@ -256,12 +268,20 @@ lesson.check("the lab's preset is the one this text describes", preset["rank"] =
              and preset["train_batch_size"] == 16 and preset["learning_rate"] == 1e-3 and preset["beta"] == 5000
              and preset["lr_scheduler"] == "constant" and preset["lr_warmup_steps"] == 0, str(preset))
 BETA = preset["beta"]
-run_dir = WORK / "dpo-run"
-argv = ["--pretrained_model_name_or_path", model_dir, "--method", "dpo", "--dataset_name", pairs_path,
-        "--output_dir", str(run_dir), "--report_to", "tensorboard", "--checkpointing_steps", str(STEPS),
-        *flag_list(preset)]
-print("accelerate launch -m full.train " + " ".join(argv))
-summary = full_train.main(argv)
+
+
+def train(name: str, method: str, dataset: str, **overrides) -> tuple[Path, dict]:
+    """``full.train.main`` in-process with the lab's preset (``overrides`` replace its values); (output dir, summary)."""
+    flags = {**preset, **overrides}
+    out_dir = WORK / name
+    argv = ["--pretrained_model_name_or_path", model_dir, "--method", method, "--dataset_name", dataset,
+            "--output_dir", str(out_dir), "--report_to", "tensorboard",
+            "--checkpointing_steps", str(flags["max_train_steps"]), *flag_list(flags)]
+    print("accelerate launch -m full.train " + " ".join(argv))
+    return out_dir, full_train.main(argv)
+
+
+run_dir, summary = train("dpo-run", "dpo", pairs_path)
 print({k: round(v, 4) for k, v in summary["metrics"].items()})
 lesson.check("the run finished and saved a diffusers-format LoRA",
              summary["global_step"] == STEPS and (run_dir / "pytorch_lora_weights.safetensors").is_file())
@@ -277,12 +297,18 @@ lesson.check("the run finished and saved a diffusers-format LoRA",
 # %%
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-scalars = {}
-for path in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
-    accumulator = EventAccumulator(str(path))
-    accumulator.Reload()
-    for tag in accumulator.Tags()["scalars"]:
-        scalars[tag] = np.array([e.value for e in accumulator.Scalars(tag)])
+def read_scalars(out_dir: Path) -> dict[str, np.ndarray]:
+    """Every scalar a run logged to TensorBoard: tag -> values, one per step."""
+    found = {}
+    for path in sorted((out_dir / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found[tag] = np.array([e.value for e in accumulator.Scalars(tag)])
+    return found
+
+
+scalars = read_scalars(run_dir)
 print(sorted(scalars))
 lesson.check("every step logged loss, implicit_acc and margin",
              all(len(scalars.get(f"train/{tag}", [])) == STEPS for tag in ("loss", "implicit_acc", "margin")))
@@ -359,7 +385,7 @@ for ax, (tag, values, baseline) in zip(axes, (("loss", loss, np.log(2)), ("impli
     ax.set_xlabel("step")
 axes[0].legend(fontsize=7)
 fig.suptitle(f"DPO on the lab's pairs (beta {BETA:g}, lr 1e-3, batch 16): TensorBoard's scalars", fontsize=10, y=1.03)
-lesson.save_figure(fig, "05_tensorboard_scalars")
+lesson.save_figure(fig, "07_tensorboard_scalars")
 
 # %% [markdown]
 # ## 7. Loading the LoRA and evaluating
@@ -388,7 +414,7 @@ after = draw(HELD_OUT_CAPTIONS[0])
 print(f"largest pixel change from the LoRA: {np.abs(after - before).max():.4f}")
 lesson.check("the LoRA loads with load_lora_weights and changes the samples", np.abs(after - before).max() > 0)
 
-from full.eval import evaluate  # noqa: E402
+from full import evaluate  # noqa: E402  (python -m full.evaluate)
 
 eval_dir = WORK / "eval"
 prompts_file = WORK / "held_out_prompts.txt"  # the 18 captions no pair was made for
@@ -433,15 +459,32 @@ for column, base_row in enumerate(shown):
 axes[0, 0].set_ylabel("base", fontsize=8)
 axes[1, 0].set_ylabel("DPO LoRA", fontsize=8)
 fig.suptitle("held-out captions, seed 0: the pretrained model and the DPO LoRA", fontsize=9)
-lesson.save_figure(fig, "05_lab_samples")
+lesson.save_figure(fig, "07_lab_samples")
 
 # %% [markdown]
+# ## What the real run costs
+#
+# > **As the papers report it** (SD1.5 unless noted; none of these runs is reproduced here):
+# >
+# > | paper | data | hardware and schedule | time, memory |
+# > |---|---|---|---|
+# > | Diffusion-KTO (arXiv:2404.04465) | Pick-a-Pic v2 split into 237,530 desirable and 690,538 undesirable images (Sec. 5.1.1) | 16 A100s, batch 2 per GPU, Adam lr 1e-7, 10,000 iterations, all UNet weights (App. A.1) | not reported |
+# > | DSPO (Zhu, Xiao, Honavar) | Pick-a-Pic v2, "over 500,000 examples and 35,000 distinct prompts" (App. D.2) | 4 V100s, 4 pairs per GPU x 128 accumulation = 2048 pairs per step, lr 2.048e-8, all weights (App. D.3) | one optimisation step (batch 16 x 128 accumulation) on one A100: 4.15 min for Diffusion-DPO, 4.18 min for DSPO; peak GPU memory without the model 60.2 and 60.5 (Table 3; the table gives no unit) |
+# > | Diff-contrast (*Diffusion Preference Alignment via Relative Text-Image Contrast*) | Pick-a-Pic v2 (Sec. 4.1) | 8 A100s; 16 per GPU x 4 accumulation (SD1.5), 8 x 8 (SDXL) (App. D) | not reported |
+# > | SPO (arXiv:2406.04314) | preference model trained on Pick-a-Pic v1 (over 580k pairs); fine-tuning on 4k prompts, pairs made online (Sec. 5.1) | A100s (Sec. 5.4); LoRA rank 4 (SD-1.5) / 64 (SDXL) (Sec. 5.1) | the hours did not survive in our copy of the text; what did: SPO's total training GPU hours are about 20.8% (SD-1.5) and 4.9% (SDXL) of Diffusion-DPO's (Sec. 5.4) |
+# > | the LoRA study (Yin and Zhang) | a filtered subset of LAION Art at 512 px (Sec. 4.1) | one A100-80GB, 4 to 8 samples per device, rank-8 LoRA, AdamW 1e-4, 10,000 steps (Sec. 4.2) | not reported |
+# >
+# > **Measured here**: nothing on a GPU. Every time in this repository is CPU time on a 2-core machine: this lesson's
+# > run on the lab (tutorials/README.md has the table), the lab itself (docs/lab.md), the data loaders at up to 16k
+# > rows (docs/scaling.md). The presets' GPU memory and step times, the multi-GPU launches and SDXL are **not**
+# > measured; docs/scaling.md lists what a GPU owner should run to measure them.
+#
 # ## Where to go from here
 #
 # * docs/lab.md: every objective on the lab (`python -m full.lab`), their win rates and what the deliberately broken
 #   run (`dpo_swapped`) shows.
 # * docs/methods.md: one row per objective (paper, equation, file, data, the papers' hyperparameters, our preset).
-# * docs/conventions.md: the one beta and its table across implementations.
+# * docs/conventions.md §2: the one beta and its table across implementations.
 # * docs/faq.md: the flat 0.693 loss, beta 2500 vs 5000, NaN with SDXL's VAE, LoRA keys, out of memory.
 #
 # A real run, end to end:
@@ -475,8 +518,8 @@ lesson.save_figure(fig, "05_lab_samples")
 
 # %%
 elapsed = time.perf_counter() - started
-print(f"lesson 5 took {elapsed:.1f} s")
-lesson.save_results("05_scaling_up", {
+print(f"lesson 7 took {elapsed:.1f} s")
+lesson.save_results("07_scaling_up", {
     "quick": QUICK, "lab": str(LAB), "steps": STEPS, "metrics": summary["metrics"], "logged_tags": sorted(scalars),
     "first_loss": float(loss[0]), "accuracy_z": float(accuracy_z), "accuracy_thirds": [float(accuracy[first].mean()), float(accuracy[last].mean())],
     "margin_thirds": [float(margin[first].mean()), float(margin[last].mean())],
@@ -485,3 +528,87 @@ lesson.save_results("05_scaling_up", {
     "held_out_area": area, "win_rate": versus_base["win_rate"], "fidelity": fidelity,
     "lora_pixel_change": float(np.abs(after - before).max()), "seconds": elapsed,
 })
+
+# %% [markdown]
+# ## Solutions
+#
+# Run with `python tutorials/07_scaling_up.py --solutions` (or set `lesson.SOLUTIONS = True` in a notebook); each
+# solution checks its prediction.
+#
+# **1.** The loss only sees the labels, so on swapped pairs DPO fits the swapped preference exactly as well:
+# `train/implicit_acc` rises above 0.5 as in the lesson's run (the accuracy is measured against the labels it was
+# given). The samples move the other way: smaller shapes, so the held-out win rate over the base model is below one
+# half. A training curve cannot tell the two runs apart; the evaluation can. The solution reads the lab's own
+# `dpo_swapped` run where the lab has one (`make lab` and the test's quick lab train it), else trains it here.
+#
+# **2.** With the same learning rate the LoRA's first steps change the denoising errors by a similar amount as at
+# beta 5000 (Adam, lesson 2), so the margins, $\beta$ times those changes, start several times smaller: not quite
+# ten, because the errors move somewhat more at the smaller $\beta$ (lesson 2 again); measured over the first steps,
+# about a fifth. The loss's excess over $\mathrm{softplus}(-\text{mean margin})$ is the margins' spread (lesson 2's
+# Taylor expansion: about $\mathrm{Var}(m)/8$), which shrinks with the square: the loss stays within 0.01 of
+# $\log 2$ instead of rising well above it at the start. (Over a long run the margins grow towards what the data
+# support, lesson 2's exercise 1.)
+#
+# **3.** KTO reports its reference point (`kl`), the mean rewards of the desirable and undesirable images
+# (`reward_desirable`, `reward_undesirable`), the share of desirable images in the batch (`frac_desirable`) and the
+# errors of single images (`mse`, `ref_mse`) instead of pairs. At the first step the LoRA is a no-op, every $u$ is 0,
+# and each image's loss is $\lambda_y (1 - \sigma(0))$: with $\lambda_d = \lambda_u = 1$ the first logged loss is
+# exactly 0.5.
+
+# %%
+def solution_1() -> dict:
+    lab_results = json.loads((LAB / "results.json").read_text()) if (LAB / "results.json").is_file() else {}
+    swapped_dir = LAB / "train" / "dpo_swapped"
+    if "dpo_swapped" in lab_results.get("methods", {}) and (swapped_dir / "logs").is_dir():
+        swapped_scalars, win_rate = read_scalars(swapped_dir), lab_results["methods"]["dpo_swapped"]["win_rate"]
+        source = f"the lab's own run, {swapped_dir}"
+    else:  # a lab built with --methods dpo: train and evaluate the swapped run here
+        swapped_dir, _ = train("dpo-swapped", "dpo", str(LAB / "data" / "pairs_swapped.parquet"))
+        swapped_scalars = read_scalars(swapped_dir)
+        swapped_report = evaluate.main([
+            "--out", str(WORK / "eval-swapped"), "--base_model", model_dir, "--lora", f"dpo_swapped={swapped_dir}",
+            "--prompts", str(prompts_file), "--seeds", "2" if QUICK else "4", "--steps", "10" if QUICK else "20",
+            "--guidance", str(GUIDANCE), "--batch_size", "64", "--device", "cpu", "--scorers", RATER,
+            "--bootstrap", "1000", "--grid_prompts", "0"])
+        win_rate = next(c["win_rate"] for c in swapped_report["win_rates"][RATER]
+                        if c["model"] == "dpo_swapped" and c["baseline"] == "base")
+        source = "trained here"
+    acc = swapped_scalars["train/implicit_acc"]
+    z = (acc[1:].mean() - 0.5) / np.sqrt(0.25 / (16 * (len(acc) - 1)))
+    print(f"1. swapped labels ({source}): implicit_acc after step 1 {acc[1:].mean():.3f} ({z:.1f} coin SEs above 0.5); "
+          f"held-out win rate over base {win_rate:.2f}")
+    lesson.check_range("1. on swapped labels implicit_acc still rises above 0.5 (more than 2 coin standard errors)", z, 2.0)
+    lesson.check_range("1. ... while the held-out win rate over the base model is below one half", win_rate, high=0.5)
+    return {"implicit_acc": float(acc[1:].mean()), "accuracy_z": float(z), "win_rate": win_rate, "source": source}
+
+
+def solution_2() -> dict:
+    steps = 20 if QUICK else 60
+    small_dir, _ = train("dpo-beta500", "dpo", pairs_path, beta=500.0, max_train_steps=steps)
+    small = read_scalars(small_dir)
+    ratio = np.abs(small["train/margin"][1:]).mean() / np.abs(margin[1:steps]).mean()
+    excess = {"500": float((small["train/loss"] - np.logaddexp(0.0, -small["train/margin"])).mean()),
+              "5000": float(jensen_gap[:steps].mean())}
+    print(f"2. first {steps} steps: mean |margin| at beta 500 is {ratio:.3f} x beta 5000's; loss beyond "
+          f"softplus(-margin): {excess['500']:.5f} vs {excess['5000']:.4f}; mean loss {small['train/loss'].mean():.4f}")
+    lesson.check_range("2. beta 500: the margins start several times smaller (between 1/30 and 1/3 of beta 5000's)", ratio, 1 / 30, 1 / 3)
+    lesson.check_range("2. ... the spread's excess is far smaller (below a tenth of beta 5000's)",
+                       excess["500"] / excess["5000"], high=0.1)
+    lesson.check_close("2. ... and the loss stays within 0.01 of log 2", float(small["train/loss"].mean()), math.log(2),
+                       abs_tol=0.01)
+    return {"margin_ratio": float(ratio), "excess": excess, "mean_loss": float(small["train/loss"].mean())}
+
+
+def solution_3() -> dict:
+    kto_dir, _ = train("kto-run", "kto", str(LAB / "data" / "feedback.parquet"), max_train_steps=3)
+    kto = read_scalars(kto_dir)
+    new_tags = sorted(set(kto) - set(scalars))
+    print(f"3. KTO logs, beyond DPO's: {new_tags}; first loss {kto['train/loss'][0]:.6f}")
+    lesson.check("3. KTO logs its reference point and the two classes' rewards, which DPO does not",
+                 {"train/kl", "train/reward_desirable", "train/reward_undesirable", "train/frac_desirable"} <= set(new_tags),
+                 str(new_tags))
+    lesson.check_close("3. its first logged loss is 1 - sigmoid(0) = 0.5", float(kto["train/loss"][0]), 0.5, abs_tol=1e-4)
+    return {"new_tags": new_tags, "first_loss": float(kto["train/loss"][0])}
+
+
+lesson.run_solutions("07_scaling_up", solution_1, solution_2, solution_3)
