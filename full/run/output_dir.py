@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def check_writable(output_dir: Path) -> None:
         raise ValueError(f"--output_dir {output_dir} is a file, not a folder")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".minipref_write_test"
+        probe = output_dir / f".minipref_write_test.{os.getpid()}"  # one per process: they check at once
         probe.write_text("")
         probe.unlink()
     except OSError as error:
