@@ -421,10 +421,14 @@ lesson.check_range("the mechanism: the flipped samples get less than their 20% s
 lesson.check_range("... and less than loss-averse KTO gives them", gradient_share["loss_averse"] - gradient_share["kahneman_tversky"], 0.0)
 lesson.check_range("the outcome: 20% flips move no method's desirable fraction by 0.05 or more",
                    max(abs(v) for v in change.values()), high=0.05)
+# "More robust" means a smaller change in size. The toy's KTO runs are sensitive to the CPU's float kernels (on
+# torch's portable kernels KT moved +0.037 and loss-averse -0.035 here: docs/testing.md), so the check is on what the
+# claim says, the sizes, not on the signed gap.
 for other in ("loss_averse", "sft"):
-    gap = change["kahneman_tversky"] - change[other]
-    lesson.check_range(f"... and KT's change is within 3 sampling standard errors of {other}'s (KT is not shown more robust)",
-                       abs(gap) / math.hypot(change_se["kahneman_tversky"], change_se[other]), high=3.0,
+    smaller_by = abs(change[other]) - abs(change["kahneman_tversky"])
+    lesson.check_range(f"... and KT's change is not smaller in size than {other}'s by 3 sampling standard errors "
+                       "(KT is not shown more robust)",
+                       smaller_by / math.hypot(change_se["kahneman_tversky"], change_se[other]), high=3.0,
                        detail=f"KT {change['kahneman_tversky']:+.3f}, {other} {change[other]:+.3f}")
 
 # %% [markdown]
@@ -434,8 +438,8 @@ for other in ("loss_averse", "sft"):
 # Kahneman-Tversky's does not drop at all (+0.016 in quick mode, +0.002 in the full run) while loss-averse KTO and
 # SFT lose 0.02-0.03; but each change carries a sampling standard error of about 0.016 (2000 samples), and the gaps
 # between the methods are 1.5 to 2.2 of them (one seed, one flip rate). That is consistent with the appendix's
-# argument, not a demonstration of it: the checks below hold the text to "within 3 standard errors of each other",
-# and would fail if the data ever separated the methods. SFT keeps the largest desirable fraction with or without
+# argument, not a demonstration of it: the checks above hold the text to "KT's change is not smaller in size than the
+# others' by 3 standard errors", and would fail if the data ever showed KT more robust. SFT keeps the largest desirable fraction with or without
 # flips. Exercise 2 changes one thing, balanced data ($\gamma = 0.5$), and the picture changes with it.
 
 # %%
@@ -601,7 +605,7 @@ lesson.save_results("03_kto", {
 # **2.** With $\gamma = 0.5$ a flipped label sends an undesirable sample into SFT's training set
 # $0.5 \cdot 0.2 / (0.5 \cdot 0.8 + 0.5 \cdot 0.2) = 20\%$ of the time instead of 5.9%: SFT now learns a mixture
 # with a fifth of undesirable points and loses more to the flips than at $\gamma = 0.8$. The natural guess, that SFT
-# is then hurt the most, is wrong: Kahneman-Tversky's outcome moves the most, by more than 0.1, and not even in a
+# is then hurt the most, is wrong: Kahneman-Tversky's outcome moves the most (by 0.08 to 0.17 with the CPU kernels), and not even in a
 # fixed direction (down by 0.17 in quick mode, up by 0.14 in the full run). With balanced batches it already drifts
 # upward like DPO on clean labels (docs/toy.md's claims map finds the same at $\gamma = 0.5$); the flips change
 # where that drift ends, and which way is a matter of the run. Loss-averse KTO moves the least. So on this toy the
@@ -646,8 +650,9 @@ def solution_2() -> dict:
           + f"; SFT at gamma 0.8 {change['sft']:+.3f}")
     lesson.check_range("2. SFT loses more to the flips at gamma 0.5 than at gamma 0.8", change["sft"] - change_["sft"], 0.0)
     size = {m: abs(v) for m, v in change_.items()}
-    lesson.check("2. Kahneman-Tversky's desirable fraction moves the most (by more than 0.1), loss-averse KTO's the least",
-                 size["kahneman_tversky"] > max(0.1, size["sft"]) and size["loss_averse"] < min(size["sft"], size["kahneman_tversky"]),
+    # by more than 0.05: -0.17 on AVX-512, -0.08 on torch's portable kernels (the toy's KTO is kernel-sensitive)
+    lesson.check("2. Kahneman-Tversky's desirable fraction moves the most (by more than 0.05), loss-averse KTO's the least",
+                 size["kahneman_tversky"] > max(0.05, size["sft"]) and size["loss_averse"] < min(size["sft"], size["kahneman_tversky"]),
                  ", ".join(f"{m} {v:+.3f}" for m, v in change_.items()))
     return {"exposure": exposure, "desirable_frac": balanced, "change": change_}
 
