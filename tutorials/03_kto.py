@@ -606,8 +606,8 @@ lesson.save_results("03_kto", {
 # $0.5 \cdot 0.2 / (0.5 \cdot 0.8 + 0.5 \cdot 0.2) = 20\%$ of the time instead of 5.9%: SFT now learns a mixture
 # with a fifth of undesirable points and loses more to the flips than at $\gamma = 0.8$. The natural guess, that SFT
 # is then hurt the most, is wrong: Kahneman-Tversky's outcome moves the most (by 0.08 to 0.17 with the CPU's
-# kernels), and not even in a fixed direction (down by 0.17 in quick mode, up by 0.14 in the full run). With balanced batches it already drifts
-# upward like DPO on clean labels (docs/toy.md's claims map finds the same at $\gamma = 0.5$); the flips change
+# kernels), and not even in a fixed direction (down by 0.17 in quick mode, up by 0.14 in the full run). With
+# balanced batches it already drifts upward like DPO on clean labels (docs/toy.md's claims map finds the same at $\gamma = 0.5$); the flips change
 # where that drift ends, and which way is a matter of the run. Loss-averse KTO moves the least. So on this toy the
 # utility whose gradient fades for confidently mislabelled samples gives the *least* predictable result under
 # flipped labels once the data are balanced.
