@@ -17,7 +17,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # a bug's KeyError keeps its traceback
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# The entry point that trains a row of the method table, by its data kind: the online ones sample during training.
+ENTRY_OF_KIND = {"paired": "full.train", "binary": "full.train", "self_play": "full.spin", "online": "full.spo"}  # a bug's KeyError keeps its traceback
 
 
 class UsageError(ValueError):

@@ -30,13 +30,12 @@ from minipref.methods import get_method
 from minipref.kto import UTILITY_NAMES
 from minipref.sft import GOOD_PREFIX
 
+from full.cli import ENTRY_OF_KIND
 from full.lab.presets import COMMON_FLAGS, FAMILIES, LabConfig
 
 
-# Which entry point trains a row of the method table, by its data kind (users launch these).
-ENTRY_OF_KIND = {"paired": "full.train", "binary": "full.train", "self_play": "full.spin", "online": "full.spo"}
 # Which of the lab's data files a row reads by default, by its data kind.
-DATA_OF_KIND = {"paired": "pairs", "binary": "feedback", "self_play": "pairs", "online": "prompts"}
+DATA_FILE_OF_KIND = {"paired": "pairs", "binary": "feedback", "self_play": "pairs", "online": "prompts"}
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,11 @@ class Method:
 
     @property
     def entry(self) -> str:
-        return ENTRY_OF_KIND[get_method(self.row).data]
+        return ENTRY_OF_KIND[get_method(self.row).data]  # full.cli's
 
     @property
     def data(self) -> str:
-        return self.data_file or DATA_OF_KIND[get_method(self.row).data]
+        return self.data_file or DATA_FILE_OF_KIND[get_method(self.row).data]
 
     @property
     def prompt_prefix(self) -> str:

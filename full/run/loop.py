@@ -127,9 +127,8 @@ class TrainingRun:
             try:
                 accelerator.load_state(str(checkpoint), **checkpoints.engine_state_kwargs(accelerator, saving=False))
             except (RuntimeError, OSError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as error:
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ValueError(f"--resume_from_checkpoint {checkpoint} could not be loaded: {first_line[:300]}"
-                                 ) from error
+                raise ValueError(f"--resume_from_checkpoint {checkpoint} could not be loaded: "
+                                 f"{outputs.first_line(error)}") from error
             self.trained.after_load(self.unet)
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
         elif args.resume_from_checkpoint:

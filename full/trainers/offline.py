@@ -41,7 +41,6 @@ def offline_methods() -> dict[str, minipref.Method]:
     """The rows of the method table this trainer runs: the offline ones (paired and binary data), read when asked
     (a row registered at run time counts); the others sample during training and have their own entry points."""
     return {name: m for name, m in minipref.METHODS.items() if m.data in ("paired", "binary")}
-ONLINE_SCRIPTS = {"self_play": "full.spin", "online": "full.spo"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def parse_args(argv=None):
         row = minipref.METHODS.get(known.method)
         if row is not None:
             parser.error(f"--method {known.method} ({row.paper}) needs {row.data} data: the model samples during "
-                         f"training; run `accelerate launch -m {ONLINE_SCRIPTS[row.data]}` (full.train runs the "
+                         f"training; run `accelerate launch -m {cli.ENTRY_OF_KIND[row.data]}` (full.train runs the "
                          "offline methods)")
         parser.error(f"unknown method {known.method!r}: full.train takes {', '.join(methods)} "
                      f"(spin and spo have their own entry points, full.spin and full.spo)")
