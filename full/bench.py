@@ -230,7 +230,11 @@ def main(argv=None) -> dict:
     if "--data" in argv:  # the data benchmark: full/data/bench.py
         from full.data import bench as data_bench
 
-        return data_bench.run(data_parser().parse_args([a for a in argv if a != "--data"]))
+        args = data_parser().parse_args([a for a in argv if a != "--data"])
+        if args._reader:  # one reader in this fresh process: its figures as the last line of output
+            print(json.dumps(data_bench.run_reader(*args._reader)))
+            return {}
+        return data_bench.run(args.rows, args.readers, workdir=args.workdir, allocator=args.allocator, out=args.out)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=tuple(CONFIGS), default="tiny")
     p.add_argument("--device", default="cpu")

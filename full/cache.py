@@ -67,9 +67,13 @@ def check_cache_method(parser, args) -> None:
 
 
 def main(argv=None):
-    from full.data.cache_build import build_cache
+    from full.data.cache_build import CacheConfig, build_cache
+    from full.data.config import DataConfig
+    from full.models.config import ModelConfig
 
-    return build_cache(parse_args(argv))
+    args = parse_args(argv)
+    return build_cache(cli.config(CacheConfig, args, data=cli.config(DataConfig, args),
+                                  model=cli.config(ModelConfig, args)))
 
 
 def console() -> int:

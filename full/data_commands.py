@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from full import cli
 from full.data import converters
+from full.data.config import DataConfig
 
 
 def build_parser() -> cli.Parser:
@@ -62,11 +63,28 @@ def build_parser() -> cli.Parser:
     return parser
 
 
+def check(args) -> str:
+    """`check`: the rows the trainers would read with these flags (the trainers' `DataConfig`)."""
+    return converters.check_dataset(cli.config(DataConfig, args, dataset_split_name=args.split,
+                                               max_train_samples=args.max_rows))
+
+
+def convert(args) -> str:
+    if args.kind.startswith("scores-"):
+        columns = converters.score_columns(args.image_column, args.caption_column, args.score_column)
+    else:
+        columns = cli.config(DataConfig, args).columns(getattr(args, "input_schema", "pairs"))
+    options = {name: getattr(args, name) for name in ("policy", "threshold", "max_pairs_per_group", "input_schema",
+                                                      "strength") if hasattr(args, name)}
+    return converters.convert(args.kind, args.input, args.output, split=args.split, max_rows=args.max_rows,
+                              columns=columns, **options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(cli.cli_argv(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        line = converters.check_dataset(args) if args.command == "check" else converters.convert(args)
+        line = check(args) if args.command == "check" else convert(args)
     except cli.INPUT_ERRORS as error:  # bad input: one line, no traceback
         print(f"full.data: error: {error}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ import sys
 
 from full import cli
 from full.eval import stats
-from full.eval.evaluate import DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS, report, run, scorers  # noqa: F401
+from full.eval.evaluate import (DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS, EvalConfig, report, run,  # noqa: F401
+                                scorers)
 from full.eval.generate import (generate, load_prompts, merge_manifest_parts, parse_models, read_jsonl,  # noqa: F401
                                 read_manifest)
 from full.eval.scoring import score_manifest  # noqa: F401  (the library API, for scripts and tests)
@@ -99,7 +100,7 @@ def check_flags(parser: cli.Parser, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     try:
-        return run(args)
+        return run(cli.config(EvalConfig, args))
     except ValueError as error:  # bad input: one clear line, not a stack trace (unless --debug)
         if args.debug:
             raise

@@ -65,3 +65,24 @@ def model_files(path: Path) -> list[Path]:
     return sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in
                                                                          f.relative_to(path).parts))
 
+
+def writable_folder(value, flag: str) -> Path:
+    """The folder ``flag`` names, created if missing and proven writable with a probe file (one per process: the
+    processes of a launch check at once). A file in the way or no permission is one line naming the flag."""
+    import os
+
+    folder = Path(value).expanduser()
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if nearest == folder and not folder.is_dir():
+        raise ValueError(f"{flag} {str(folder)!r} is a file, not a folder; give a folder (created if missing)")
+    if not nearest.is_dir():
+        raise ValueError(f"{flag} {str(folder)!r} is under {str(nearest)!r}, which is a file, so it cannot be "
+                         "written; give a folder (created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".minipref_write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {str(folder)!r} cannot be written: {error.strerror or error}") from None
+    return folder

@@ -63,15 +63,22 @@ class Option:
             return None
         if self.choices is not None and value not in self.choices:
             return f"--{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
-        if self.type is float and (self.low is not None or self.high is not None):
-            low = -math.inf if self.low is None else self.low
-            high = math.inf if self.high is None else self.high
-            below = value <= low if self.low_open else value < low
-            above = value >= high if self.high_open else value > high
-            if math.isnan(value) or below or above:
-                interval = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-                return f"--{self.name} must be in {interval}, got {value}"
+        if self.type is float:
+            return range_problem(self.name, value, self.low, self.high, low_open=self.low_open,
+                                 high_open=self.high_open)
         return None
+
+
+def range_problem(name: str, value: float, low: float | None, high: float | None, *, low_open: bool = False,
+                  high_open: bool = False) -> str | None:
+    """Why ``value`` of ``--name`` is outside [low, high] (open ends as given, None: unbounded), or None. The one
+    range check of the options here and of `full.cli.check_range`."""
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        return f"--{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}"
+    return None
 
 
 @dataclass

@@ -27,12 +27,12 @@ def use_sgd(monkeypatch=None) -> None:
 
     make_adamw = loop.make_optimizer
 
-    def make_sgd(args, params, accelerator):
+    def make_sgd(config, params, accelerator):
         params = list(params)
-        _STARTS[str(Path(args.output_dir).resolve())] = (params, [p.detach().clone() for p in params])
+        _STARTS[str(Path(config.output_dir).resolve())] = (params, [p.detach().clone() for p in params])
         adamw, torch.optim.AdamW = torch.optim.AdamW, sgd
         try:
-            return make_adamw(args, params, accelerator)
+            return make_adamw(config, params, accelerator)
         finally:
             torch.optim.AdamW = adamw
 

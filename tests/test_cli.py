@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from full import cli
-from tests.conftest import train_argv
+from full.models.config import ModelConfig
+from full.run.config import RunConfig
 from full.trainers import offline, spin, spo
 from tests.conftest import train_argv
 
@@ -189,8 +190,7 @@ def test_random_flip_is_on_by_default_and_can_be_turned_off(tmp_path):
 @pytest.mark.parametrize("batches,processes,accumulation,epochs,steps", [(10, 1, 1, 1, 10), (10, 2, 2, 3, 9),
                                                                          (1, 4, 8, 2, 2)])
 def test_num_train_epochs_as_optimizer_steps(batches, processes, accumulation, epochs, steps):
-    args = Namespace(gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
-    assert offline.steps_for_epochs(args, batches, processes) == steps
+    assert offline.steps_for_epochs(epochs, batches, processes, accumulation) == steps
 
 
 def test_a_run_writes_args_json_and_a_model_card(run_train, tiny_sd15, pickapic_parquet, tmp_path):
@@ -218,10 +218,10 @@ def test_validation_images_go_to_every_tracker(monkeypatch, tmp_path):
     accelerator = Namespace(is_main_process=True, device="cpu", trackers=trackers)
     images = [Image.new("RGB", (8, 8), (255, 0, 0)) for _ in range(2)]
     monkeypatch.setattr(validation, "sample_images", lambda *a, **k: images)
-    args = Namespace(validation_prompts=["a", "b"], method="dpo", resolution=8, num_validation_images=1,
-                     num_validation_inference_steps=1, validation_guidance_scale=1.0, seed=0, output_dir=str(tmp_path),
-                     pretrained_vae_model_name_or_path=None, revision=None)
-    path = validation.log_validation(accelerator, None, args, 7, None)
+    config = RunConfig(method="dpo", output_dir=str(tmp_path), model=ModelConfig("base/model"), resolution=8,
+                       validation_prompts=["a", "b"], num_validation_images=1, num_validation_inference_steps=1,
+                       validation_guidance_scale=1.0)
+    path = validation.log_validation(accelerator, None, config, 7, None)
     assert path.is_file()
     (tb_values, tb_step, tb_kwargs), = trackers[0].logged
     assert tb_values["validation"].shape == (2, 8, 8, 3) and tb_step == 7 and tb_kwargs == {"dataformats": "NHWC"}
@@ -277,7 +277,7 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(monkeypatch, tmp
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
     args = Namespace(pretrained_model_name_or_path="base/model", method="dpo", output_dir=str(tmp_path / "run-1"),
                      dataset_name="pairs.parquet", beta=5000.0, push_to_hub=True, hub_model_id=None, hub_token=None)
-    outputs.write_run_outputs(args, "sd15", 10, [{"loss": 0.5}])
+    outputs.write_run_outputs(cli.run_config(args), "sd15", 10, [{"loss": 0.5}])
     assert calls["repo"].repo_id == "me/run-1"  # --hub_model_id defaults to the output dir's name
     assert calls["upload"]["folder_path"] == args.output_dir and "checkpoint-*" in calls["upload"]["ignore_patterns"]
     assert {"README.md", "args.json"} <= {p.name for p in (tmp_path / "run-1").iterdir()}

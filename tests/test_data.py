@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from full import data_commands
-from full import data
+from full import cli, data, data_commands
+from full.data.config import DataConfig
 from tests.data_helpers import (BLUE, GREEN, GREY, RED, half_jpeg_bytes, jpeg_bytes, pickapic_rows,
                                 truncated_jpeg_bytes, write_parquet)
 
@@ -549,7 +549,7 @@ def test_convert_and_cache_take_the_column_flags_their_messages_name(tmp_path, c
     flags = ["--pair_image_columns", "a", "b", "--label_column", "pref", "--caption_column", "prompt"]
     args = parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", str(src), "--method", "dpo",
                        "--output_dir", str(tmp_path / "cache"), *flags])
-    assert [r["row_id"] for r in load_training_rows(args, "pairs")] == [0, 1, 2]
+    assert [r["row_id"] for r in load_training_rows(cli.config(DataConfig, args), "pairs")] == [0, 1, 2]
     assert {"caption_column", "image_column", "pair_image_columns", "label_column"} <= set(CONTENT_FLAGS)
     out = tmp_path / "f.parquet"
     assert data_commands.main(["convert", "pairs-to-feedback", "--input", str(src), "--output", str(out), *flags]) == 0

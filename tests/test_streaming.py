@@ -108,8 +108,8 @@ def test_a_killed_streaming_run_resumes_to_the_same_rows_and_lora(tiny_sd15, tmp
              "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
     seen = []
     real_inputs = train.inputs_from_images
-    monkeypatch.setattr(train, "inputs_from_images", lambda batch, *a: seen.append(batch["row_ids"][0])
-                        or real_inputs(batch, *a))
+    monkeypatch.setattr(train, "inputs_from_images", lambda batch, *a, **k: seen.append(batch["row_ids"][0])
+                        or real_inputs(batch, *a, **k))
 
     uninterrupted = train.main(train_argv(tiny_sd15, source, tmp_path / "a", "dpo", *flags, steps=4))
     order = list(seen)

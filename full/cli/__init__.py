@@ -10,12 +10,16 @@ any model loads where they can; `entry_point` prints them as one line too.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+# The checks of parsed flags and the dataset flags, re-exported: `cli.check_range`, `cli.add_image_data_arguments`...
+from full.cli.checks import (check_importable, check_model_paths, check_positive, check_range,  # noqa: F401
+                             check_resolution, check_training_arguments, given, lr_scheduler_names)
+from full.cli.data import (add_column_arguments, add_image_data_arguments, add_streaming_arguments,  # noqa: F401
+                           check_image_data_arguments, check_streaming_arguments)
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 # The entry point that trains a row of the method table, by its data kind: the online ones sample during training.
@@ -51,6 +55,28 @@ def cli_argv(argv: Sequence[str] | None) -> list[str]:
     return [] if "ipykernel" in sys.modules else sys.argv[1:]
 
 
+def config(cls, args: argparse.Namespace, **values):
+    """A typed config of a library room (`full.data.config.DataConfig`, `full.models.config.ModelConfig`,
+    `full.run.config.RunConfig`, ...) from the parsed flags: each field is read from the flag of the same name
+    (a field without a flag keeps its default), ``values`` set the rest. The rooms below never see ``args``."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:  # a typo here would silently drop a value
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    flags = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return cls(**(flags | values))
+
+
+def run_config(args: argparse.Namespace):
+    """The run loop's `RunConfig` from a trainer's final flags; ``flags`` keeps them all (args.json, the card)."""
+    from full.models.config import ModelConfig
+    from full.run.config import RunConfig
+
+    return config(RunConfig, args, model=config(ModelConfig, args), flags=dict(vars(args)))
+
+
 def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run `main(argv)` for `python -m ...` and the console scripts: an input error is one line on stderr and exit
     status 2; with `--debug` (or MINIPREF_DEBUG=1) the traceback is shown instead."""
@@ -65,100 +91,6 @@ def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | N
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checks that need neither files nor models
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def check_positive(parser, args, names) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            parser.error(f"--{name} must be positive, got {value}")
-
-
-def check_range(parser, args, name: str, low: float, high: float, *, low_open=False, high_open=False) -> None:
-    """`--name` in [low, high] (open ends as given); None (unset) passes."""
-    value = getattr(args, name, None)
-    if value is None:
-        return
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        parser.error(f"--{name} must be in {interval}, got {value}")
-
-
-def check_resolution(parser, args) -> None:
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-
-
-def check_importable(parser, flag: str, module: str, extra: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        parser.error(f'{flag} needs {module}, which is not installed: pip install "minipref[{extra}]"')
-
-
-def lr_scheduler_names() -> list[str]:
-    from diffusers.optimization import SchedulerType
-
-    return [schedule.value for schedule in SchedulerType]
-
-
-def given(argv: Sequence[str], flag: str) -> bool:
-    """`flag` is on the command line (as `--flag value` or `--flag=value`), not only a default or a preset's."""
-    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
-
-
-# Every flag that names a model (a Hub id or a local folder) in some trainer; the pipeline's own flag is checked
-# where its family is read (full.models.pipeline.detect_family), before anything loads too.
-MODEL_PATH_FLAGS = ("pretrained_vae_model_name_or_path", "clip_model_name_or_path",
-                    "spm_model_name_or_path", "processor_name_or_path", "spm_processor_name_or_path")
-
-
-def check_model_paths(parser, args) -> None:
-    """A model flag that reads as a local path but does not exist is one line now, not a Hub lookup that retries
-    for a minute and ends in a traceback (full/paths.py says what reads as local)."""
-    from full.paths import missing_local_path
-
-    for name in MODEL_PATH_FLAGS:
-        value = getattr(args, name, None)
-        if isinstance(value, str) and missing_local_path(value):
-            parser.error(f"--{name} {value}: no such local directory (and it does not read as a Hub id)")
-
-
-def check_training_arguments(parser, args, argv: Sequence[str] = ()) -> None:
-    """The shared flags of `add_training_arguments` (every LoRA trainer); `argv` tells which were given."""
-    check_model_paths(parser, args)
-    from full.run.accelerator import check_report_to
-
-    check_positive(parser, args, ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                                  "checkpointing_steps", "rank", "learning_rate", "num_train_epochs",
-                                  "validation_steps", "num_validation_images", "vae_encode_batch_size"))
-    check_range(parser, args, "adam_beta1", 0, 1, high_open=True)
-    check_range(parser, args, "adam_beta2", 0, 1, high_open=True)
-    check_range(parser, args, "max_grad_norm", 0, math.inf)
-    check_range(parser, args, "lr_warmup_steps", 0, math.inf)
-    check_positive(parser, args, ("checkpoints_total_limit",))
-    schedules = lr_scheduler_names()
-    if args.lr_scheduler not in schedules:
-        parser.error(f"--lr_scheduler must be one of {', '.join(schedules)}, got {args.lr_scheduler!r}")
-    if given(argv, "--num_train_epochs") and given(argv, "--max_train_steps"):
-        parser.error("--num_train_epochs sets the step count from the data size: give it or --max_train_steps, "
-                     "not both")
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        parser.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one")
-    if getattr(args, "caption_dropout", None) is not None:
-        check_range(parser, args, "caption_dropout", 0, 1)
-    message = check_report_to(args.report_to)
-    if message:
-        parser.error(message)
-    if args.use_8bit_adam:
-        check_importable(parser, "--use_8bit_adam", "bitsandbytes", "8bit")
-    if args.hub_model_id and not args.push_to_hub:
-        parser.error("--hub_model_id is used with --push_to_hub")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,9 +227,4 @@ def check_model_family(args, family: str) -> None:
 
 def quiet_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-# The dataset flags (full/cli/data.py), after the helpers above that they use.
-from full.cli.data import (add_column_arguments, add_image_data_arguments, add_streaming_arguments,  # noqa: E402
-                           check_image_data_arguments, check_streaming_arguments)
 

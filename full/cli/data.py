@@ -8,7 +8,7 @@ import argparse
 
 from minipref.methods import get_method
 
-from full.cli import check_positive, check_range, check_resolution
+from full.cli.checks import check_positive, check_range, check_resolution
 
 
 def add_image_data_arguments(p) -> None:

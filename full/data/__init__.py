@@ -1,5 +1,6 @@
 """Preference data for the full-scale trainers: where rows come from, how images become tensors, in what order.
 
+config.py      `DataConfig`: the data flags as one typed value (what every reader below takes)
 tables.py      where rows come from: parquet file / directory / image folder / Hub dataset, as a memory-mapped table
 columns.py     the column flags (--caption_column, --image_column, ...): a source's names -> the canonical ones
 streaming.py   `full.train --streaming`: a seeded, shuffled, per-process stream of the parquet files; skip-ahead resume

@@ -158,31 +158,30 @@ def decode_rate(pool: list[bytes], rows: int = 500) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def run(args) -> list[dict]:
-    """The data benchmark of the parsed flags (their parser: `full.bench`'s `data_parser`)."""
-    if args._reader:
-        print(json.dumps(run_reader(*args._reader)))
-        return []
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="minipref-databench-"))
+def run(rows: list[int], readers: list[str], *, workdir: str | None = None, allocator: str = "system",
+        out: str | None = None) -> list[dict]:
+    """The data benchmark (`python -m full.bench --data`; flags in `full.bench.data_parser`): for each row count,
+    each reader in a fresh process; the figures, also written to ``out`` as JSON."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="minipref-databench-"))
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "datasets-cache"), "OMP_NUM_THREADS": "1",
-           **(ALLOCATORS if args.allocator == "system" else {})}
+           **(ALLOCATORS if allocator == "system" else {})}
     pool = jpeg_pool()
-    print(f"allocators: {ALLOCATORS if args.allocator == 'system' else 'defaults'}")
+    print(f"allocators: {ALLOCATORS if allocator == 'system' else 'defaults'}")
     print(f"JPEG pool: {POOL} images, mean {sum(map(len, pool)) / POOL / 1024:.1f} KB; decode only: "
           f"{decode_rate(pool):.0f} rows/s (2 JPEGs a row)")
     print(f"{'rows':>6} {'reader':>12} {'load s':>7} {'load anon MB':>13} {'rows/s':>8} {'peak anon MB':>13} "
           f"{'peak rss MB':>12} {'parquet MB':>11}")
     figures = []
-    for n in args.rows:
+    for n in rows:
         path = write_pickapic(workdir / f"pickapic-{n}" / "train.parquet", n, pool)
-        for mode in args.readers:
-            out = subprocess.run([sys.executable, "-m", "full.bench", "--data", "--_reader", mode, str(path)],
+        for mode in readers:
+            done = subprocess.run([sys.executable, "-m", "full.bench", "--data", "--_reader", mode, str(path)],
                                  env=env, capture_output=True, text=True, check=True)
-            result = {"n_rows": n, "parquet_mb": path.stat().st_size / 2**20, **json.loads(out.stdout.splitlines()[-1])}
+            result = {"n_rows": n, "parquet_mb": path.stat().st_size / 2**20, **json.loads(done.stdout.splitlines()[-1])}
             figures.append(result)
             print(f"{n:>6} {mode:>12} {result['load_seconds']:>7.1f} {result.get('load_anon_mb', 0):>13.0f} "
                   f"{result['rows_per_s']:>8.0f} {result['anon_mb']:>13.0f} "
                   f"{result['rss_mb']:>12.0f} {result['parquet_mb']:>11.0f}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(figures, indent=1))
     return figures

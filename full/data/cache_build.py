@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from torch import Tensor
 from minipref.methods import get_method
 from full.paths import model_fingerprint
 from full.data.cache import CACHE_VERSION, EMPTY_NAME, META_NAME
+from full.data.config import DataConfig
+from full.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +51,34 @@ CONTENT_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pretra
                  "seed")
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `full.cache` builds: the trainers' data and model configs, and how the cache is cut and stored."""
+    data: DataConfig
+    model: ModelConfig
+    output_dir: str
+    clip_model_name_or_path: str | None = None  # Diff-contrast's f(y, x) embeddings (pairs only)
+    shard_size: int = 1024
+    batch_size: int = 8
+    cache_dtype: str = "float16"
+    mixed_precision: str = "no"  # dtype of the frozen encoders while caching
+    device: str | None = None
+    overwrite: bool = False
+
+    def content(self) -> dict:
+        """The CONTENT_FLAGS' values."""
+        flat = {**vars(self.data), **vars(self.model), **vars(self)}
+        return {name: flat[name] for name in CONTENT_FLAGS}
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def build_record(args, rows) -> dict:
+def build_record(config: CacheConfig, rows) -> dict:
     """What this build makes: its content flags, and the rows it reads (their number and a digest of their ids)."""
     digest = hashlib.sha256(rows.row_ids.tobytes()).hexdigest()[:16]
-    return {"version": CACHE_VERSION, "flags": {name: getattr(args, name) for name in CONTENT_FLAGS},
+    return {"version": CACHE_VERSION, "flags": config.content(),
             "n_rows": len(rows), "rows_digest": digest}
 
 
@@ -94,17 +117,17 @@ def image_generators(seed: int, indices: list[int], n: int, device) -> list[torc
             for index in indices for slot in range(n)]
 
 
-def encode_batch(parts, batch: dict, indices: list[int], args, kind: str, embeddings, device) -> dict[str, Tensor]:
+def encode_batch(parts, batch: dict, indices: list[int], config: CacheConfig, kind: str, embeddings, device) -> dict[str, Tensor]:
     """One collated batch (`full.data.images.collate_skip_none`) -> the shard tensors of its items."""
     from full.models import pipeline as models
     from minipref import csft_prompts
 
     pixels = batch["pixel_values"]  # (B, n, 3, R, R)
     b, n = pixels.shape[:2]
-    generators = image_generators(args.seed, indices, n, device)
+    generators = image_generators(config.data.seed, indices, n, device)
     latents = models.encode_images(parts, pixels.flatten(0, 1).to(device), generators)  # (B*n, 4, h, w)
     captions = [c for c in batch["captions"] for _ in range(n)]  # item-major, like the latents
-    if get_method(args.method).label_in_prompt:  # CSFT, a binary method: kind == "feedback", n == 1
+    if get_method(config.data.method).label_in_prompt:  # CSFT, a binary method: kind == "feedback", n == 1
         captions = csft_prompts(captions, batch["desirable"])
     prompt = models.encode_prompts(parts, captions, device)
     item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
@@ -112,23 +135,23 @@ def encode_batch(parts, batch: dict, indices: list[int], args, kind: str, embedd
     if parts.family == "sdxl":
         item["pooled"] = prompt.pooled.reshape(b, n, -1)
         item["time_ids"] = models.sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                args.resolution)  # (B, n, 6)
+                                                config.data.resolution)  # (B, n, 6)
     if embeddings is not None:
         item["embeddings"] = torch.stack([embeddings[r] for r in batch["row_ids"]])
-    item = {k: v.to(getattr(torch, args.cache_dtype)).cpu() for k, v in item.items()}
+    item = {k: v.to(getattr(torch, config.cache_dtype)).cpu() for k, v in item.items()}
     item["row_ids"] = torch.tensor(batch["row_ids"], dtype=torch.long)
     if kind == "feedback":
         item["desirable"] = batch["desirable"].to(torch.uint8)
     return item
 
 
-def encode_shard(parts, dataset, shard: range, args, kind: str, embeddings, device, bar) -> tuple[dict, int]:
+def encode_shard(parts, dataset, shard: range, config: CacheConfig, kind: str, embeddings, device, bar) -> tuple[dict, int]:
     """The tensors of one shard (its batches never cross the shard's edges) and how many items it dropped."""
     from full.data.images import collate_skip_none
 
     pieces, dropped = [], 0
-    for start in range(shard.start, shard.stop, args.batch_size):
-        indices = list(range(start, min(start + args.batch_size, shard.stop)))
+    for start in range(shard.start, shard.stop, config.batch_size):
+        indices = list(range(start, min(start + config.batch_size, shard.stop)))
         items = [dataset[i] for i in indices]  # None: the image did not decode (reported with its row id)
         if embeddings is not None:  # and the items CLIP could not read
             items = [None if it is None or it["row_id"] not in embeddings else it for it in items]
@@ -136,7 +159,7 @@ def encode_shard(parts, dataset, shard: range, args, kind: str, embeddings, devi
         dropped += len(indices) - len(kept)
         batch = collate_skip_none(items)
         if batch is not None:
-            pieces.append(encode_batch(parts, batch, kept, args, kind, embeddings, device))
+            pieces.append(encode_batch(parts, batch, kept, config, kind, embeddings, device))
         bar.update(1)
     tensors = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
     return tensors, dropped
@@ -158,7 +181,7 @@ def _write_empty_prompt(parts, path: Path, store_dtype, device) -> None:
     os.replace(partial, path)
 
 
-def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
+def finish(building: Path, out: Path, n_shards: int, config: CacheConfig, kind: str) -> dict:
     """Main process, once every process is done: index the shards, write cache_meta.json, rename into place."""
     from safetensors import safe_open
 
@@ -175,17 +198,18 @@ def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
         else:
             path.unlink()  # nothing in it: not part of the cache
     if not shards:
-        raise ValueError(f"nothing could be cached from {args.dataset_name}: every image failed to decode")
+        raise ValueError(f"nothing could be cached from {config.data.dataset_name}: every image failed to decode")
     with safe_open(str(building / EMPTY_NAME), framework="pt") as f:
         family = f.metadata()["family"]
-    meta = {"version": CACHE_VERSION, "family": family, "pretrained": args.pretrained_model_name_or_path,
-            "revision": args.revision, "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path,
-            "model_fingerprint": model_fingerprint(args.pretrained_model_name_or_path, args.revision),
-            "vae_fingerprint": model_fingerprint(args.pretrained_vae_model_name_or_path),
-            "resolution": args.resolution, "kind": kind, "csft_prompts": get_method(args.method).label_in_prompt,
-            "has_embeddings": args.clip_model_name_or_path is not None, "dataset_name": args.dataset_name,
+    model, data = config.model, config.data
+    meta = {"version": CACHE_VERSION, "family": family, "pretrained": model.pretrained_model_name_or_path,
+            "revision": model.revision, "variant": model.variant, "vae": model.pretrained_vae_model_name_or_path,
+            "model_fingerprint": model_fingerprint(model.pretrained_model_name_or_path, model.revision),
+            "vae_fingerprint": model_fingerprint(model.pretrained_vae_model_name_or_path),
+            "resolution": data.resolution, "kind": kind, "csft_prompts": get_method(data.method).label_in_prompt,
+            "has_embeddings": config.clip_model_name_or_path is not None, "dataset_name": data.dataset_name,
             "n_items": sum(s["n"] for s in shards), "n_undecodable": n_undecodable, "shards": shards,
-            "dtype": args.cache_dtype}
+            "dtype": config.cache_dtype}
     (building / META_NAME).write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -195,8 +219,8 @@ def finish(building: Path, out: Path, n_shards: int, args, kind: str) -> dict:
     return meta
 
 
-def build_cache(args) -> Path:
-    """Build the cache that the parsed flags of `full.cache` describe (full/cache.py)."""
+def build_cache(config: CacheConfig) -> Path:
+    """Build the cache that ``config`` describes (its flags: full/cache.py)."""
     from full.data.embeddings import compute_pair_embeddings
     from full.data.images import FeedbackDataset, PairDataset
     from full.data.rows import data_kind_for, load_training_rows
@@ -205,19 +229,19 @@ def build_cache(args) -> Path:
     from full.processes import process_state
     from full.progress import progress_bar
 
-    state = process_state()
-    kind = data_kind_for(args.method)
-    if kind != "pairs" and args.clip_model_name_or_path:
+    state, data, model = process_state(), config.data, config.model
+    kind = data_kind_for(data.method)
+    if kind != "pairs" and config.clip_model_name_or_path:
         raise ValueError("--clip_model_name_or_path: Diff-contrast embeddings are for pairs")
-    out = Path(args.output_dir)
+    out = Path(config.output_dir)
     building = out.with_name(f".{out.name}.building")
-    if out.exists() and not args.overwrite:
+    if out.exists() and not config.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     # Every process reads the rows, as the trainer does (datasets' file lock lets one convert a parquet source):
     # no collective waits on this pass, which takes long on a large source.
-    rows = load_training_rows(args, kind)
-    record = build_record(args, rows)
-    resumed = not args.overwrite and check_resumable(building, record, out)  # every process checks: all refuse
+    rows = load_training_rows(data, kind)
+    record = build_record(config, rows)
+    resumed = not config.overwrite and check_resumable(building, record, out)  # every process checks: all refuse
     state.wait_for_everyone()  # ... before the main process touches the directory
     if state.is_main_process:
         if not resumed:
@@ -227,7 +251,7 @@ def build_cache(args) -> Path:
             os.replace(building / f"{BUILD_NAME}.partial", building / BUILD_NAME)  # a record is whole or absent
     state.wait_for_everyone()
 
-    ranges = [range(s, min(s + args.shard_size, len(rows))) for s in range(0, len(rows), args.shard_size)]
+    ranges = [range(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
     remaining = [k for k in range(len(ranges)) if not (building / shard_name(k)).is_file()]
     state.wait_for_everyone()  # every process has listed the shards on disk before any process writes one
     todo = remaining[state.process_index::state.num_processes]  # the same lists everywhere: disjoint, balanced
@@ -235,33 +259,33 @@ def build_cache(args) -> Path:
                 len(todo), len(remaining), len(ranges), ", resuming" if resumed else "")
     need_empty = state.is_main_process and not (building / EMPTY_NAME).is_file()
     if todo or need_empty:
-        device = torch.device(args.device or (state.device if state.num_processes > 1 else
+        device = torch.device(config.device or (state.device if state.num_processes > 1 else
                                               "cuda" if torch.cuda.is_available() else "cpu"))
-        parts = models.load_components(args.pretrained_model_name_or_path, revision=args.revision,
-                                       variant=args.variant, vae_path=args.pretrained_vae_model_name_or_path)
-        models.place_components(parts, device, WEIGHT_DTYPES[args.mixed_precision],
-                                fixed_vae=bool(args.pretrained_vae_model_name_or_path))
+        parts = models.load_components(model.pretrained_model_name_or_path, revision=model.revision,
+                                       variant=model.variant, vae_path=model.pretrained_vae_model_name_or_path)
+        models.place_components(parts, device, WEIGHT_DTYPES[config.mixed_precision],
+                                fixed_vae=bool(model.pretrained_vae_model_name_or_path))
         with torch.no_grad():
             if need_empty:
-                _write_empty_prompt(parts, building / EMPTY_NAME, getattr(torch, args.cache_dtype), device)
+                _write_empty_prompt(parts, building / EMPTY_NAME, getattr(torch, config.cache_dtype), device)
             embeddings = None
-            if args.clip_model_name_or_path and todo:  # f(y, x) for the rows of this process's shards only
+            if config.clip_model_name_or_path and todo:  # f(y, x) for the rows of this process's shards only
                 import numpy as np
 
                 keep = np.zeros(len(rows), dtype=bool)
                 for k in todo:
                     keep[ranges[k].start:ranges[k].stop] = True
-                embeddings = compute_pair_embeddings(rows.subset(keep), args.clip_model_name_or_path, device,
-                                                     batch_size=args.batch_size, main_process=state.is_main_process)
-            dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, args.resolution, seed=args.seed)
-            n_batches = sum(-(-len(ranges[k]) // args.batch_size) for k in todo)
+                embeddings = compute_pair_embeddings(rows.subset(keep), config.clip_model_name_or_path, device,
+                                                     batch_size=config.batch_size, main_process=state.is_main_process)
+            dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(rows, data.resolution, seed=data.seed)
+            n_batches = sum(-(-len(ranges[k]) // config.batch_size) for k in todo)
             with progress_bar(total=n_batches, desc="caching latents and prompts", unit="batch",
                               main_process=state.is_main_process) as bar:
                 for k in todo:
-                    tensors, dropped = encode_shard(parts, dataset, ranges[k], args, kind, embeddings, device, bar)
+                    tensors, dropped = encode_shard(parts, dataset, ranges[k], config, kind, embeddings, device, bar)
                     write_shard(building / shard_name(k), tensors, dropped)
     state.wait_for_everyone()
     if state.is_main_process:
-        finish(building, out, len(ranges), args, kind)
+        finish(building, out, len(ranges), config, kind)
     state.wait_for_everyone()  # every process returns once the cache is in place
     return out

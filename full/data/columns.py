@@ -68,15 +68,15 @@ def missing_columns_message(columns: ColumnMap, present: Sequence[str], where: s
     return f"{where} is missing column(s): {asked}; it has {list(present)}"
 
 
-def columns_from_args(args, schema: str) -> ColumnMap:
-    """The `ColumnMap` of ``schema`` ("pairs" or "feedback") from the flags; entry points without the flags (the
-    cache builder, SPM) read the canonical names."""
-    caption, label = getattr(args, "caption_column", None), getattr(args, "label_column", None)
+def column_map(schema: str, *, caption: str | None = None, image: str | None = None,
+               pair_images: Sequence[str] | None = None, label: str | None = None) -> ColumnMap:
+    """The `ColumnMap` of ``schema`` ("pairs" or "feedback") from the column flags' values (None: the canonical
+    name); entry points without the flags (the cache builder, SPM) read the canonical names."""
     if schema == "pairs":
-        images = getattr(args, "pair_image_columns", None)
-        given = {"caption": caption, "jpg_0": images and images[0], "jpg_1": images and images[1], "label_0": label}
+        given = {"caption": caption, "jpg_0": pair_images and pair_images[0], "jpg_1": pair_images and pair_images[1],
+                 "label_0": label}
         order = ("jpg_0", "jpg_1", "label_0", "caption")
     else:
-        given = {"caption": caption, "image": getattr(args, "image_column", None), "label": label}
+        given = {"caption": caption, "image": image, "label": label}
         order = ("image", "caption", "label")
     return ColumnMap({name: given[name] or name for name in order}, [name for name in order if given[name]])

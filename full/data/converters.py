@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from full.data.columns import ColumnMap, columns_from_args
+from full.data.columns import ColumnMap
+from full.data.config import DataConfig
 from full.data.sources import (as_image_bytes, checked_caption_and_images, is_empty_caption, iter_source,
                                load_feedback_rows, load_pair_rows, note_empty_caption, row_ids_text, RowReport)
 
@@ -189,9 +190,9 @@ def _load_scored_rows(dataset_name: str, split: str, columns: ColumnMap, max_row
     return rows
 
 
-def score_columns(args) -> ColumnMap:
+def score_columns(image: str = "image", caption: str = "caption", score: str = "score") -> ColumnMap:
     """The scored converters' columns; a name other than the default is reported as the flag that set it."""
-    names = {"image": args.image_column, "caption": args.caption_column, "score": args.score_column}
+    names = {"image": image, "caption": caption, "score": score}
     return ColumnMap(names, [name for name, source in names.items() if source != name],
                      flags={"score": "--score_column"})
 
@@ -258,61 +259,65 @@ def _decode_all(dataset, threads: int, chunk: int = 256) -> tuple[list[dict], li
     return usable, undecodable
 
 
-def check_dataset(args) -> str:
+def check_dataset(data: DataConfig) -> str:
     """`python -m full.data check`: the rows a trainer would train on, as one line. The schema is detected as the
     trainer detects it (`full.data.rows.source_format`, unless --data_format is given), the column flags are the
     trainer's, and every image is decoded as the training datasets decode it, so the count is what training uses."""
     from full.data.images import FeedbackDataset, PairDataset
     from full.data.rows import source_format
 
-    fmt = source_format(args)
-    columns = columns_from_args(args, fmt)
+    fmt = source_format(data)
+    columns = data.columns(fmt)
     if fmt == "pairs":
-        rows = load_pair_rows(args.dataset_name, args.split, keep_ties=args.keep_ties, max_rows=args.max_rows,
+        rows = load_pair_rows(data.dataset_name, data.dataset_split_name, keep_ties=data.keep_ties, max_rows=data.max_train_samples,
                               columns=columns)
         dataset = PairDataset(rows, CHECK_RESOLUTION)
     else:
-        rows = load_feedback_rows(args.dataset_name, args.split, max_rows=args.max_rows, columns=columns)
+        rows = load_feedback_rows(data.dataset_name, data.dataset_split_name, max_rows=data.max_train_samples, columns=columns)
         dataset = FeedbackDataset(rows, CHECK_RESOLUTION)
     usable, undecodable = _decode_all(dataset, threads=min(8, os.cpu_count() or 1))
     notes = [f"{len(undecodable)} more skipped as training skips them: an image does not decode "
              f"({row_ids_text(undecodable[:20], len(undecodable))})"] if undecodable else []
     if not usable:  # the loader has raised already when no row loads: here every row that loads failed to decode
-        raise ValueError(f"no usable rows in {args.dataset_name}: every row that loads was skipped; {notes[0]}")
+        raise ValueError(f"no usable rows in {data.dataset_name}: every row that loads was skipped; {notes[0]}")
     if fmt == "pairs":
         counted = f"{len(usable)} usable pairs"
     else:
         desirable = sum(item["desirable"] for item in usable)
         counted = f"{len(usable)} usable images ({desirable} desirable, {len(usable) - desirable} undesirable)"
-    detected = ", detected as the trainers detect it" if args.data_format == "auto" else ""
+    detected = ", detected as the trainers detect it" if data.data_format == "auto" else ""
     empty = [item["row_id"] for item in usable if is_empty_caption(item["caption"])]
     if empty:
         notes.append(f"{len(empty)} of them with an empty caption ({row_ids_text(empty[:20], len(empty))}): they "
                      "train as unconditional")
-    return "; ".join([f"{args.dataset_name} ({fmt}{detected}): {counted}", *notes])
+    return "; ".join([f"{data.dataset_name} ({fmt}{detected}): {counted}", *notes])
 
 
 CHECK_RESOLUTION = 8  # `check` decodes every image as training does; the resize after the decode is to a tiny size
 
 
-def convert(args) -> str:
-    """`python -m full.data convert ...`: the output is checked first, then converted and written; the line to print."""
-    check_output(args.output)
-    if args.kind == "pairs-to-feedback":
-        pairs = load_pair_rows(args.input, args.split, max_rows=args.max_rows, columns=columns_from_args(args, "pairs"))
-        out = pairs_to_feedback(pairs, args.policy)
-    elif args.kind in ("scores-to-pairs", "scores-to-feedback"):
-        scored = _load_scored_rows(args.input, args.split, score_columns(args), args.max_rows)
-        out = (scores_to_pairs(scored, args.max_pairs_per_group) if args.kind == "scores-to-pairs"
-               else scores_to_feedback(scored, args.threshold))
-    else:  # red-filter
-        columns = columns_from_args(args, args.input_schema)
-        if args.input_schema == "pairs":
+def convert(kind: str, input: str, output: str, *, split: str = "train", max_rows: int | None = None,
+            columns: ColumnMap | None = None, policy: str = "winner_once", threshold: float | None = None,
+            max_pairs_per_group: int | None = None, input_schema: str = "pairs", strength: float = 0.5) -> str:
+    """`python -m full.data convert KIND ...`: the output is checked first, then converted and written; the line to
+    print. ``columns``: the input's columns (`column_map` for pairs and feedback, `score_columns` for scores)."""
+    check_output(output)
+    if kind == "pairs-to-feedback":
+        out = pairs_to_feedback(load_pair_rows(input, split, max_rows=max_rows, columns=columns), policy)
+    elif kind in ("scores-to-pairs", "scores-to-feedback"):
+        scored = _load_scored_rows(input, split, columns or score_columns(), max_rows)
+        out = (scores_to_pairs(scored, max_pairs_per_group) if kind == "scores-to-pairs"
+               else scores_to_feedback(scored, threshold))
+    elif kind == "red-filter":
+        if input_schema == "pairs":
             images = [{"image": r[key], "caption": r["caption"]}
-                      for r in load_pair_rows(args.input, args.split, max_rows=args.max_rows, columns=columns)
+                      for r in load_pair_rows(input, split, max_rows=max_rows, columns=columns)
                       for key in ("winner", "loser")]
         else:
-            images = load_feedback_rows(args.input, args.split, max_rows=args.max_rows, columns=columns)
-        out = red_filter_feedback(images, args.strength)
-    path = write_parquet(out, args.output)
-    return f"wrote {path}: " + (f"{len(out)} pairs" if args.kind == "scores-to-pairs" else _summary(out))
+            images = load_feedback_rows(input, split, max_rows=max_rows, columns=columns)
+        out = red_filter_feedback(images, strength)
+    else:
+        raise ValueError(f"unknown conversion {kind!r}; choose from pairs-to-feedback, scores-to-pairs, "
+                         "scores-to-feedback, red-filter")
+    path = write_parquet(out, output)
+    return f"wrote {path}: " + (f"{len(out)} pairs" if kind == "scores-to-pairs" else _summary(out))

@@ -4,7 +4,7 @@ pairs per image as Diffusion-KTO does with Pick-a-Pic, paper 001 App. C.1)."""
 from __future__ import annotations
 
 from minipref.methods import DATA_OF_KIND, get_method
-from full.data.columns import columns_from_args
+from full.data.config import DataConfig
 from full.data.converters import FEEDBACK_POLICIES, image_key
 from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, LazyRows, as_image_bytes, detect_format,
                                load_feedback_rows, load_pair_rows)
@@ -15,46 +15,45 @@ def data_kind_for(method: str) -> str:
     return DATA_OF_KIND[get_method(method).data]
 
 
-def source_format(args) -> str:
+def source_format(data: DataConfig) -> str:
     """"pairs" or "feedback": ``--data_format``, or what the source's columns say (`detect_format`)."""
-    if args.data_format != "auto":
-        return args.data_format
-    pairs, feedback = columns_from_args(args, "pairs"), columns_from_args(args, "feedback")
-    return detect_format(args.dataset_name, (pairs["jpg_0"], pairs["jpg_1"]), feedback["image"])
+    if data.data_format != "auto":
+        return data.data_format
+    pairs, feedback = data.columns("pairs"), data.columns("feedback")
+    return detect_format(data.dataset_name, (pairs["jpg_0"], pairs["jpg_1"]), feedback["image"])
 
 
-def load_training_rows(args, kind: str) -> list[dict]:
+def load_training_rows(data: DataConfig, kind: str) -> list[dict]:
     """Rows for `PairDataset` (kind "pairs") or `FeedbackDataset` (kind "feedback")."""
-    fmt, split, limit = source_format(args), args.dataset_split_name, args.max_train_samples
-    pair_columns, feedback_columns = columns_from_args(args, "pairs"), columns_from_args(args, "feedback")
+    fmt, split, limit = source_format(data), data.dataset_split_name, data.max_train_samples
     if kind == "pairs":
         if fmt == "feedback":
-            raise ValueError(f"--method {args.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
-                             f"{args.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
-        return load_pair_rows(args.dataset_name, split, keep_ties=args.keep_ties, max_rows=limit,
-                              columns=pair_columns)
+            raise ValueError(f"--method {data.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
+                             f"{data.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
+        return load_pair_rows(data.dataset_name, split, keep_ties=data.keep_ties, max_rows=limit,
+                              columns=data.columns("pairs"))
     if fmt == "feedback":
-        rows = load_feedback_rows(args.dataset_name, split, max_rows=limit, columns=feedback_columns)
+        rows = load_feedback_rows(data.dataset_name, split, max_rows=limit, columns=data.columns("feedback"))
     else:  # per-image labels from comparisons, as Diffusion-KTO does with Pick-a-Pic (paper 001, App. C.1)
-        rows = pairs_as_feedback(load_pair_rows(args.dataset_name, split, max_rows=limit, columns=pair_columns),
-                                 args.feedback_policy)
-    if get_method(args.method).trains_on == "desirable":  # SFT: do not spend forwards on the other images
+        rows = pairs_as_feedback(load_pair_rows(data.dataset_name, split, max_rows=limit,
+                                                columns=data.columns("pairs")), data.feedback_policy)
+    if data.desirable_only:  # SFT: do not spend forwards on the other images
         rows = only_desirable(rows)
         if not len(rows):
-            raise ValueError(f"--method sft trains on desirable images and {args.dataset_name} has none")
+            raise ValueError(f"--method {data.method} trains on desirable images and {data.dataset_name} has none")
     return rows
 
 
-def real_image_rows(args) -> list[dict]:
+def real_image_rows(data: DataConfig) -> list[dict]:
     """SPIN's real images as feedback rows: the winners of pairs, or the desirable images of feedback data."""
-    split, limit = args.dataset_split_name, args.max_train_samples
-    if source_format(args) == "pairs":
-        pairs = load_pair_rows(args.dataset_name, split, max_rows=limit, columns=columns_from_args(args, "pairs"))
+    split, limit = data.dataset_split_name, data.max_train_samples
+    if source_format(data) == "pairs":
+        pairs = load_pair_rows(data.dataset_name, split, max_rows=limit, columns=data.columns("pairs"))
         return LazyRows(pairs.table, pairs.row_ids, {"slot": 1 - pairs.column("jpg_0_won").astype(int),
                                                      "desirable": [True] * len(pairs)}, _image_of_pair)
-    rows = only_desirable(load_feedback_rows(args.dataset_name, split, limit, columns_from_args(args, "feedback")))
+    rows = only_desirable(load_feedback_rows(data.dataset_name, split, limit, data.columns("feedback")))
     if not len(rows):
-        raise ValueError(f"SPIN needs real (desirable) images and {args.dataset_name} has none labelled 1")
+        raise ValueError(f"SPIN needs real (desirable) images and {data.dataset_name} has none labelled 1")
     return rows
 
 

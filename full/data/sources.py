@@ -204,13 +204,16 @@ def _scan(table, columns: Sequence[str], batch_size: int = 256) -> Iterator[tupl
             row_id += 1
 
 
-def _pair_item(raw: dict, row_id: int, fields: dict) -> dict:
+def pair_item(raw: dict, row_id: int, fields: dict) -> dict:
+    """A checked pair row as the datasets take it; ``fields``: its ``jpg_0_won`` and ``tie``. The table
+    (`LazyRows`) and the stream (`full.data.streaming`) both build their rows with it."""
     first, second = as_image_bytes(raw["jpg_0"]), as_image_bytes(raw["jpg_1"])
     winner, loser = (first, second) if fields["jpg_0_won"] else (second, first)
     return {"row_id": row_id, "winner": winner, "loser": loser, "caption": raw["caption"], "tie": fields["tie"]}
 
 
-def _feedback_item(raw: dict, row_id: int, fields: dict) -> dict:
+def feedback_item(raw: dict, row_id: int, fields: dict) -> dict:
+    """A checked feedback row as the datasets take it; ``fields``: its ``desirable``. Shared like `pair_item`."""
     return {"row_id": row_id, "image": as_image_bytes(raw["image"]), "caption": raw["caption"],
             "desirable": fields["desirable"]}
 
@@ -290,7 +293,7 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
                          f"malformed: {report.summary()}")
     logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(row_ids), dropped, report.summary())
     report.warn_kept()
-    return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, _pair_item)
+    return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, pair_item)
 
 
 def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None,
@@ -317,7 +320,7 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
     logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(row_ids),
                 n_desirable, len(row_ids) - n_desirable, report.summary())
     report.warn_kept()
-    return LazyRows(table, row_ids, {"desirable": desirable}, _feedback_item)
+    return LazyRows(table, row_ids, {"desirable": desirable}, feedback_item)
 
 
 def detect_format(dataset_name: str, pair_columns: Sequence[str] = ("jpg_0", "jpg_1"),

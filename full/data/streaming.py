@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from minipref.methods import get_method
-from full.data.columns import ColumnMap, columns_from_args
+from full.data.columns import ColumnMap
+from full.data.config import DataConfig
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import source_format
-from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, as_image_bytes, checked_feedback_label,
-                               checked_pair_label, note_empty_caption)
+from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, checked_feedback_label, checked_pair_label,
+                               feedback_item, note_empty_caption, pair_item)
 from full.data.tables import check_parquet_columns, hub_parquet_files, is_image_folder, parquet_files
 
 logger = logging.getLogger(__name__)
@@ -133,14 +133,11 @@ class StreamedRows(torch.utils.data.IterableDataset):
                 self.counts["ties"] += 1
                 if not self.keep_ties:
                     return None
-            row = None if label is None else {
-                "row_id": row_id, "caption": raw["caption"], "tie": label == 0.5,
-                "winner": as_image_bytes(raw["jpg_0" if label >= 0.5 else "jpg_1"]),
-                "loser": as_image_bytes(raw["jpg_1" if label >= 0.5 else "jpg_0"])}
+            row = None if label is None else pair_item(raw, row_id, {"jpg_0_won": label >= 0.5, "tie": label == 0.5})
         else:
             label = checked_feedback_label(raw, row_id, self.report)
-            row = None if label is None or (self.only_desirable and not label) else {
-                "row_id": row_id, "image": as_image_bytes(raw["image"]), "caption": raw["caption"], "desirable": label}
+            row = None if label is None or (self.only_desirable and not label) else \
+                feedback_item(raw, row_id, {"desirable": label})
         if row is not None:
             note_empty_caption(raw, row_id, self.report)
         self.counts["malformed"] = sum(self.report.counts.values())
@@ -206,27 +203,27 @@ class StreamingLoader:
             yield None if batch is None else send_to_device(batch, self.device)
 
 
-def make_streaming_loader(args, kind: str, accelerator) -> StreamingLoader:
+def make_streaming_loader(data: DataConfig, kind: str, accelerator) -> StreamingLoader:
     """`full.train --streaming`'s loader: this process's share of --dataset_name, checked and decoded per item."""
-    fmt = source_format(args)
+    fmt = source_format(data)
     if kind == "pairs" and fmt == "feedback":
-        raise ValueError(f"--method {args.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
-                         f"{args.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
+        raise ValueError(f"--method {data.method} needs preference pairs {list(PAIR_COLUMNS)}, but "
+                         f"{data.dataset_name} holds binary feedback {list(FEEDBACK_COLUMNS)}")
     if kind == "feedback" and fmt == "pairs":
-        raise ValueError(f"--streaming --method {args.method} on pairs: the per-image labels (--feedback_policy) "
+        raise ValueError(f"--streaming --method {data.method} on pairs: the per-image labels (--feedback_policy) "
                          "need a pass over every pair first. Convert once (`python -m full.data convert "
-                         f"pairs-to-feedback --input {args.dataset_name} --output feedback.parquet`) and stream "
+                         f"pairs-to-feedback --input {data.dataset_name} --output feedback.parquet`) and stream "
                          "that, or drop --streaming")
-    stream = open_stream(args.dataset_name, args.dataset_split_name, columns_from_args(args, fmt),
-                         args.max_train_samples, seed=args.seed, buffer_size=args.shuffle_buffer_size,
+    stream = open_stream(data.dataset_name, data.dataset_split_name, data.columns(fmt), data.max_train_samples,
+                         seed=data.seed, buffer_size=data.shuffle_buffer_size,
                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     images = (PairDataset if kind == "pairs" else FeedbackDataset)(
-        None, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-        caption_dropout=args.caption_dropout, seed=args.seed)
-    rows = StreamedRows(stream, kind, images, name=f"{args.dataset_name} (stream)", keep_ties=args.keep_ties,
-                        only_desirable=get_method(args.method).trains_on == "desirable", decode_threads=args.dataloader_num_workers)
+        None, data.resolution, center_crop=not data.random_crop, random_flip=data.random_flip,
+        caption_dropout=data.caption_dropout, seed=data.seed)
+    rows = StreamedRows(stream, kind, images, name=f"{data.dataset_name} (stream)", keep_ties=data.keep_ties,
+                        only_desirable=data.desirable_only, decode_threads=data.dataloader_num_workers)
     rows.check_usable()
-    return StreamingLoader(rows, args.train_batch_size, accelerator.device)
+    return StreamingLoader(rows, data.train_batch_size, accelerator.device)
 
 
 def report_stream_rows(loader, accelerator) -> dict[str, int]:

@@ -31,7 +31,6 @@ Three stages, each reading what the previous one wrote under `--out`, so any of 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -46,9 +45,7 @@ from full.eval.generate import (IDENTITY_KEYS, SETTING_KEYS, default_resolution,
 from full.paths import model_fingerprint
 from full.eval.scoring import fid_per_model, score_across_processes, score_manifest  # noqa: F401  (the API)
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_SEEDS = 5
+from full.eval.config import DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS, EvalConfig  # noqa: F401  (the API)
 
 # ----------------------------------------------------------------------------------------------
 # Stage 3: statistics, tables and plots.
@@ -127,17 +124,17 @@ def parse_stages(text: str) -> list[str]:
     return stages
 
 
-def scorer_options(args, device: str) -> tuple[list[str], dict]:
+def scorer_options(config: EvalConfig, device: str) -> tuple[list[str], dict]:
     """The --scorers names (checked) and each scorer's build options."""
-    names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+    names = [n.strip() for n in config.scorers.split(",") if n.strip()]
     for name in names:
         scorers.scorer_factory(name)  # a typo or an unimportable module:Class stops here, before any generation
     common = {"device": device}
-    options = {"pickscore": {"model": args.pickscore_model, "processor": args.pickscore_processor, **common},
-               "clip": {"model": args.clip_model, **common},
-               "aesthetic": {"head": args.aesthetic_head, "clip_model": args.aesthetic_clip_model, **common},
-               "hpsv2": {"version": args.hpsv2_version},
-               "imagereward": {"model": args.imagereward_model, **common}}
+    options = {"pickscore": {"model": config.pickscore_model, "processor": config.pickscore_processor, **common},
+               "clip": {"model": config.clip_model, **common},
+               "aesthetic": {"head": config.aesthetic_head, "clip_model": config.aesthetic_clip_model, **common},
+               "hpsv2": {"version": config.hpsv2_version},
+               "imagereward": {"model": config.imagereward_model, **common}}
     return names, options
 
 
@@ -160,43 +157,39 @@ def check_scorers(names: list[str], options: dict) -> None:
     gc.collect()
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    stages = parse_stages(args.stages)
-    check_paths(args)
-    check_focus(args, stages)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # no permission, a read-only disk
-        raise ValueError(f"--out {args.out!r}: cannot create the folder ({error.strerror or error})") from error
+def run(config: EvalConfig) -> dict | None:
+    stages = parse_stages(config.stages)
+    check_focus(config, stages)
+    check_paths(config)  # last: it creates --out
+    out = Path(config.out).expanduser()  # created and checked writable by check_paths
     import torch
 
     from full.processes import process_state
 
     state = process_state()  # one process, or those of `accelerate launch -m full.evaluate`
-    device = args.device or (str(state.device) if state.num_processes > 1 else scorers.default_device())
-    names, options = scorer_options(args, device) if "score" in stages else ([], {})
+    device = config.device or (str(state.device) if state.num_processes > 1 else scorers.default_device())
+    names, options = scorer_options(config, device) if "score" in stages else ([], {})
     if "generate" in stages:
-        if not args.base_model:
+        if not config.base_model:
             raise ValueError("the generate stage needs --base-model / --base_model (a diffusers pipeline dir or hub id)")
-        models = parse_models(args.lora, args.base_name, not args.no_base)
-        prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts)
-        models = resolve_loras(models, args.base_model)  # a bad --lora stops here, before any model loads
-        seeds = list(range(args.seed_start, args.seed_start + args.seeds))
-        dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
-        pipe = load_pipeline(args.base_model, scheduler=args.scheduler, dtype=dtype, device=device,
-                             safety_checker=not args.no_safety_checker)
+        models = parse_models(config.lora, config.base_name, not config.no_base)
+        prompts = load_prompts(config.prompts, config.prompt_column, config.max_prompts)
+        models = resolve_loras(models, config.base_model)  # a bad --lora stops here, before any model loads
+        seeds = list(range(config.seed_start, config.seed_start + config.seeds))
+        dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+        pipe = load_pipeline(config.base_model, scheduler=config.scheduler, dtype=dtype, device=device,
+                             safety_checker=not config.no_safety_checker)
         if names:  # a scorer that cannot load fails now, not after hours of generation
             check_scorers(names, options)
-        settings = {"base_model": args.base_model, "scheduler": type(pipe.scheduler).__name__, "steps": args.steps,
-                    "guidance": args.guidance, "height": args.height or default_resolution(pipe),
-                    "width": args.width or default_resolution(pipe), "negative_prompt": args.negative_prompt,
-                    "dtype": dtype, "base_model_identity": model_fingerprint(args.base_model)}
+        settings = {"base_model": config.base_model, "scheduler": type(pipe.scheduler).__name__, "steps": config.steps,
+                    "guidance": config.guidance, "height": config.height or default_resolution(pipe),
+                    "width": config.width or default_resolution(pipe), "negative_prompt": config.negative_prompt,
+                    "dtype": dtype, "base_model_identity": model_fingerprint(config.base_model)}
         print(f"generating {len(models)} model(s) x {len(prompts)} prompts x {len(seeds)} seeds {seeds}: "
-              f"scheduler={settings['scheduler']}{'' if args.scheduler else ' (pipeline default)'}, "
-              f"steps={args.steps}, guidance={args.guidance}, {settings['width']}x{settings['height']} px, {dtype}")
-        made = generate(pipe, models, prompts, seeds, out, settings=settings, batch_size=args.batch_size,
-                        lora_scale=args.lora_scale, process_index=state.process_index,
+              f"scheduler={settings['scheduler']}{'' if config.scheduler else ' (pipeline default)'}, "
+              f"steps={config.steps}, guidance={config.guidance}, {settings['width']}x{settings['height']} px, {dtype}")
+        made = generate(pipe, models, prompts, seeds, out, settings=settings, batch_size=config.batch_size,
+                        lora_scale=config.lora_scale, process_index=state.process_index,
                         num_processes=state.num_processes)
         print(f"process {state.process_index}: generated {made} new image(s)" if state.num_processes > 1 else
               f"generated {made} new image(s); manifest: {out / 'manifest.jsonl'}")
@@ -209,16 +202,16 @@ def run(args: argparse.Namespace) -> dict | None:
     if "score" in stages:
         with torch.no_grad():
             if state.num_processes > 1:
-                score_across_processes(out, state, names, options, args.score_batch_size)
+                score_across_processes(out, state, names, options, config.score_batch_size)
             else:
-                score_manifest(out, names, options, args.score_batch_size)
-            if args.fid_reference and state.is_main_process:
-                fid_per_model(out, args.fid_reference, weights_path=args.fid_inception_weights, device=device)
+                score_manifest(out, names, options, config.score_batch_size)
+            if config.fid_reference and state.is_main_process:
+                fid_per_model(out, config.fid_reference, weights_path=config.fid_inception_weights, device=device)
     if not state.is_main_process:  # the report is written once, by the main process
         return None
     if "report" in stages:
-        summary = report(out, focus=args.focus, n_resamples=args.bootstrap, confidence=args.confidence,
-                         bootstrap_seed=args.bootstrap_seed, zero_method=args.zero_method, grid_prompts=args.grid_prompts)
+        summary = report(out, focus=config.focus, n_resamples=config.bootstrap, confidence=config.confidence,
+                         bootstrap_seed=config.bootstrap_seed, zero_method=config.zero_method, grid_prompts=config.grid_prompts)
         print((out / "results.md").read_text())
         return summary
     return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from full.models.config import ModelConfig
 from full.models.pipeline import pipeline_class
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper 000, Sec. 4)
@@ -99,23 +100,22 @@ def load_lora_into(family: str, unet, directory) -> None:
         raise ValueError(f"LoRA in {directory} does not match the UNet: unexpected keys {unexpected[:5]}")
 
 
-
-def trainable_unet_parts(args, device, weight_dtype, *, cached: bool = False):
+def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bool = False):
     """The pipeline's parts with a LoRA on the UNet, ready to train: frozen parts in `weight_dtype`, LoRA in fp32
     (the VAE and text encoders are skipped when training from a cache)."""
     from diffusers.training_utils import cast_training_params
 
     from full.models.pipeline import load_components, place_components
 
-    parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                            vae_path=args.pretrained_vae_model_name_or_path, with_vae=not cached,
+    parts = load_components(model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
+                            vae_path=model.pretrained_vae_model_name_or_path, with_vae=not cached,
                             with_text_encoders=not cached)
-    add_lora(parts.unet, args.rank, alpha=args.lora_alpha)
-    place_components(parts, device, weight_dtype, fixed_vae=bool(args.pretrained_vae_model_name_or_path))
+    add_lora(parts.unet, model.rank, alpha=model.lora_alpha)
+    place_components(parts, device, weight_dtype, fixed_vae=bool(model.pretrained_vae_model_name_or_path))
     cast_training_params(parts.unet, dtype=torch.float32)
-    if args.gradient_checkpointing:
+    if model.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
-    if args.allow_tf32:
+    if model.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     parts.unet.train()
     return parts

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,26 @@ CACHE_DIR = "spin_cache"  # <output_dir>/spin_cache/iteration-k/shard-NNNNNN.saf
 GENERATION_META = "generation.json"
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How the opponent samples (full.spin's --generation_* flags, built with `full.cli.config`)."""
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    generation_scheduler: str | None = None  # a diffusers scheduler class name; None: the pipeline's own
+    generation_steps: int = 50
+    generation_guidance_scale: float = 7.5
+    generation_batch_size: int = 8  # prompts per cached shard
+    resolution: int = 512
+    seed: int = 0
 
-def generation_scheduler_class(args):
+
+def generation_scheduler_class(config: GenerationConfig):
     """`--generation_scheduler` (a diffusers class name), or the class the pipeline ships with."""
     import diffusers
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
-    name = args.generation_scheduler or index["scheduler"][1]
+    index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
+    name = config.generation_scheduler or index["scheduler"][1]
     scheduler_class = getattr(diffusers, name, None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
         raise ValueError(f"--generation_scheduler {name!r} is not a diffusers scheduler class "
@@ -44,13 +57,13 @@ def generation_scheduler_class(args):
     return scheduler_class
 
 
-def generation_pipeline(parts: Components, unet, args):
+def generation_pipeline(parts: Components, unet, config: GenerationConfig):
     """The family's diffusers pipeline around the training UNet (the opponent is chosen by `playing_opponent`)."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
-    scheduler = generation_scheduler_class(args).from_pretrained(args.pretrained_model_name_or_path,
-                                                                 subfolder="scheduler", revision=args.revision)
+    index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
+    scheduler = generation_scheduler_class(config).from_pretrained(config.pretrained_model_name_or_path,
+                                                                   subfolder="scheduler", revision=config.revision)
     components = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=unet,
                       scheduler=scheduler)
     if parts.family == "sdxl":
@@ -73,16 +86,16 @@ def _atomic_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def generation_settings(args, rows, iteration: int, output_dir: Path) -> dict:
+def generation_settings(config: GenerationConfig, rows, iteration: int, output_dir: Path) -> dict:
     """What the cached samples of an iteration depend on; a cache made with other settings is refused."""
     opponent = "base" if iteration == 0 else \
         _file_digest(output_dir / f"iteration-{iteration - 1}" / lora.LORA_WEIGHT_NAME)
     ids = rows.row_ids.tolist() if hasattr(rows, "row_ids") else [r["row_id"] for r in rows]  # LazyRows: no reads
     row_ids = ",".join(map(str, ids))
-    return {"iteration": iteration, "opponent_lora_sha256": opponent, "model": args.pretrained_model_name_or_path,
-            "scheduler": args.generation_scheduler or "pipeline default", "steps": args.generation_steps,
-            "guidance_scale": args.generation_guidance_scale, "resolution": args.resolution, "seed": args.seed,
-            "shard_size": args.generation_batch_size, "rows_sha256": hashlib.sha256(row_ids.encode()).hexdigest()}
+    return {"iteration": iteration, "opponent_lora_sha256": opponent, "model": config.pretrained_model_name_or_path,
+            "scheduler": config.generation_scheduler or "pipeline default", "steps": config.generation_steps,
+            "guidance_scale": config.generation_guidance_scale, "resolution": config.resolution, "seed": config.seed,
+            "shard_size": config.generation_batch_size, "rows_sha256": hashlib.sha256(row_ids.encode()).hexdigest()}
 
 
 class GeneratedLatents:
@@ -105,7 +118,7 @@ class GeneratedLatents:
             return f.get_slice("latents")[offset:offset + 1][0]  # (4, h, w)
 
 
-def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir: Path, dtype) -> dict:
+def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, accelerator, output_dir: Path, dtype) -> dict:
     """Opponent samples for every row, one shard per `--generation_batch_size` prompts, each process a share.
 
     A shard is written to a temporary name and renamed, so it either exists complete or not at all; a rerun of the
@@ -115,7 +128,7 @@ def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir
     from full.progress import progress_bar
 
     directory = output_dir / CACHE_DIR / f"iteration-{iteration}"
-    settings = generation_settings(args, rows, iteration, output_dir)
+    settings = generation_settings(config, rows, iteration, output_dir)
     meta = directory / GENERATION_META
     if meta.is_file():
         cached = json.loads(meta.read_text())
@@ -129,7 +142,7 @@ def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir
         _atomic_json(meta, settings)
     accelerator.wait_for_everyone()
 
-    size = args.generation_batch_size
+    size = config.generation_batch_size
     shards = [(j, rows[j * size:(j + 1) * size]) for j in range(math.ceil(len(rows) / size))]
     mine = [(j, chunk) for j, chunk in shards if j % accelerator.num_processes == accelerator.process_index]
     todo = [(j, chunk) for j, chunk in mine if not (directory / f"shard-{j:06d}.safetensors").is_file()]
@@ -138,11 +151,11 @@ def generate_iteration(pipe, rows, iteration: int, args, accelerator, output_dir
     bar = progress_bar(todo, desc=f"opponent samples, iteration {iteration}",
                        main_process=accelerator.is_main_process)
     for j, chunk in bar:
-        generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + iteration) * 1_000_033 + j)
+        generator = torch.Generator(device).manual_seed((config.seed * 1_000_003 + iteration) * 1_000_033 + j)
         with playing_opponent(pipe.unet, iteration), autocast:
-            latents = pipe([r["caption"] for r in chunk], num_inference_steps=args.generation_steps,
-                           guidance_scale=args.generation_guidance_scale, height=args.resolution,
-                           width=args.resolution, generator=generator, output_type="latent").images  # (b, 4, h, w)
+            latents = pipe([r["caption"] for r in chunk], num_inference_steps=config.generation_steps,
+                           guidance_scale=config.generation_guidance_scale, height=config.resolution,
+                           width=config.resolution, generator=generator, output_type="latent").images  # (b, 4, h, w)
         path, tmp = directory / f"shard-{j:06d}.safetensors", directory / f".shard-{j:06d}.tmp"
         save_file({"latents": latents.float().cpu().contiguous(),
                    "row_ids": torch.tensor([r["row_id"] for r in chunk], dtype=torch.long)},

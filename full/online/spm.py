@@ -108,7 +108,7 @@ class _ModulateHook:
     def __init__(self, state: _ModulationState, scale: str, shift: str | None = None):
         self.state, self.scale, self.shift = state, scale, shift
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, inputs, output):  # a forward hook: (module, its inputs, its output)
         values = self.state.values
         if values is None:
             raise ValueError("the time-conditioned CLIP vision tower was called without a timestep; "

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from full.run.config import RunConfig
+
 # --report_to value -> the package its accelerate tracker imports
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
@@ -30,7 +32,7 @@ def check_report_to(value: str) -> str | None:
     return None
 
 
-def make_accelerator(args):
+def make_accelerator(config: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -38,16 +40,16 @@ def make_accelerator(args):
                                 single_process_of_a_multi_process_launch)
 
     launched = launched_processes()
-    report_to = None if args.report_to == "none" else args.report_to
+    report_to = None if config.report_to == "none" else config.report_to
     accelerator = Accelerator(
         # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA: DDP over gloo on
         # the CPU, instead of N unaware single-process runs writing to one directory.
         cpu=cpu_ranks_needed(launched),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
         log_with=report_to.split(",") if report_to and report_to != "all" else report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / config.logging_dir)),
     )
     check_all_ranks(launched, accelerator.num_processes)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -58,21 +60,21 @@ def make_accelerator(args):
     return accelerator
 
 
-def make_optimizer(args, params, accelerator):
+def make_optimizer(config: RunConfig, params, accelerator):
     """AdamW (8-bit with `--use_8bit_adam`) on the LoRA parameters and the diffusers lr schedule."""
     from diffusers.optimization import get_scheduler
 
-    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
+    scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes if config.scale_lr else 1
     adamw = torch.optim.AdamW
-    if getattr(args, "use_8bit_adam", False):
+    if config.use_8bit_adam:
         import bitsandbytes  # checked at parse time (full.cli.check_importable)
 
         adamw = bitsandbytes.optim.AdamW8bit
-    optimizer = adamw(params, lr=args.learning_rate * scale, betas=(args.adam_beta1, args.adam_beta2),
-                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,  # accelerate steps it once per process
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max(args.max_train_steps or 1, 1) * accelerator.num_processes)
+    optimizer = adamw(params, lr=config.learning_rate * scale, betas=(config.adam_beta1, config.adam_beta2),
+                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,  # accelerate steps it once per process
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max(config.max_train_steps or 1, 1) * accelerator.num_processes)
     return optimizer, lr_scheduler
 
 

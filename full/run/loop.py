@@ -28,6 +28,7 @@ import minipref
 from full.models import lora
 from full.models.pipeline import WEIGHT_DTYPES
 from full.run import checkpoints, outputs
+from full.run.config import RunConfig
 from full.run.accelerator import make_accelerator, make_optimizer, sample_generators, step_generator
 from full.run.output_dir import claim_output_dir
 from full.run.validation import log_validation
@@ -36,11 +37,11 @@ logger = logging.getLogger(__name__)
 POSTFIX_KEYS = ("loss", "implicit_acc", "accuracy", "clip_frac", "iteration")
 
 
-def run_and_reset(run, args) -> dict:
-    """``run(args)``, then reset accelerate's global state so a trainer's ``main`` can run again in the same
-    process (tests, notebooks)."""
+def run_and_reset(run: Callable[[], dict]) -> dict:
+    """``run()`` (a trainer), then reset accelerate's global state so a trainer's ``main`` can run again in the
+    same process (tests, notebooks)."""
     try:
-        return run(args)
+        return run()
     finally:
         from accelerate.state import AcceleratorState, GradientState
 
@@ -52,20 +53,20 @@ def run_and_reset(run, args) -> dict:
         GradientState._reset_state()
 
 
-def start_accelerator(args, family: str | None):
+def start_accelerator(config: RunConfig, family: str | None):
     """The Accelerator and the dtype of the frozen weights under its mixed precision; `--output_dir` claimed for
     this run and `--resume_from_checkpoint` checked against it (full/run/output_dir.py), before any model loads."""
-    accelerator = make_accelerator(args)
-    claim_output_dir(args, family, accelerator)
+    accelerator = make_accelerator(config)
+    claim_output_dir(config, family, accelerator)
     if accelerator.is_main_process:
-        outputs.check_hub_push(args)
+        outputs.check_hub_push(config)
     return accelerator, WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
-def steps_for_epochs(args, batches_per_epoch: int, num_processes: int) -> int:
+def steps_for_epochs(epochs: int, batches_per_epoch: int, num_processes: int, accumulation: int) -> int:
     """`--num_train_epochs` as optimizer steps: each process sees 1/P of the batches, accumulation groups them."""
     per_process = -(-batches_per_epoch // num_processes)
-    return max(1, -(-per_process // args.gradient_accumulation_steps)) * args.num_train_epochs
+    return max(1, -(-per_process // accumulation)) * epochs
 
 
 class LoraWeights:
@@ -97,15 +98,15 @@ class TrainingRun:
 
     current: "TrainingRun | None" = None  # the run in progress in this process (closed by `run_and_reset`)
 
-    def __init__(self, args, accelerator, parts, family: str | None, weight_dtype, *, loader=None, desc: str = "",
+    def __init__(self, config: RunConfig, accelerator, parts, family: str | None, weight_dtype, *, loader=None, desc: str = "",
                  trained=None):
         from full.progress import progress_bar
 
-        self.args, self.accelerator, self.parts, self.family = args, accelerator, parts, family
-        self.weight_dtype, self.output_dir = weight_dtype, Path(args.output_dir)
+        self.config, self.accelerator, self.parts, self.family = config, accelerator, parts, family
+        self.weight_dtype, self.output_dir = weight_dtype, Path(config.output_dir)
         self.trained = trained or LoraWeights(parts.unet, family)
         self.params = list(self.trained.parameters())
-        optimizer, lr_scheduler = make_optimizer(args, self.params, accelerator)
+        optimizer, lr_scheduler = make_optimizer(config, self.params, accelerator)
         if loader is None or getattr(loader, "shards_itself", False):  # a stream is already this process's share
             self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.trained.module, optimizer,
                                                                                lr_scheduler)
@@ -120,9 +121,9 @@ class TrainingRun:
         self.progress = checkpoints.TrainingProgress()
         accelerator.register_for_checkpointing(self.progress)  # before load_state, which restores it
         if accelerator.is_main_process and accelerator.log_with:
-            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-            accelerator.init_trackers(args.tracker_project_name, config=config)
-        checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+            flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.flags.items()}
+            accelerator.init_trackers(config.tracker_project_name, config=flags)
+        checkpoint = checkpoints.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
         if checkpoint is not None:
             try:
                 accelerator.load_state(str(checkpoint), **checkpoints.engine_state_kwargs(accelerator, saving=False))
@@ -131,14 +132,14 @@ class TrainingRun:
                                  f"{outputs.first_line(error)}") from error
             self.trained.after_load(self.unet)
             logger.info("resumed from %s at step %d", checkpoint, self.progress.global_step)
-        elif args.resume_from_checkpoint:
+        elif config.resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from step 0", self.output_dir)
         self.undecodable = 0  # items of this process dropped because an image would not decode (this session)
         self.window: list[dict] = []  # metrics of the micro-batches of the current optimizer step
         self.logs: dict[str, float] = {}
         self.history: list[dict] = []
-        self.bar = progress_bar(total=args.max_train_steps or None, initial=self.progress.global_step,
-                                desc=desc or f"{args.method} ({family})", main_process=accelerator.is_main_process)
+        self.bar = progress_bar(total=config.max_train_steps or None, initial=self.progress.global_step,
+                                desc=desc or f"{config.method} ({family})", main_process=accelerator.is_main_process)
         TrainingRun.current = self
 
     @property
@@ -147,14 +148,14 @@ class TrainingRun:
 
     def generator(self) -> torch.Generator:
         """The micro-batch's random stream (noise, timesteps, VAE samples): the same after a resume."""
-        return step_generator(self.args.seed, self.progress.micro_step, self.accelerator.process_index,
+        return step_generator(self.config.seed, self.progress.micro_step, self.accelerator.process_index,
                               self.accelerator.device)
 
     def sample_generators(self, count: int) -> list[torch.Generator]:
         """One generator per item of this process's micro-batch, keyed by the item's index in the global batch
         (`full.run.accelerator.sample_generators`): what makes P processes equal one process of P times the batch."""
-        first = self.accelerator.process_index * self.args.train_batch_size
-        return sample_generators(self.args.seed, self.progress.micro_step, first, count, self.accelerator.device)
+        first = self.accelerator.process_index * self.config.train_batch_size
+        return sample_generators(self.config.seed, self.progress.micro_step, first, count, self.accelerator.device)
 
     # ---- data
 
@@ -182,14 +183,14 @@ class TrainingRun:
             progress.batch_in_epoch += 1
             progress.micro_step += 1
             # undecodable images: an item lost from a batch, or a whole batch (None); totalled in `finish`
-            self.undecodable += self.args.train_batch_size if batch is None else batch.get("n_undecodable", 0)
+            self.undecodable += self.config.train_batch_size if batch is None else batch.get("n_undecodable", 0)
             if bool((states == 1).any()):
                 logger.warning("micro-batch %d: no decodable image on some process; skipped", progress.micro_step)
                 continue
             usable += 1
             yield batch
         if not usable and not resumed:  # else the caller would loop over empty epochs forever
-            raise ValueError(f"a whole pass over --dataset_name {self.args.dataset_name} gave no usable batch: "
+            raise ValueError(f"a whole pass over --dataset_name {self.config.flag('dataset_name')} gave no usable batch: "
                              "every image failed to decode")
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 
@@ -204,8 +205,8 @@ class TrainingRun:
             out = compute_loss()
             self.check_finite(out)
             accelerator.backward(out.loss)
-            if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
+            if accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +230,7 @@ class TrainingRun:
         found = checkpoints.list_checkpoints(self.output_dir)
         last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         raise SystemExit(f"non-finite loss ({out.loss.item()}) at step {self.global_step + 1} of --method "
-                         f"{self.args.method}; stopping without updating the weights: {last}. Lower "
+                         f"{self.config.method}; stopping without updating the weights: {last}. Lower "
                          "--learning_rate or --beta, or try --mixed_precision bf16 / a fp16-safe VAE, then "
                          "--resume_from_checkpoint latest.")
 
@@ -245,11 +246,12 @@ class TrainingRun:
 
     def save_checkpoint(self) -> Path:
         return checkpoints.save_checkpoint(self.accelerator, self.output_dir, self.global_step,
-                                           self.args.checkpoints_total_limit)
+                                           self.config.checkpoints_total_limit)
 
     def validate_if_due(self) -> None:
-        if self.parts is not None and self.args.validation_prompts and self.global_step % self.args.validation_steps == 0:
-            log_validation(self.accelerator, self.parts, self.args, self.global_step, self.weight_dtype,
+        config = self.config
+        if self.parts is not None and config.validation_prompts and self.global_step % config.validation_steps == 0:
+            log_validation(self.accelerator, self.parts, config, self.global_step, self.weight_dtype,
                            unet=self.model)
 
     def train_until(self, end: int, step_loss: Callable[[dict, torch.Generator], minipref.LossOutput], *,
@@ -261,7 +263,7 @@ class TrainingRun:
                 generator = self.generator()
                 if self.micro_step(lambda: step_loss(batch, generator), extra_logs) is None:
                     continue
-                if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == end:
+                if self.global_step % self.config.checkpointing_steps == 0 or self.global_step == end:
                     if before_checkpoint is not None:
                         before_checkpoint(self.global_step)
                     self.save_checkpoint()
@@ -275,19 +277,19 @@ class TrainingRun:
         """Save the final LoRA in diffusers format, a last validation grid from it, args.json, the model card (and
         the Hub push); close the trackers. Returns the run's summary."""
         self.bar.close()
-        accelerator, args = self.accelerator, self.args
+        accelerator, config = self.accelerator, self.config
         undecodable = self.report_undecodable()
         accelerator.wait_for_everyone()
         lora_path = self.output_dir / self.trained.weight_name
         if accelerator.is_main_process:
-            self.trained.save(self.model, args.output_dir)
+            self.trained.save(self.model, config.output_dir)
             logger.info("saved %s", lora_path)
-            if args.validation_prompts and self.parts is not None:
-                log_validation(accelerator, self.parts, args, self.global_step, self.weight_dtype,
-                               lora_dir=args.output_dir)
-            layout = {"num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
-                      "gradient_accumulation_steps": args.gradient_accumulation_steps}
-            outputs.write_run_outputs(args, self.family, self.global_step, self.history, layout=layout,
+            if config.validation_prompts and self.parts is not None:
+                log_validation(accelerator, self.parts, config, self.global_step, self.weight_dtype,
+                               lora_dir=config.output_dir)
+            layout = {"num_processes": accelerator.num_processes, "train_batch_size": config.train_batch_size,
+                      "gradient_accumulation_steps": config.gradient_accumulation_steps}
+            outputs.write_run_outputs(config, self.family, self.global_step, self.history, layout=layout,
                                       **getattr(self.trained, "card", {}))
         accelerator.wait_for_everyone()
         accelerator.end_training()

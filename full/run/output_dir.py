@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from full.paths import writable_folder
 from full.run import checkpoints
+from full.run.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +42,17 @@ def resolved(name):
     return name
 
 
-def run_identity(args, family: str | None, num_processes: int) -> dict:
+def run_identity(config: RunConfig, family: str | None, num_processes: int) -> dict:
     """What must be the same for a checkpoint to continue this run."""
     return {
-        "method": getattr(args, "method", None),
+        "method": config.method,
         "family": family,
-        "base_model": resolved(getattr(args, "pretrained_model_name_or_path", None)),
-        "rank": getattr(args, "rank", None),
-        "data": {flag: resolved(getattr(args, flag)) for flag in DATA_FLAGS if getattr(args, flag, None) is not None},
+        "base_model": resolved(config.model.pretrained_model_name_or_path),
+        "rank": config.flag("rank"),
+        "data": {flag: resolved(config.flag(flag)) for flag in DATA_FLAGS if config.flag(flag) is not None},
         "num_processes": num_processes,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": config.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
     }
 
 
@@ -77,18 +78,6 @@ def previous_work(output_dir: Path) -> list[str]:
     return found + [name for name in RUN_FILES if name != RECORD_NAME and (output_dir / name).exists()]
 
 
-def check_writable(output_dir: Path) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file, not a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".minipref_write_test.{os.getpid()}"  # one per process: they check at once
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from None
-
-
 def check_checkpoint(checkpoint: Path, identity: dict) -> None:
     """`checkpoint` holds a complete `save_state` of a run with this identity."""
     needed = [checkpoints.PROGRESS_NAME] + [f"random_states_{i}.pkl" for i in range(identity["num_processes"])]
@@ -110,16 +99,16 @@ def check_checkpoint(checkpoint: Path, identity: dict) -> None:
                          "--gradient_accumulation_steps (the data position and the random streams depend on it)")
 
 
-def claim_output_dir(args, family: str | None, accelerator) -> Path | None:
+def claim_output_dir(config: RunConfig, family: str | None, accelerator) -> Path | None:
     """Check `--output_dir` and `--resume_from_checkpoint` for this run and record its identity; returns the
     checkpoint to resume from (None: start at step 0). Every process checks; the main process writes."""
-    output_dir = Path(args.output_dir)
-    check_writable(output_dir)
-    identity = run_identity(args, family, accelerator.num_processes)
-    checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    output_dir = Path(config.output_dir)
+    writable_folder(output_dir, "--output_dir")
+    identity = run_identity(config, family, accelerator.num_processes)
+    checkpoint = checkpoints.resolve_checkpoint(config.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         check_checkpoint(checkpoint, identity)
-    elif previous_work(output_dir) and not getattr(args, "overwrite_output_dir", False):
+    elif previous_work(output_dir) and not config.overwrite_output_dir:
         recorded = read_record(output_dir)
         whose = f"a run of {recorded.get('method')} on {recorded.get('family')}" if recorded else "another run"
         resume = " (--resume_from_checkpoint latest continues it)" if recorded == identity and \
@@ -129,13 +118,13 @@ def claim_output_dir(args, family: str | None, accelerator) -> Path | None:
                          "--output_dir")
     accelerator.wait_for_everyone()  # every process has checked the folder as it was
     if accelerator.is_main_process:
-        if checkpoint is None and getattr(args, "overwrite_output_dir", False):
+        if checkpoint is None and config.overwrite_output_dir:
             clear_previous_work(output_dir)
         (output_dir / RECORD_NAME).write_text(json.dumps(identity, indent=1) + "\n")
     accelerator.wait_for_everyone()
     logger.info("%d process(es) x micro-batch %d x accumulation %d = global batch %d", accelerator.num_processes,
-                args.train_batch_size, args.gradient_accumulation_steps,
-                accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps)
+                config.train_batch_size, config.gradient_accumulation_steps,
+                accelerator.num_processes * config.train_batch_size * config.gradient_accumulation_steps)
     return checkpoint
 
 

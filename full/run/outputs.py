@@ -10,6 +10,8 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from full.run.config import RunConfig
+
 logger = logging.getLogger(__name__)
 
 ARGS_NAME = "args.json"
@@ -31,10 +33,11 @@ def _plain(value):
     return value if isinstance(value, (int, float, str, bool, type(None), list)) else str(value)
 
 
-def save_args(args, output_dir) -> Path:
+def save_args(flags: dict, output_dir) -> Path:
+    """Every flag of the run, as resolved, in ``output_dir/args.json``."""
     path = Path(output_dir) / ARGS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: _plain(v) for k, v in sorted(vars(args).items())}, indent=1) + "\n")
+    path.write_text(json.dumps({k: _plain(v) for k, v in sorted(flags.items())}, indent=1) + "\n")
     return path
 
 
@@ -58,17 +61,17 @@ def final_metrics(history: list[dict]) -> tuple[dict, int]:
     return means, len(last)
 
 
-def model_card(args, family: str | None, global_step: int, history: list[dict], *, base: str | None = None,
+def model_card(config: RunConfig, family: str | None, global_step: int, history: list[dict], *, base: str | None = None,
                what: str = "LoRA", usage: list[str] | None = None, layout: dict | None = None) -> str:
     """A README.md in the format of the diffusers training scripts' model cards (YAML front matter + text).
     ``layout``: processes, micro-batch and accumulation, which give the global batch."""
     from full.run.output_dir import resolved
 
-    base = resolved(base or args.pretrained_model_name_or_path)
-    where = getattr(args, "hub_model_id", None) or args.output_dir
-    dataset = next((resolved(getattr(args, k)) for k in ("dataset_name", "cached_dir", "prompts_file")
-                    if getattr(args, k, None)), "-")
-    hyper = [f"| `{k}` | {getattr(args, k)} |" for k in HYPERPARAMETERS if getattr(args, k, None) is not None]
+    base = resolved(base or config.model.pretrained_model_name_or_path)
+    where = config.hub_model_id or config.output_dir
+    dataset = next((resolved(config.flag(k)) for k in ("dataset_name", "cached_dir", "prompts_file")
+                    if config.flag(k)), "-")
+    hyper = [f"| `{k}` | {config.flag(k)} |" for k in HYPERPARAMETERS if config.flag(k) is not None]
     if layout:
         hyper.append(f"| processes x micro-batch x accumulation | {layout['num_processes']} x "
                      f"{layout['train_batch_size']} x {layout['gradient_accumulation_steps']} = global batch "
@@ -76,12 +79,12 @@ def model_card(args, family: str | None, global_step: int, history: list[dict], 
     metrics, steps = final_metrics(history)
     final = [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     tags = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}.get(family, []) + [
-        "text-to-image", "diffusers", "lora" if what == "LoRA" else "reward-model", "minipref", args.method]
+        "text-to-image", "diffusers", "lora" if what == "LoRA" else "reward-model", "minipref", config.method]
     return "\n".join([
         "---", f"base_model: {base}", "library_name: diffusers", "license: other", "tags:",
         *(f"- {tag}" for tag in tags), "---", "",
-        f"# {args.method} {what} for {base}", "",
-        f"{what} weights fine-tuned from `{base}` with the `{args.method}` objective of minipref "
+        f"# {config.method} {what} for {base}", "",
+        f"{what} weights fine-tuned from `{base}` with the `{config.method}` objective of minipref "
         f"{minipref_version()}, for {global_step} optimizer steps on `{dataset}`.", "",
         "```python", *(usage or lora_usage(base, where)), "```", "",
         "## Hyperparameters", "", "| flag | value |", "|---|---|", *hyper, "",
@@ -91,19 +94,20 @@ def model_card(args, family: str | None, global_step: int, history: list[dict], 
     ])
 
 
-def write_run_outputs(args, family: str | None, global_step: int, history: list[dict], **card_fields) -> Path:
+def write_run_outputs(config: RunConfig, family: str | None, global_step: int, history: list[dict],
+                      **card_fields) -> Path:
     """args.json and README.md in --output_dir (main process), then the optional push to the Hub."""
-    output_dir = Path(args.output_dir)
-    save_args(args, output_dir)
+    output_dir = Path(config.output_dir)
+    save_args(config.flags, output_dir)
     card = output_dir / "README.md"
-    card.write_text(model_card(args, family, global_step, history, **card_fields))
-    if getattr(args, "push_to_hub", False):
-        push_to_hub(output_dir, hub_repo_id(args), getattr(args, "hub_token", None))
+    card.write_text(model_card(config, family, global_step, history, **card_fields))
+    if config.push_to_hub:
+        push_to_hub(output_dir, hub_repo_id(config), config.hub_token)
     return card
 
 
-def hub_repo_id(args) -> str:
-    return args.hub_model_id or Path(args.output_dir).resolve().name
+def hub_repo_id(config: RunConfig) -> str:
+    return config.hub_model_id or Path(config.output_dir).resolve().name
 
 
 def first_line(error: BaseException) -> str:
@@ -111,19 +115,19 @@ def first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
-def check_hub_push(args) -> None:
+def check_hub_push(config: RunConfig) -> None:
     """With --push_to_hub, create the Hub repo before training, as the diffusers scripts do: no network, no token or
     no permission is one line now, not two tracebacks after hours of training."""
-    if not getattr(args, "push_to_hub", False):
+    if not config.push_to_hub:
         return
     from huggingface_hub import constants, create_repo
 
-    repo_id = hub_repo_id(args)
+    repo_id = hub_repo_id(config)
     if constants.HF_HUB_OFFLINE:
         raise ValueError(f"--push_to_hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or "
                          "drop --push_to_hub and upload --output_dir later")
     try:
-        create_repo(repo_id, exist_ok=True, token=getattr(args, "hub_token", None))
+        create_repo(repo_id, exist_ok=True, token=config.hub_token)
     except Exception as error:  # noqa: BLE001 - network, auth and HTTP errors of every kind: all mean "cannot push"
         raise ValueError(f"--push_to_hub: cannot create the Hub repo {repo_id}: {first_line(error)}") from error
 

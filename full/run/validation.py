@@ -8,25 +8,26 @@ from pathlib import Path
 import minipref
 from minipref.methods import get_method
 from full.models.pipeline import sample_images
+from full.run.config import RunConfig
 
 
-def log_validation(accelerator, parts, args, step: int, weight_dtype, *, unet=None, lora_dir=None) -> Path | None:
+def log_validation(accelerator, parts, config: RunConfig, step: int, weight_dtype, *, unet=None, lora_dir=None) -> Path | None:
     """A grid (prompts x images) on disk and in each tracker (TensorBoard, wandb, ...); main process only."""
     if not accelerator.is_main_process:
         return None
     import numpy as np
     from diffusers.utils import make_image_grid
 
-    prompts = list(args.validation_prompts)
-    if get_method(args.method).label_in_prompt:  # CSFT: sample with the "good image" prefix (paper 001 Sec. 5.1.2)
+    prompts = list(config.validation_prompts)
+    if get_method(config.method).label_in_prompt:  # CSFT: sample with the "good image" prefix (paper 001 Sec. 5.1.2)
         prompts = minipref.csft_prompts(prompts, [True] * len(prompts))
     images = sample_images(
-        parts, prompts, device=accelerator.device, dtype=weight_dtype, resolution=args.resolution,
-        num_per_prompt=args.num_validation_images, steps=args.num_validation_inference_steps,
-        guidance_scale=args.validation_guidance_scale, seed=args.seed, unet=unet, lora_dir=lora_dir,
-        vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision)
-    grid = make_image_grid(images, rows=len(prompts), cols=args.num_validation_images)
-    path = Path(args.output_dir) / "validation" / f"step-{step:06d}{'-final' if lora_dir else ''}.png"
+        parts, prompts, device=accelerator.device, dtype=weight_dtype, resolution=config.resolution,
+        num_per_prompt=config.num_validation_images, steps=config.num_validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale, seed=config.seed, unet=unet, lora_dir=lora_dir,
+        vae_path=config.model.pretrained_vae_model_name_or_path, revision=config.model.revision)
+    grid = make_image_grid(images, rows=len(prompts), cols=config.num_validation_images)
+    path = Path(config.output_dir) / "validation" / f"step-{step:06d}{'-final' if lora_dir else ''}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     tag = "validation" + ("/final" if lora_dir else "")

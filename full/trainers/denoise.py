@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 import minipref
-from minipref.methods import get_method
 from full.models import lora
+from full.models.config import ModelConfig
 from full.models import pipeline as models
 
 
@@ -39,16 +39,18 @@ def _image_major(x: Tensor) -> Tensor:
     return x.transpose(0, 1).flatten(0, 1)  # (B, n, ...) -> (n*B, ...)
 
 
-def inputs_from_images(batch: dict, parts: models.Components, args, device, generator, table=None) -> StepInputs:
-    """Pixels -> VAE latents and captions -> prompt embeddings, on the fly."""
+def inputs_from_images(batch: dict, parts: models.Components, model: ModelConfig, device, generator, table=None, *,
+                       label_in_prompt: bool = False) -> StepInputs:
+    """Pixels -> VAE latents and captions -> prompt embeddings, on the fly. ``label_in_prompt``: the row writes the
+    label into the prompt (CSFT)."""
     pixels = batch["pixel_values"].to(device)  # (B, n, 3, R, R)
     n = pixels.shape[1]
     if isinstance(generator, list):  # per item: the winner and the loser of item i both draw from generator[i]
         generator = generator * n
     latents = models.encode_images(parts, _image_major(pixels), generator,
-                                     getattr(args, "vae_encode_batch_size", None)).float()  # (n*B, 4, R/8, R/8)
+                                     model.vae_encode_batch_size).float()  # (n*B, 4, R/8, R/8)
     captions = batch["captions"]
-    if get_method(args.method).label_in_prompt:  # CSFT: the label goes into the prompt
+    if label_in_prompt:  # CSFT: the label goes into the prompt
         captions = minipref.csft_prompts(captions, batch["desirable"])
     prompt = models.encode_prompts(parts, captions, device)  # (B, ...): a pair shares its prompt
     pooled = None if prompt.pooled is None else prompt.pooled.repeat(n, 1)
@@ -56,7 +58,7 @@ def inputs_from_images(batch: dict, parts: models.Components, args, device, gene
     time_ids = None
     if parts.family == "sdxl":
         time_ids = models.sdxl_time_ids(_image_major(batch["original_sizes"]), _image_major(batch["crop_top_lefts"]),
-                                        args.resolution).to(device)
+                                        pixels.shape[-1]).to(device)  # the training resolution
     embeddings = None if table is None else torch.stack([table[r] for r in batch["row_ids"]]).to(device)
     return StepInputs(latents, prompt, time_ids, n, batch.get("desirable"), embeddings)
 

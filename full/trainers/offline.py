@@ -22,12 +22,14 @@ from torch import Tensor
 import minipref
 from minipref.methods import DATA_OF_KIND
 from full import cli
+from full.data.config import DataConfig
 from full.data.cache import CachedDataset, check_cache_model, collate_cached, read_cache_meta
 from full.data.embeddings import embeddings_from_column, pair_embeddings
 from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import load_training_rows, rows_with_ids
 from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
 from full.data.streaming import make_streaming_loader, report_stream_rows
+from full.models.config import ModelConfig
 from full.models.lora import trainable_unet_parts
 from full.models.pipeline import DEFAULT_RESOLUTION, detect_family
 from full.run.global_batch import GlobalBatch
@@ -126,21 +128,21 @@ def parse_args(argv=None):
 
 def make_loader(args, kind: str, accelerator):
     """The DataLoader, and Diff-contrast's embedding table (uncached contrast only)."""
-    table = None
+    table, data = None, cli.config(DataConfig, args)
     if args.streaming:
-        return make_streaming_loader(args, kind, accelerator), None
+        return make_streaming_loader(data, kind, accelerator), None
     if args.cached_dir:
         dataset = CachedDataset(args.cached_dir, args.caption_dropout, args.seed)
         check_cache(dataset.meta, args, kind)
         collate, labels = collate_cached, (dataset.desirable if kind == "feedback" else None)
     else:
-        rows = load_training_rows(args, kind)
+        rows = load_training_rows(data, kind)
         if minipref.get_method(args.method).needs_embeddings:
             table = contrast_table(args, rows, accelerator)
             rows = rows_with_ids(rows, table)
         dataset = (PairDataset if kind == "pairs" else FeedbackDataset)(
-            rows, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-            caption_dropout=args.caption_dropout, seed=args.seed)
+            rows, data.resolution, center_crop=not data.random_crop, random_flip=data.random_flip,
+            caption_dropout=data.caption_dropout, seed=data.seed)
         collate, labels = collate_skip_none, (rows.column("desirable") if kind == "feedback" else None)
     if args.desirable_ratio is not None:
         sampler = DesirableRatioSampler(labels, args.desirable_ratio, num_samples=len(dataset), seed=args.seed)
@@ -161,9 +163,6 @@ def check_cache(meta: dict, args, kind: str) -> None:
                          f"prompts (the label in the prompt); rebuild it with --method {args.method}")
     if method.needs_embeddings and not meta["has_embeddings"]:
         raise ValueError(f"cache {args.cached_dir} has no CLIP embeddings; rebuild with --clip_model_name_or_path")
-    if args.resolution is not None and meta["resolution"] != args.resolution:
-        logger.warning("the cache is at resolution %d; --resolution %d is ignored", meta["resolution"], args.resolution)
-    args.resolution = meta["resolution"]
 
 
 def contrast_table(args, rows, accelerator) -> dict[int, Tensor]:
@@ -202,7 +201,8 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
 
 
 def main(argv=None) -> dict:
-    return run_and_reset(train, parse_args(argv))
+    args = parse_args(argv)
+    return run_and_reset(lambda: train(args))
 
 
 def train(args) -> dict:
@@ -220,17 +220,23 @@ def train(args) -> dict:
         if meta["family"] != family:
             raise ValueError(f"cache {args.cached_dir} was built for another model family than {family}")
         check_cache_model(meta, args.cached_dir, args.pretrained_model_name_or_path, args.revision,
-                          getattr(args, "pretrained_vae_model_name_or_path", None))
-    if args.resolution is None and not args.cached_dir:
+                          args.pretrained_vae_model_name_or_path)
+        if args.resolution is not None and meta["resolution"] != args.resolution:
+            logger.warning("the cache is at resolution %d; --resolution %d is ignored", meta["resolution"],
+                           args.resolution)
+        args.resolution = meta["resolution"]  # a cache holds latents of one size
+    elif args.resolution is None:
         args.resolution = DEFAULT_RESOLUTION[family]
-    accelerator, weight_dtype = start_accelerator(args, family)
+    accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
     device, kind = accelerator.device, DATA_OF_KIND[objective.method.data]
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run
     loader, table = make_loader(args, kind, accelerator)
     if args.num_train_epochs:
-        args.max_train_steps = steps_for_epochs(args, len(loader), accelerator.num_processes)
-    parts = trainable_unet_parts(args, device, weight_dtype, cached=bool(args.cached_dir))
-    run = TrainingRun(args, accelerator, parts, family, weight_dtype, loader=loader)
+        args.max_train_steps = steps_for_epochs(args.num_train_epochs, len(loader), accelerator.num_processes,
+                                                args.gradient_accumulation_steps)
+    model = cli.config(ModelConfig, args)
+    parts = trainable_unet_parts(model, device, weight_dtype, cached=bool(args.cached_dir))
+    run = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader)
     with_reference, global_batch = objective.needs_reference, GlobalBatch(accelerator)
 
     def step_loss(batch: dict, _) -> minipref.LossOutput:
@@ -238,7 +244,8 @@ def train(args) -> dict:
         if args.cached_dir:
             inputs = inputs_from_cache(batch, family, device)
         else:
-            inputs = inputs_from_images(batch, parts, args, device, generator, table)
+            inputs = inputs_from_images(batch, parts, model, device, generator, table,
+                                        label_in_prompt=objective.method.label_in_prompt)
         pred, ref_pred, target = denoise(run.unet, run.model, parts.noise_scheduler, family, inputs,
                                          with_reference=with_reference, generator=generator, weight_dtype=weight_dtype)
         return objective.loss(pred, ref_pred, target, inputs, global_batch)

@@ -49,13 +49,16 @@ from torch import Tensor
 import minipref
 from minipref.methods import StepErrors, get_method
 from full import cli
+from full.data.config import DataConfig
 from full.data.images import FeedbackDataset, collate_skip_none
 from full.data.rows import real_image_rows
 from full.data.samplers import EpochShuffleSampler
 from full.models import lora
 from full.models import pipeline as models
+from full.models.config import ModelConfig
 from full.models.lora import trainable_unet_parts
-from full.online.generation import GeneratedLatents, generate_iteration, generation_pipeline, generation_scheduler_class
+from full.online.generation import (GeneratedLatents, GenerationConfig, generate_iteration, generation_pipeline,
+                                    generation_scheduler_class)
 from full.online.opponent import OpponentAsReference, add_opponent_adapter, load_opponent, save_iteration_lora
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator, steps_for_epochs
 from full.trainers.denoise import StepInputs, denoise, inputs_from_images
@@ -93,7 +96,6 @@ def parse_args(argv=None):
     parser = build_parser()
     cli.apply_preset(parser, argv, None)
     args = parser.parse_args(argv)
-    args.cached_dir = None
     if args.dataset_name is None:
         parser.error("--dataset_name is required: pairs (winners are the real images) or binary feedback")
     cli.check_training_arguments(parser, args, argv)
@@ -143,26 +145,27 @@ def collate_spin(items) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def spin_inputs(batch: dict, parts: models.Components, args, device, generator) -> StepInputs:
+def spin_inputs(batch: dict, parts: models.Components, model: ModelConfig, device, generator) -> StepInputs:
     """`StepInputs` with n = 2: the B real images (winners) first, then the B opponent samples (losers)."""
-    real = inputs_from_images(batch, parts, args, device, generator)  # n = 1: latents (B, 4, h, w)
+    real = inputs_from_images(batch, parts, model, device, generator)  # n = 1: latents (B, 4, h, w)
+    resolution = batch["pixel_values"].shape[-1]
     generated = batch["generated"].to(device=device, dtype=real.latents.dtype)  # (B, 4, h, w)
     b = generated.shape[0]
     pooled = None if real.prompt.pooled is None else real.prompt.pooled.repeat(2, 1)
     prompt = models.PromptEmbeds(real.prompt.hidden.repeat(2, 1, 1), pooled)  # (2B, L, D): a pair shares c
     time_ids = None
     if parts.family == "sdxl":  # the samples were made at (R, R), uncropped: the pipeline's own add_time_ids
-        size = torch.full((b, 2), args.resolution)
-        generated_ids = models.sdxl_time_ids(size, torch.zeros_like(size), args.resolution).to(device)
+        size = torch.full((b, 2), resolution)
+        generated_ids = models.sdxl_time_ids(size, torch.zeros_like(size), resolution).to(device)
         time_ids = torch.cat([real.time_ids, generated_ids])  # (2B, 6)
     return StepInputs(torch.cat([real.latents, generated]), prompt, time_ids, 2)
 
 
-def spin_step_loss(args, pred: Tensor, opp_pred: Tensor, target: Tensor) -> minipref.LossOutput:
+def spin_step_loss(method: str, beta: float, pred: Tensor, opp_pred: Tensor, target: Tensor) -> minipref.LossOutput:
     """The row's loss (minipref/methods.py): the real images are the winners (first half), the opponent's samples
     the losers, and the opponent is the reference."""
     errors = StepErrors(minipref.per_sample_mse(pred, target), minipref.per_sample_mse(opp_pred, target), 2)
-    return get_method(args.method).loss(errors, {}, args.beta, None)
+    return get_method(method).loss(errors, {}, beta, None)
 
 
 
@@ -172,7 +175,8 @@ def spin_step_loss(args, pred: Tensor, opp_pred: Tensor, target: Tensor) -> mini
 
 
 def main(argv=None) -> dict:
-    return run_and_reset(run, parse_args(argv))
+    args = parse_args(argv)
+    return run_and_reset(lambda: run(args))
 
 
 def run(args) -> dict:
@@ -181,12 +185,14 @@ def run(args) -> dict:
     family = models.detect_family(args.pretrained_model_name_or_path, args.revision)
     cli.check_model_family(args, family)
     args.resolution = args.resolution or models.DEFAULT_RESOLUTION[family]
-    generation_scheduler_class(args)  # a bad flag or bad data fails before the models load
-    rows = real_image_rows(args)
-    accelerator, weight_dtype = start_accelerator(args, family)
+    data, model, generation = (cli.config(DataConfig, args), cli.config(ModelConfig, args),
+                               cli.config(GenerationConfig, args))
+    generation_scheduler_class(generation)  # a bad flag or bad data fails before the models load
+    rows = real_image_rows(data)
+    accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
     device, output_dir = accelerator.device, Path(args.output_dir)
     set_seed(args.seed)
-    parts = trainable_unet_parts(args, device, weight_dtype)
+    parts = trainable_unet_parts(model, device, weight_dtype)
     add_opponent_adapter(parts.unet)
 
     dataset = SpinDataset(FeedbackDataset(rows, args.resolution, center_crop=not args.random_crop,
@@ -196,11 +202,12 @@ def run(args) -> dict:
                                          sampler=EpochShuffleSampler(len(dataset), args.seed),
                                          num_workers=args.dataloader_num_workers)
     if args.num_train_epochs:  # epochs of the real images per iteration
-        args.max_train_steps = steps_for_epochs(args, len(loader), accelerator.num_processes) * args.num_iterations
+        args.max_train_steps = args.num_iterations * steps_for_epochs(
+            args.num_train_epochs, len(loader), accelerator.num_processes, args.gradient_accumulation_steps)
         args.steps_per_iteration = args.max_train_steps // args.num_iterations
-    training = TrainingRun(args, accelerator, parts, family, weight_dtype, loader=loader, desc=f"spin ({family})")
-    model = training.model  # the same weights: generation, the opponent, saving
-    pipe = generation_pipeline(parts, model, args)
+    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader, desc=f"spin ({family})")
+    unet = training.model  # the same weights: generation, the opponent, saving
+    pipe = generation_pipeline(parts, unet, generation)
     iterations = []
     while training.global_step < args.max_train_steps:
         iteration = training.global_step // args.steps_per_iteration
@@ -209,21 +216,21 @@ def run(args) -> dict:
             if not (snapshot / lora.LORA_WEIGHT_NAME).is_file():
                 raise ValueError(f"iteration {iteration} plays against {snapshot}, which does not exist; "
                                  "resume from a checkpoint of that run's output_dir")
-            load_opponent(family, model, snapshot)
-        generation = generate_iteration(pipe, rows, iteration, args, accelerator, output_dir, weight_dtype)
-        dataset.generated = GeneratedLatents(generation["directory"])
-        opponent = OpponentAsReference(model, iteration)
+            load_opponent(family, unet, snapshot)
+        generated = generate_iteration(pipe, rows, iteration, generation, accelerator, output_dir, weight_dtype)
+        dataset.generated = GeneratedLatents(generated["directory"])
+        opponent = OpponentAsReference(unet, iteration)
         end, first = (iteration + 1) * args.steps_per_iteration, len(training.history)
 
         def step_loss(batch: dict, generator) -> minipref.LossOutput:
-            inputs = spin_inputs(batch, parts, args, device, generator)
+            inputs = spin_inputs(batch, parts, model, device, generator)
             pred, opp_pred, target = denoise(training.unet, opponent, parts.noise_scheduler, family, inputs,
                                              with_reference=True, generator=generator, weight_dtype=weight_dtype)
-            return spin_step_loss(args, pred, opp_pred, target)
+            return spin_step_loss(args.method, args.beta, pred, opp_pred, target)
 
         def save_next_opponent(step: int) -> None:  # the next opponent first, then the checkpoint that needs it
             if step == end:
-                save_iteration_lora(family, model, output_dir, iteration, accelerator)
+                save_iteration_lora(family, unet, output_dir, iteration, accelerator)
 
         training.train_until(end, step_loss, extra_logs={"iteration": iteration}, before_checkpoint=save_next_opponent)
         steps = training.history[first:]
@@ -232,5 +239,5 @@ def run(args) -> dict:
         accelerator.log({f"iteration/{k}": v for k, v in summary.items()}, step=training.global_step)
         logger.info("iteration %d done at step %d: %s", iteration, training.global_step,
                     ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        iterations.append({"iteration": iteration, **generation, "metrics": summary})
+        iterations.append({"iteration": iteration, **generated, "metrics": summary})
     return training.finish(history=training.history, iterations=iterations)

@@ -45,7 +45,7 @@ import torch
 from full import cli
 from full.data.images import PairDataset, collate_skip_none
 from full.data.samplers import EpochShuffleSampler
-from full.data.columns import columns_from_args
+from full.data.config import DataConfig
 from full.data.sources import load_pair_rows
 from full.online.preference import decode_latents, pair_preference_loss, predicted_x0
 from full.online.spm import PICKSCORE_MODEL, SPM_CONFIG_NAME, StepAwarePreferenceModel
@@ -251,13 +251,14 @@ class SpmWeights:
 
 
 def main(argv=None) -> dict:
-    return run_and_reset(train, parse_args(argv))
+    args = parse_args(argv)
+    return run_and_reset(lambda: train(args))
 
 
 def train(args) -> dict:
     from accelerate.utils import set_seed
 
-    accelerator, weight_dtype = start_accelerator(args, None)  # weight_dtype: the frozen diffusion model's
+    accelerator, weight_dtype = start_accelerator(cli.run_config(args), None)  # weight_dtype: the frozen diffusion model's
     set_seed(args.seed)
     noiser = NoisyPairImages(args, accelerator.device, weight_dtype)
     spm = StepAwarePreferenceModel.from_pretrained(args.spm_model_name_or_path, args.processor_name_or_path,
@@ -266,7 +267,7 @@ def train(args) -> dict:
     crop = spm.processor.image_processor.crop_size
     resolution = args.resolution or noiser.native_resolution() or crop["height"]
 
-    columns = columns_from_args(args, "pairs")
+    columns = cli.config(DataConfig, args).columns("pairs")
     rows = load_pair_rows(args.dataset_name, args.split, keep_ties=args.keep_ties, max_rows=args.max_train_samples,
                           columns=columns)
     val_rows = (load_pair_rows(args.dataset_name, args.validation_split, keep_ties=args.keep_ties, columns=columns)
@@ -281,7 +282,7 @@ def train(args) -> dict:
                                              batch_size=args.train_batch_size, collate_fn=collate_skip_none)
     val_batches = [b for b in val_loader if b is not None]
 
-    run = TrainingRun(args, accelerator, None, None, weight_dtype, loader=loader, desc="SPM",
+    run = TrainingRun(cli.run_config(args), accelerator, None, None, weight_dtype, loader=loader, desc="SPM",
                       trained=SpmWeights(spm, args))
     unwrapped = run.model
     metrics = {"args": {k: v for k, v in vars(args).items()}, "resolution": resolution, "train": run.history}

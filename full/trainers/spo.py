@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -52,13 +51,14 @@ import minipref
 from full import cli
 from full.data.samplers import EpochShuffleSampler
 from full.models import pipeline as models
+from full.models.config import ModelConfig
 from full.models.lora import adapters_disabled, trainable_unet_parts
 from full.online.preference import THRESHOLD
 from full.online.rollouts import SpoSettings, StepPairs, collect_stats, collect_step_pairs, share_pairs
 from full.online.sampler import Guidance, ddim_scheduler, step_log_probs
 from full.online.spm import StepAwarePreferenceModel, load_spm
-from full.run.accelerator import step_generator
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator
+from full.run.phases import collect_then_train
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,6 @@ def parse_args(argv=None):
     parser = build_parser()
     cli.apply_preset(parser, argv, "spo", METHOD_SETTINGS)
     args = parser.parse_args(argv)
-    args.cached_dir = None
     if args.num_train_epochs is not None:  # the diffusers name of --num_epochs
         args.num_epochs = args.num_train_epochs
     cli.check_training_arguments(parser, args, argv)
@@ -192,12 +191,13 @@ def load_prompts(args) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def spo_step_loss(unet, reference_unet, scheduler, pairs: StepPairs, guide: Guidance, args) -> minipref.LossOutput:
+def spo_step_loss(unet, reference_unet, scheduler, pairs: StepPairs, guide: Guidance, eta: float, train_cfg: bool,
+                  beta: float, clip: float) -> minipref.LossOutput:
     """Reference first (adapters disabled, no graph), then the policy, as `full.trainers.denoise` orders them."""
     with torch.no_grad(), adapters_disabled(reference_unet):
-        ref_w, ref_l = step_log_probs(reference_unet, scheduler, pairs, guide, args.eta, args.train_cfg).chunk(2)
-    logp_w, logp_l = step_log_probs(unet, scheduler, pairs, guide, args.eta, args.train_cfg).chunk(2)
-    return minipref.spo_loss(logp_w, ref_w, logp_l, ref_l, beta=args.beta, clip=args.clip)
+        ref_w, ref_l = step_log_probs(reference_unet, scheduler, pairs, guide, eta, train_cfg).chunk(2)
+    logp_w, logp_l = step_log_probs(unet, scheduler, pairs, guide, eta, train_cfg).chunk(2)
+    return minipref.spo_loss(logp_w, ref_w, logp_l, ref_l, beta=beta, clip=clip)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +206,8 @@ def spo_step_loss(unet, reference_unet, scheduler, pairs: StepPairs, guide: Guid
 
 
 def main(argv=None) -> dict:
-    return run_and_reset(run, parse_args(argv))
+    args = parse_args(argv)
+    return run_and_reset(lambda: run(args))
 
 
 def main_requiring_pairs(argv=None) -> dict:
@@ -249,11 +250,11 @@ def run(args) -> dict:
     cli.check_model_family(args, family)
     resolve_family_defaults(args, family)
     prompts = load_prompts(args)
-    accelerator, weight_dtype = start_accelerator(args, family)
-    device, output_dir = accelerator.device, Path(args.output_dir)
+    accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
+    device = accelerator.device
     spm = load_preference_model(args, device, weight_dtype)  # a wrong path fails before the UNet loads
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run
-    parts = trainable_unet_parts(args, device, weight_dtype)
+    parts = trainable_unet_parts(cli.config(ModelConfig, args), device, weight_dtype)
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     args.resolution = args.resolution or parts.unet.config.sample_size * vae_scale
     latent_shape = (parts.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
@@ -269,65 +270,42 @@ def run(args) -> dict:
         time_ids = models.sdxl_time_ids(size, torch.zeros_like(size), args.resolution).to(device)  # (1, 6)
     guide = Guidance(family, unconditional_embeds(parts, device), time_ids, args.guidance_scale, weight_dtype)
 
-    training = TrainingRun(args, accelerator, parts, family, weight_dtype, desc=f"spo ({family})")
-    model, progress = training.model, training.progress  # the same weights: sampling, the reference, saving
-    # Prompt batches: one permutation per epoch (the same on every process), each process takes its slice.
-    per_step = args.sample_batch_size * accelerator.num_processes
-    batches_per_epoch = math.ceil(len(prompts) / per_step)
-    sampler = EpochShuffleSampler(len(prompts), args.seed)
+    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, desc=f"spo ({family})")
+    model = training.model  # the same weights: sampling, the reference, saving
     logger.info("SPO on %d prompts: k=%d, threshold %.3g, t < %d, %d inner steps, %d DDIM steps, CFG %.3g",
                 len(prompts), args.num_candidates, args.threshold, args.max_timestep, args.num_inner_steps,
                 args.num_inference_steps, args.guidance_scale)
-    collects, last_saved = [], progress.global_step
-    done = lambda: (args.max_train_steps is not None and progress.global_step >= args.max_train_steps) \
-        or progress.epoch >= args.num_epochs  # noqa: E731
-    while not done():
-        sampler.set_epoch(progress.epoch)
-        order = list(sampler)
-        while progress.batch_in_epoch < batches_per_epoch and not done():
-            start = progress.batch_in_epoch * per_step + accelerator.process_index * args.sample_batch_size
-            batch = [prompts[j] for j in order[start:start + args.sample_batch_size]]
-            progress.batch_in_epoch += 1
-            phase = progress.epoch * batches_per_epoch + progress.batch_in_epoch  # the same after a resume
-            generator = step_generator(args.seed, phase, accelerator.process_index, device)
-            # ---- collect: the current policy samples, the SPM picks pairs (no gradients)
-            model.eval()
-            pairs, branches = StepPairs.empty(latent_shape, guide, device), []
-            if batch:  # (empty when this process ran out of prompts in the epoch's last batch)
-                pairs, branches = collect_step_pairs(model, scheduler, parts.vae, spm, batch,
-                                                     models.encode_prompts(parts, batch, device), guide, settings,
-                                                     latent_shape, generator)
-            stats = collect_stats(accelerator, branches, len(pairs))
-            collects.append({**stats, "branches": branches})
-            accelerator.log({f"collect/{k}": v for k, v in stats.items()}, step=progress.global_step)
-            pairs = share_pairs(accelerator, pairs, torch.Generator().manual_seed(generator.initial_seed()))
-            if len(pairs) == 0:
-                logger.warning("no pair kept from %d branch points (threshold %.3g, mean gap %.3g); nothing to "
-                               "train on this batch", stats["branch_points"], args.threshold, stats["mean_gap"])
-                continue
-            # ---- train: one pass over the kept tuples
-            model.train()
-            for first in range(0, len(pairs), args.train_batch_size):
-                progress.micro_step += 1
-                chunk = pairs.select(torch.arange(first, min(first + args.train_batch_size, len(pairs)),
-                                                  device=pairs.timesteps.device))
-                if training.micro_step(lambda: spo_step_loss(training.unet, model, scheduler, chunk, guide,
-                                                             args)) is None:
-                    continue
-                training.validate_if_due()
-                if done():
-                    break
-            # checkpoints at phase boundaries: a resumed run restarts with the next prompt batch
-            if progress.global_step // args.checkpointing_steps > last_saved // args.checkpointing_steps:
-                training.save_checkpoint()
-                last_saved = progress.global_step
-        if progress.batch_in_epoch >= batches_per_epoch:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-    if progress.global_step > last_saved:
-        training.save_checkpoint()
+    collects = []
+
+    def collect(indices: list[int], generator: torch.Generator) -> list[StepPairs]:
+        """The current policy samples, the SPM picks pairs (no gradients); the kept pairs as micro-batches."""
+        batch = [prompts[j] for j in indices]
+        model.eval()
+        pairs, branches = StepPairs.empty(latent_shape, guide, device), []
+        if batch:  # (empty when this process ran out of prompts in the epoch's last batch)
+            pairs, branches = collect_step_pairs(model, scheduler, parts.vae, spm, batch,
+                                                 models.encode_prompts(parts, batch, device), guide, settings,
+                                                 latent_shape, generator)
+        stats = collect_stats(accelerator, branches, len(pairs))
+        collects.append({**stats, "branches": branches})
+        accelerator.log({f"collect/{k}": v for k, v in stats.items()}, step=training.global_step)
+        pairs = share_pairs(accelerator, pairs, torch.Generator().manual_seed(generator.initial_seed()))
+        if len(pairs) == 0:
+            logger.warning("no pair kept from %d branch points (threshold %.3g, mean gap %.3g); nothing to "
+                           "train on this batch", stats["branch_points"], args.threshold, stats["mean_gap"])
+        model.train()
+        size = args.train_batch_size
+        return [pairs.select(torch.arange(first, min(first + size, len(pairs)), device=pairs.timesteps.device))
+                for first in range(0, len(pairs), size)]
+
+    # Prompt batches: one permutation per epoch (the same on every process), each process takes its slice.
+    collect_then_train(training, EpochShuffleSampler(len(prompts), args.seed), args.sample_batch_size,
+                       args.num_epochs, collect,
+                       lambda pairs: spo_step_loss(training.unet, model, scheduler, pairs, guide, args.eta,
+                                                   args.train_cfg, args.beta, args.clip))
 
     branch_points = sum(c["branch_points"] for c in collects)
-    if progress.global_step == 0:
+    if training.global_step == 0:
         logger.warning("no SPO pair passed --threshold %.3g in %d branch points: the LoRA was not updated (lower the "
                        "threshold, or check the preference model)", args.threshold, branch_points)
     logger.info("%d pairs kept in total", sum(c["kept_pairs"] for c in collects))
