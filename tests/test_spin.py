@@ -20,6 +20,7 @@ import torch
 from full import models
 from full.online import generation
 from full.online import opponent as spin_opponent
+from full.run.weights import reference_forward
 from full.trainers import spin
 
 LOG2 = math.log(2)
@@ -86,14 +87,15 @@ def test_opponent_is_the_base_model_then_the_frozen_snapshot(tiny_sd15, tmp_path
     snapshot_out = unet(x, t, **cond).sample.detach()
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")(x, t, **cond).sample
-    torch.testing.assert_close(models.reference_forward(spin_opponent.OpponentAsReference(unet, 0), x, t, cond), base)
+    theta = lambda k: reference_forward(lambda: spin_opponent.playing_opponent(unet, k))  # noqa: E731  (as full.spin)
+    torch.testing.assert_close(theta(0)(x, t, cond), base)
 
     spin_opponent.load_opponent("sd15", unet, tmp_path)
     with torch.no_grad():  # the policy moves on; the opponent stays where the snapshot was
         for name, p in unet.named_parameters():
             if "lora_B.default" in name:
                 p.add_(0.1)
-    opponent_out = models.reference_forward(spin_opponent.OpponentAsReference(unet, 1), x, t, cond)
+    opponent_out = theta(1)(x, t, cond)
     torch.testing.assert_close(opponent_out, snapshot_out, rtol=0, atol=0)
     assert not opponent_out.requires_grad
     policy_out = unet(x, t, **cond).sample  # back to the trained adapter, with gradients

@@ -151,8 +151,8 @@ def test_training_log_prob_is_the_sampling_gaussian_with_cfg(sd15):
     assert abs(spread[True][0]) < 0.05 and abs(spread[True][1] - 1) < 0.05
     assert abs(spread[False][1] - 1) > 0.2 and log_probs[True].mean() > log_probs[False].mean()
     # and the policy's log-probability (LoRA still zero) equals the reference's: the ratio starts at exactly 1
-    out = spo.spo_step_loss(sd15.parts.unet, sd15.parts.unet, sd15.scheduler, pairs, sd15.guide, eta=1.0,
-                            train_cfg=True, beta=10.0, clip=0.1)
+    out = spo.spo_step_loss(sd15.parts.unet, models.adapters_disabled(sd15.parts.unet), sd15.scheduler, pairs,
+                            sd15.guide, eta=1.0, train_cfg=True, beta=10.0, clip=0.1)
     assert out.metrics["log_ratio_w"] == 0 and out.metrics["clip_frac"] == 0
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
 

@@ -27,7 +27,10 @@ def test_accelerate_launch_two_cpu_processes_runs_dpo(tiny_sd15, pickapic_parque
 
 # The global batch: 2 processes x micro-batch 2 == 1 process x batch 4 on the same samples, for the objectives whose
 # loss looks across the batch (KTO's reference point, Diff-contrast's weights) and for DPO.
-EQUALITY_METHODS = ("dpo", "kto", "contrast")  # contrast reads its f(y, x) from the tiny CLIP
+# name -> method and flags; contrast reads its f(y, x) from the tiny CLIP; dpo_full trains the whole UNet against a
+# frozen copy (full/run/weights.py), under DDP the copy stays outside the wrapped model
+EQUALITY_RUNS = {"dpo": ("dpo",), "kto": ("kto",), "contrast": ("contrast",),
+                 "dpo_full": ("dpo", "--train_mode", "full")}
 # The runs train with SGD (tests/sgd_runs.py): its update is linear in the gradient, so the runs differ only by float
 # rounding of the same sums taken in another order (DDP's all-reduce, the gathered batch), on any CPU's kernels.
 # AdamW is not compared: its first update, lr * g / (|g| + eps), is about lr * sign(g), so rounding noise in a
@@ -52,9 +55,10 @@ STEP2_LOSS_ATOL = 1e-3
 UPDATE_RTOL = 2e-3
 
 
-def _equality_argv(model, data, clip, out, method, batch):
+def _equality_argv(model, data, clip, out, name, batch):
+    method, *flags = EQUALITY_RUNS[name]
     extra = ["--clip_model_name_or_path", clip] if method == "contrast" else []
-    argv = train_argv(model, data, out / f"{method}-{batch}", method, *extra, steps=2)
+    argv = train_argv(model, data, out / f"{name}-{batch}", method, *extra, *flags, steps=2)
     argv[argv.index("--train_batch_size") + 1] = str(batch)
     return argv
 
@@ -69,18 +73,18 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_sd15, tiny_c
     from full.trainers import offline
     from tests.sgd_runs import UPDATE_NAME, relative_difference, use_sgd, write_update
 
-    runs = [_equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, m, 2) for m in EQUALITY_METHODS]
+    runs = [_equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, name, 2) for name in EQUALITY_RUNS]
     launch_two(str(ROOT / "tests" / "distributed_driver.py"), json.dumps(runs), "sgd", timeout=600)
     use_sgd(monkeypatch)
-    for method in EQUALITY_METHODS:
-        argv = _equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, method, 4)
+    for name in EQUALITY_RUNS:
+        argv = _equality_argv(tiny_sd15, pickapic_parquet, tiny_clip, tmp_path, name, 4)
         one = offline.main(argv)
-        write_update(tmp_path / f"{method}-4")
-        two = json.loads((tmp_path / f"{method}-2" / "history.json").read_text())
+        write_update(tmp_path / f"{name}-4")
+        two = json.loads((tmp_path / f"{name}-2" / "history.json").read_text())
         losses_one, losses_two = [h["loss"] for h in one["history"]], [h["loss"] for h in two]
-        assert len(losses_two) == 2 and losses_one[0] == pytest.approx(losses_two[0], rel=STEP1_LOSS_RTOL), method
-        assert losses_one[1] == pytest.approx(losses_two[1], abs=STEP2_LOSS_ATOL), method
-        update_one = torch.load(tmp_path / f"{method}-4" / UPDATE_NAME)
-        update_two = torch.load(tmp_path / f"{method}-2" / UPDATE_NAME)
+        assert len(losses_two) == 2 and losses_one[0] == pytest.approx(losses_two[0], rel=STEP1_LOSS_RTOL), name
+        assert losses_one[1] == pytest.approx(losses_two[1], abs=STEP2_LOSS_ATOL), name
+        update_one = torch.load(tmp_path / f"{name}-4" / UPDATE_NAME)
+        update_two = torch.load(tmp_path / f"{name}-2" / UPDATE_NAME)
         difference = relative_difference(update_one, update_two)
-        assert difference < UPDATE_RTOL, (method, difference)
+        assert difference < UPDATE_RTOL, (name, difference)

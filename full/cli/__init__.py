@@ -21,6 +21,8 @@ from full.cli.checks import (check_importable, check_model_paths, check_positive
 from full.cli.data import (add_column_arguments, add_image_data_arguments, add_streaming_arguments,  # noqa: F401
                            check_image_data_arguments, check_streaming_arguments)
 
+TRAIN_MODES = ("lora", "full")
+OPTIMIZERS = ("adamw", "adafactor", "adamw_8bit")
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 # The entry point that trains a row of the method table, by its data kind: the online ones sample during training.
 ENTRY_OF_KIND = {"paired": "full.train", "binary": "full.train", "self_play": "full.spin", "online": "full.spo"}  # a bug's KeyError keeps its traceback
@@ -105,8 +107,16 @@ def add_model_arguments(p: argparse.ArgumentParser):
     a("--revision", default=None)
     a("--variant", default=None, help="e.g. fp16")
     a("--pretrained_vae_model_name_or_path", default=None, help="a VAE that is safe in half precision (SDXL)")
-    a("--rank", type=int, default=8)
-    a("--lora_alpha", type=float, default=None, help="default: --rank (scale 1)")
+    a("--train_mode", choices=TRAIN_MODES, default="lora",
+      help="lora: peft adapters on the UNet's attention (the reference is the UNet with them off); full: every UNet "
+           "weight, the reference a frozen copy of the start (full/run/weights.py)")
+    a("--rank", type=int, default=8, help="--train_mode lora: the LoRA rank")
+    a("--lora_alpha", type=float, default=None, help="--train_mode lora: default --rank (scale 1)")
+    a("--use_ema", action="store_true", help="--train_mode full: keep an EMA of the weights (diffusers EMAModel); "
+                                             "the final unet/ holds it")
+    a("--ema_decay", type=float, default=None, help="--use_ema: the EMA decay (default 0.9999, diffusers')")
+    a("--save_pipeline", action="store_true",
+      help="--train_mode full: also write the whole pipeline into --output_dir (DiffusionPipeline.from_pretrained)")
     a("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     return a
 
@@ -128,7 +138,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--use_8bit_adam", action="store_true", help='bitsandbytes AdamW8bit (pip install "minipref[8bit]")')
+    a("--optimizer", choices=OPTIMIZERS, default=None,
+      help="adamw (default); adafactor (transformers', as Diffusion-DPO's SDXL launcher: no momentum, factored "
+           "second moments); adamw_8bit (bitsandbytes)")
+    a("--use_8bit_adam", action="store_true", help='= --optimizer adamw_8bit (pip install "minipref[8bit]")')
     a("--max_grad_norm", type=float, default=1.0)
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: the accelerate config")
     a("--gradient_checkpointing", action="store_true")

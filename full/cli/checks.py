@@ -39,7 +39,8 @@ def check_importable(parser, flag: str, module: str, extra: str) -> None:
 def lr_scheduler_names() -> list[str]:
     from diffusers.optimization import SchedulerType
 
-    return [schedule.value for schedule in SchedulerType]
+    # diffusers' schedules, and transformers' inverse square root (DSPO's warm-up then inverse scaling)
+    return [schedule.value for schedule in SchedulerType] + ["inverse_sqrt"]
 
 
 def given(argv: Sequence[str], flag: str) -> bool:
@@ -91,6 +92,33 @@ def check_training_arguments(parser, args, argv: Sequence[str] = ()) -> None:
     if message:
         parser.error(message)
     if args.use_8bit_adam:
-        check_importable(parser, "--use_8bit_adam", "bitsandbytes", "8bit")
+        if args.optimizer not in (None, "adamw_8bit"):
+            parser.error(f"--use_8bit_adam is --optimizer adamw_8bit; it contradicts --optimizer {args.optimizer}")
+        args.optimizer = "adamw_8bit"
+    args.optimizer = args.optimizer or "adamw"
+    if args.optimizer == "adamw_8bit":
+        check_importable(parser, "--use_8bit_adam" if args.use_8bit_adam else "--optimizer adamw_8bit",
+                         "bitsandbytes", "8bit")
+    if hasattr(args, "train_mode"):
+        check_train_mode(parser, args, argv)
     if args.hub_model_id and not args.push_to_hub:
         parser.error("--hub_model_id is used with --push_to_hub")
+
+
+def check_train_mode(parser, args, argv: Sequence[str]) -> None:
+    """The flags of one --train_mode are errors in the other; --ema_decay needs --use_ema."""
+    if args.train_mode == "full":
+        for flag in ("--rank", "--lora_alpha"):
+            if given(argv, flag):
+                parser.error(f"{flag} applies to --train_mode lora; --train_mode full trains every UNet weight")
+        args.rank = args.lora_alpha = None  # args.json, the model card and the run's identity: no LoRA here
+    else:
+        for flag in ("--use_ema", "--save_pipeline"):
+            if getattr(args, flag[2:]):
+                parser.error(f"{flag} applies to --train_mode full (a LoRA run saves its adapter: "
+                             "pipe.load_lora_weights)")
+    if args.ema_decay is not None and not args.use_ema:
+        parser.error("--ema_decay applies with --use_ema")
+    if args.use_ema:
+        args.ema_decay = 0.9999 if args.ema_decay is None else args.ema_decay
+        check_range(parser, args, "ema_decay", 0, 1, low_open=True, high_open=True)

@@ -15,8 +15,12 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16": which weight files of the repo to read
     pretrained_vae_model_name_or_path: str | None = None  # a VAE that is safe in half precision (SDXL)
+    train_mode: str = "lora"  # lora: peft adapters; full: every UNet weight (full/run/weights.py)
     rank: int = 8  # LoRA rank
     lora_alpha: float | None = None  # None: the rank (scale 1)
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
     vae_encode_batch_size: int | None = None  # images per VAE encode (None: the whole batch)
+    use_ema: bool = False  # full: an EMA of the weights, saved as the final UNet
+    ema_decay: float | None = None
+    save_pipeline: bool = False  # full: the whole pipeline in output_dir, besides unet/

@@ -100,9 +100,14 @@ def load_lora_into(family: str, unet, directory) -> None:
         raise ValueError(f"LoRA in {directory} does not match the UNet: unexpected keys {unexpected[:5]}")
 
 
-def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bool = False):
-    """The pipeline's parts with a LoRA on the UNet, ready to train: frozen parts in `weight_dtype`, LoRA in fp32
-    (the VAE and text encoders are skipped when training from a cache)."""
+def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bool = False,
+                         with_reference: bool = True):
+    """The pipeline's parts ready to train, the frozen ones in `weight_dtype` (the VAE and text encoders are skipped
+    when training from a cache). ``--train_mode lora``: a LoRA on the UNet, in fp32. ``full``: the whole UNet in
+    fp32 master weights and, when the objective needs it (``with_reference``), ``parts.reference_unet``: a frozen
+    copy of the starting UNet in `weight_dtype`, never trained, never wrapped by DDP/ZeRO/FSDP."""
+    import copy
+
     from diffusers.training_utils import cast_training_params
 
     from full.models.pipeline import load_components, place_components
@@ -110,9 +115,16 @@ def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bo
     parts = load_components(model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
                             vae_path=model.pretrained_vae_model_name_or_path, with_vae=not cached,
                             with_text_encoders=not cached)
-    add_lora(parts.unet, model.rank, alpha=model.lora_alpha)
-    place_components(parts, device, weight_dtype, fixed_vae=bool(model.pretrained_vae_model_name_or_path))
-    cast_training_params(parts.unet, dtype=torch.float32)
+    full = model.train_mode == "full"
+    if full:
+        parts.reference_unet = copy.deepcopy(parts.unet) if with_reference else None  # frozen, as loaded
+        parts.unet.requires_grad_(True)
+    else:
+        add_lora(parts.unet, model.rank, alpha=model.lora_alpha)
+    place_components(parts, device, weight_dtype, fixed_vae=bool(model.pretrained_vae_model_name_or_path),
+                     unet_dtype=torch.float32 if full else None)
+    if not full:
+        cast_training_params(parts.unet, dtype=torch.float32)
     if model.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     if model.allow_tf32:

@@ -17,6 +17,7 @@ The reference model of every objective is the frozen starting point (docs/conven
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -63,6 +64,20 @@ def pipeline_class(family: str):
     return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
 
 
+def save_pipeline(family: str, model, output_dir) -> Path:
+    """``--save_pipeline``: the base pipeline with the UNet a full run saved in ``output_dir/unet``, written into
+    ``output_dir`` as diffusers writes pipelines, so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    components = {"unet": UNet2DConditionModel.from_pretrained(Path(output_dir) / "unet")}
+    if model.pretrained_vae_model_name_or_path:
+        components["vae"] = AutoencoderKL.from_pretrained(model.pretrained_vae_model_name_or_path)
+    pipe = pipeline_class(family).from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
+                                                  variant=model.variant, **components)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return Path(output_dir)
+
+
 @dataclass
 class Components:
     """What training needs from a pipeline. `tokenizers`/`text_encoders` are empty when training from a cache."""
@@ -75,6 +90,7 @@ class Components:
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     vae_dtype: torch.dtype = torch.float32
+    reference_unet: torch.nn.Module | None = None  # --train_mode full: the frozen copy of the starting UNet
 
 
 def load_components(
@@ -116,7 +132,8 @@ def load_components(
     return parts
 
 
-def place_components(parts: Components, device, weight_dtype: torch.dtype, *, fixed_vae: bool) -> None:
+def place_components(parts: Components, device, weight_dtype: torch.dtype, *, fixed_vae: bool,
+                     unet_dtype: torch.dtype | None = None) -> None:
     """Frozen weights in `weight_dtype` on `device` (the LoRA weights are upcast to fp32 separately).
 
     The SDXL VAE stays in fp32 unless `fixed_vae` (a VAE given by path, e.g. the fp16-fix one); the SD1.5
@@ -127,7 +144,9 @@ def place_components(parts: Components, device, weight_dtype: torch.dtype, *, fi
         if dtype != module.dtype:  # (a no-op `.to(dtype)` makes diffusers warn about fp32 modules)
             module.to(dtype=dtype)
 
-    move(parts.unet, weight_dtype)
+    move(parts.unet, unet_dtype or weight_dtype)  # a fully trained UNet keeps fp32 master weights
+    if parts.reference_unet is not None:
+        move(parts.reference_unet, weight_dtype)
     for encoder in parts.text_encoders:
         move(encoder, weight_dtype)
     if parts.vae is not None:
@@ -235,16 +254,18 @@ def training_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: 
 @torch.no_grad()
 def sample_images(parts: Components, prompts: list[str], *, device, dtype, resolution: int, num_per_prompt: int = 1,
                   steps: int = 25, guidance_scale: float = 7.5, seed: int = 0, unet=None, lora_dir=None,
-                  vae_path: str | None = None, revision: str | None = None) -> list:
-    """PIL images from the family's pipeline: with `unet` (the training UNet, adapters on) or, with `lora_dir`,
-    a fresh pipeline that loads the saved LoRA through `load_lora_weights` (what users will do)."""
+                  unet_dir=None, vae_path: str | None = None, revision: str | None = None) -> list:
+    """PIL images from the family's pipeline: with `unet` (the training UNet, adapters on) or, as users will load
+    what a run saved, a fresh pipeline with the LoRA of `lora_dir` (`load_lora_weights`) or the UNet folder
+    `unet_dir` (`UNet2DConditionModel.from_pretrained`)."""
     from contextlib import nullcontext
 
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     components = {}
     if lora_dir is None:
-        components["unet"] = unet if unet is not None else parts.unet
+        components["unet"] = UNet2DConditionModel.from_pretrained(unet_dir) if unet_dir is not None else \
+            unet if unet is not None else parts.unet
         if parts.vae is not None:
             components["vae"] = parts.vae
         if parts.text_encoders:

@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from full.models import lora
 from full.models.pipeline import Components, pipeline_class
-from full.online.opponent import playing_opponent
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ def generation_scheduler_class(config: GenerationConfig):
 
 
 def generation_pipeline(parts: Components, unet, config: GenerationConfig):
-    """The family's diffusers pipeline around the training UNet (the opponent is chosen by `playing_opponent`)."""
+    """The family's diffusers pipeline around the training UNet (`generate_iteration` puts the opponent in)."""
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
@@ -76,8 +74,12 @@ def generation_pipeline(parts: Components, unet, config: GenerationConfig):
     return pipe
 
 
-def _file_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the files of a snapshot folder (names and bytes, in sorted order): the opponent's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -88,11 +90,10 @@ def _atomic_json(path: Path, payload: dict) -> None:
 
 def generation_settings(config: GenerationConfig, rows, iteration: int, output_dir: Path) -> dict:
     """What the cached samples of an iteration depend on; a cache made with other settings is refused."""
-    opponent = "base" if iteration == 0 else \
-        _file_digest(output_dir / f"iteration-{iteration - 1}" / lora.LORA_WEIGHT_NAME)
+    opponent = "base" if iteration == 0 else folder_digest(output_dir / f"iteration-{iteration - 1}")
     ids = rows.row_ids.tolist() if hasattr(rows, "row_ids") else [r["row_id"] for r in rows]  # LazyRows: no reads
     row_ids = ",".join(map(str, ids))
-    return {"iteration": iteration, "opponent_lora_sha256": opponent, "model": config.pretrained_model_name_or_path,
+    return {"iteration": iteration, "opponent_sha256": opponent, "model": config.pretrained_model_name_or_path,
             "scheduler": config.generation_scheduler or "pipeline default", "steps": config.generation_steps,
             "guidance_scale": config.generation_guidance_scale, "resolution": config.resolution, "seed": config.seed,
             "shard_size": config.generation_batch_size, "rows_sha256": hashlib.sha256(row_ids.encode()).hexdigest()}
@@ -118,7 +119,8 @@ class GeneratedLatents:
             return f.get_slice("latents")[offset:offset + 1][0]  # (4, h, w)
 
 
-def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, accelerator, output_dir: Path, dtype) -> dict:
+def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, accelerator, output_dir: Path, dtype,
+                       opponent) -> dict:
     """Opponent samples for every row, one shard per `--generation_batch_size` prompts, each process a share.
 
     A shard is written to a temporary name and renamed, so it either exists complete or not at all; a rerun of the
@@ -152,7 +154,7 @@ def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, acc
                        main_process=accelerator.is_main_process)
     for j, chunk in bar:
         generator = torch.Generator(device).manual_seed((config.seed * 1_000_003 + iteration) * 1_000_033 + j)
-        with playing_opponent(pipe.unet, iteration), autocast:
+        with opponent.playing(iteration) as pipe.unet, autocast:  # theta_k samples (the LoRA: its adapter)
             latents = pipe([r["caption"] for r in chunk], num_inference_steps=config.generation_steps,
                            guidance_scale=config.generation_guidance_scale, height=config.resolution,
                            width=config.resolution, generator=generator, output_type="latent").images  # (b, 4, h, w)

@@ -2,9 +2,10 @@
 
 Memory is one more LoRA, not a second UNet. Its forward switches the active adapter (`unet.set_adapter("opponent")`)
 under `torch.no_grad()` and back; its weights never receive gradients and never reach the optimizer. `k = 0` uses the
-reference path (adapters disabled = the base model). `OpponentAsReference` lets `full.trainers.denoise.denoise` run
-either one as "the reference". Each iteration's trained LoRA is saved to `<output_dir>/iteration-k/` and becomes
-the next opponent.
+reference path (adapters disabled = the base model). With --train_mode full the opponent is a frozen copy of the whole
+UNet instead (`FullOpponent`). Either way ``playing(k)`` yields the network theta_k, which samples the losers and is
+the reference of the step; each iteration's trained weights are saved to `<output_dir>/iteration-k/` and become the
+next opponent.
 """
 
 from __future__ import annotations
@@ -74,35 +75,65 @@ def playing_opponent(unet, iteration: int):
         unet.set_adapter("default")  # also re-freezes the opponent and re-enables gradients of the LoRA
 
 
-class OpponentAsReference:
-    """`full.trainers.denoise.denoise` gets its reference from `lora.reference_forward`, which runs the UNet with its LoRA
-    "disabled" under `torch.no_grad()`. In SPIN the reference is the opponent: this view makes "disabled" mean
-    "switched to theta_k" (for k = 0 that is exactly disabling the LoRA)."""
-
-    def __init__(self, unet, iteration: int):
-        self.unet, self.iteration, self._context = unet, iteration, None
-
-    def disable_adapters(self) -> None:
-        self._context = playing_opponent(self.unet, self.iteration)
-        self._context.__enter__()
-
-    def enable_adapters(self) -> None:
-        self._context.__exit__(None, None, None)
-        self._context = None
-
-    def __call__(self, *args, **kwargs):
-        return self.unet(*args, **kwargs)
-
-
-
-def save_iteration_lora(family: str, unet, output_dir: Path, iteration: int, accelerator) -> Path:
-    """`<output_dir>/iteration-k/`: the next opponent, written to a temporary directory and renamed."""
+def save_atomically(output_dir: Path, iteration: int, accelerator, write) -> Path:
+    """`<output_dir>/iteration-k/` (``write(folder)`` fills it on the main process): the next opponent, written to
+    a temporary directory and renamed, so an interrupted save leaves no half snapshot."""
     final, tmp = output_dir / f"iteration-{iteration}", output_dir / f".iteration-{iteration}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_lora(family, unet, tmp)
+        write(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
+
+class LoraOpponent:
+    """theta_k of a LoRA run: the "opponent" adapter on the training UNet (base model at k = 0)."""
+
+    weight_file = lora.LORA_WEIGHT_NAME  # of iteration-k/: what must be there for the snapshot to count
+
+    def __init__(self, family: str, unet):
+        self.family, self.unet = family, unet
+        add_opponent_adapter(unet)
+
+    def load(self, snapshot: Path) -> None:
+        load_opponent(self.family, self.unet, snapshot)
+
+    def playing(self, iteration: int):
+        """A context manager that yields the network theta_k samples and scores with."""
+        return playing_opponent(self.unet, iteration)
+
+    def save_iteration(self, training, output_dir: Path, iteration: int) -> Path:
+        return save_atomically(output_dir, iteration, training.accelerator,
+                               lambda folder: lora.save_lora(self.family, training.model, folder))
+
+
+class FullOpponent:
+    """theta_k of a full fine-tuning run: a frozen copy of the whole UNet in the weight dtype, outside the wrapped
+    model and the optimizer. It starts as the base model (the run's reference copy) and is overwritten with each
+    snapshot; memory is one more UNet, as the reference of an offline full run."""
+
+    weight_file = "unet/config.json"  # of iteration-k/ (the weights beside it may be sharded)
+
+    def __init__(self, module):
+        self.module = module
+
+    def load(self, snapshot: Path) -> None:
+        saved = type(self.module).from_pretrained(snapshot, subfolder="unet")
+        self.module.load_state_dict(saved.state_dict())  # copied into the module's dtype and device
+
+    @contextmanager
+    def playing(self, iteration: int):
+        yield self.module
+
+    def save_iteration(self, training, output_dir: Path, iteration: int) -> Path:
+        state = training.accelerator.get_state_dict(training.unet)  # every process: a collective under sharding
+        return save_atomically(output_dir, iteration, training.accelerator,
+                               lambda folder: training.model.save_pretrained(folder / "unet", state_dict=state,
+                                                                             safe_serialization=True))
+
+
+def opponent_for(train_mode: str, family: str, parts):
+    """The opponent of ``--train_mode``: call before the run wraps the UNet (the LoRA opponent adds an adapter)."""
+    return LoraOpponent(family, parts.unet) if train_mode == "lora" else FullOpponent(parts.reference_unet)

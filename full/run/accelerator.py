@@ -61,21 +61,41 @@ def make_accelerator(config: RunConfig):
 
 
 def make_optimizer(config: RunConfig, params, accelerator):
-    """AdamW (8-bit with `--use_8bit_adam`) on the LoRA parameters and the diffusers lr schedule."""
-    from diffusers.optimization import get_scheduler
+    """The optimizer on the trained parameters and its learning-rate schedule.
 
-    scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes if config.scale_lr else 1
-    adamw = torch.optim.AdamW
-    if config.use_8bit_adam:
-        import bitsandbytes  # checked at parse time (full.cli.check_importable)
+    `--optimizer adamw` (torch), `adamw_8bit` (bitsandbytes), or `adafactor` (transformers', with the settings of
+    Diffusion-DPO's SDXL training script: a fixed learning rate, no relative step or parameter scaling, update
+    clipping at 1). `--scale_lr` multiplies the rate by the global batch (processes x micro-batch x accumulation),
+    as the Diffusion-DPO launchers use it. The schedule is diffusers' `get_scheduler`, or transformers'
+    `inverse_sqrt` (linear warm-up, then lr x sqrt(warmup / step): DSPO's schedule)."""
+    from diffusers.optimization import SchedulerType, get_scheduler
 
-        adamw = bitsandbytes.optim.AdamW8bit
-    optimizer = adamw(params, lr=config.learning_rate * scale, betas=(config.adam_beta1, config.adam_beta2),
-                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,  # accelerate steps it once per process
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max(config.max_train_steps or 1, 1) * accelerator.num_processes)
-    return optimizer, lr_scheduler
+    scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes \
+        if config.scale_lr else 1
+    lr = config.learning_rate * scale
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=lr, weight_decay=config.adam_weight_decay, clip_threshold=1.0,
+                              scale_parameter=False, relative_step=False, warmup_init=False)
+    else:
+        adamw = torch.optim.AdamW
+        if config.optimizer == "adamw_8bit":
+            import bitsandbytes  # checked at parse time (full.cli.check_importable)
+
+            adamw = bitsandbytes.optim.AdamW8bit
+        optimizer = adamw(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    # accelerate steps the schedule once per process and optimizer step: its step counts are in those units
+    warmup = config.lr_warmup_steps * accelerator.num_processes
+    total = max(config.max_train_steps or 1, 1) * accelerator.num_processes
+    if config.lr_scheduler in {s.value for s in SchedulerType}:
+        return optimizer, get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                                        num_training_steps=total)
+    from transformers import get_scheduler as transformers_scheduler
+
+    return optimizer, transformers_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                                             num_training_steps=total)
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device) -> torch.Generator:

@@ -34,7 +34,7 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
+    optimizer: str = "adamw"  # adamw | adafactor | adamw_8bit
     max_grad_norm: float = 1.0
     mixed_precision: str | None = None  # None: the accelerate config's
     # checkpoints, trackers, the Hub

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 import minipref
-from full.models import lora
-from full.models.pipeline import WEIGHT_DTYPES
+from full.models.pipeline import WEIGHT_DTYPES, save_pipeline
 from full.run import checkpoints, outputs
 from full.run.config import RunConfig
 from full.run.accelerator import make_accelerator, make_optimizer, sample_generators, step_generator
 from full.run.output_dir import claim_output_dir
 from full.run.validation import log_validation
+from full.run.weights import LoraWeights, zero3_or_fsdp
 
 logger = logging.getLogger(__name__)
 POSTFIX_KEYS = ("loss", "implicit_acc", "accuracy", "clip_frac", "iteration")
@@ -69,32 +69,11 @@ def steps_for_epochs(epochs: int, batches_per_epoch: int, num_processes: int, ac
     return max(1, -(-per_process // accumulation)) * epochs
 
 
-class LoraWeights:
-    """What a LoRA run trains and saves: the UNet's adapter, in diffusers format (checkpoints hold only it)."""
-
-    def __init__(self, unet, family: str):
-        self.module, self.family, self.weight_name = unet, family, lora.LORA_WEIGHT_NAME
-
-    def parameters(self) -> list:
-        return lora.lora_parameters(self.module)
-
-    def register(self, accelerator) -> None:
-        checkpoints.register_lora_hooks(accelerator, self.family)
-
-    def after_load(self, prepared) -> None:
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params(prepared, dtype=torch.float32)
-
-    def save(self, model, output_dir) -> Path:
-        return lora.save_lora(self.family, model, output_dir)
-
-
 class TrainingRun:
     """One run: the prepared model, optimizer, schedule (and loader), the progress counters, trackers and bar.
 
-    `trained` says what is trained and saved: by default the LoRA on `parts.unet` (`LoraWeights`); the SPM trainer
-    passes its whole model. `parts` (the pipeline) is what validation samples with; None for a run without one."""
+    `trained` says what is trained and saved (full/run/weights.py): by default the LoRA on `parts.unet`
+    (`LoraWeights`); `FullWeights` for --train_mode full; the SPM trainer passes its whole model. `parts` (the pipeline) is what validation samples with; None for a run without one."""
 
     current: "TrainingRun | None" = None  # the run in progress in this process (closed by `run_and_reset`)
 
@@ -105,6 +84,9 @@ class TrainingRun:
         self.config, self.accelerator, self.parts, self.family = config, accelerator, parts, family
         self.weight_dtype, self.output_dir = weight_dtype, Path(config.output_dir)
         self.trained = trained or LoraWeights(parts.unet, family)
+        if getattr(self.trained, "ema", None) is not None and zero3_or_fsdp(accelerator):
+            raise ValueError("--use_ema with ZeRO-3 or FSDP: the EMA would average sharded weights; use DDP or "
+                             "ZeRO-2, or drop --use_ema")
         self.params = list(self.trained.parameters())
         optimizer, lr_scheduler = make_optimizer(config, self.params, accelerator)
         if loader is None or getattr(loader, "shards_itself", False):  # a stream is already this process's share
@@ -117,9 +99,9 @@ class TrainingRun:
         self.model = accelerator.unwrap_model(self.unet)  # the same weights: the reference, sampling, saving
 
         # What a checkpoint holds, then the trackers, then (with --resume_from_checkpoint) the state.
-        self.trained.register(accelerator)
         self.progress = checkpoints.TrainingProgress()
-        accelerator.register_for_checkpointing(self.progress)  # before load_state, which restores it
+        accelerator.register_for_checkpointing(self.progress)  # first (custom_checkpoint_0), before load_state
+        self.trained.register(accelerator)
         if accelerator.is_main_process and accelerator.log_with:
             flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.flags.items()}
             accelerator.init_trackers(config.tracker_project_name, config=flags)
@@ -213,6 +195,7 @@ class TrainingRun:
         self.window.append(out.metrics)
         if not accelerator.sync_gradients:
             return None
+        self.trained.after_step(self.model)  # e.g. the EMA of full fine-tuning
         self.progress.global_step += 1
         self.logs = self.mean_metrics() | {"lr": self.lr_scheduler.get_last_lr()[0]} | (extra_logs or {})
         self.window = []
@@ -281,12 +264,15 @@ class TrainingRun:
         undecodable = self.report_undecodable()
         accelerator.wait_for_everyone()
         lora_path = self.output_dir / self.trained.weight_name
+        state = self.trained.gathered_state(accelerator, self.unet)  # every process: a collective under sharding
         if accelerator.is_main_process:
-            self.trained.save(self.model, config.output_dir)
+            self.trained.save(self.model, config.output_dir, state)
             logger.info("saved %s", lora_path)
+            if config.model.save_pipeline:  # --train_mode full: the base pipeline around the saved unet/
+                save_pipeline(self.family, config.model, config.output_dir)
             if config.validation_prompts and self.parts is not None:
                 log_validation(accelerator, self.parts, config, self.global_step, self.weight_dtype,
-                               lora_dir=config.output_dir)
+                               **self.trained.validation_source(config.output_dir))
             layout = {"num_processes": accelerator.num_processes, "train_batch_size": config.train_batch_size,
                       "gradient_accumulation_steps": config.gradient_accumulation_steps}
             outputs.write_run_outputs(config, self.family, self.global_step, self.history, layout=layout,

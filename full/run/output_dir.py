@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 RECORD_NAME = checkpoints.RECORD_NAME
 # What a run leaves that another run must not silently mix with (besides checkpoint-N/ folders).
 RUN_FILES = (RECORD_NAME, "args.json", "README.md", "pytorch_lora_weights.safetensors", "spm_config.json",
-             "spm_time_modulation.safetensors")
+             "spm_time_modulation.safetensors", "unet", "model_index.json")
 DATA_FLAGS = ("dataset_name", "dataset_split_name", "cached_dir", "prompts_file", "max_train_samples")
 LAYOUT_FIELDS = ("num_processes", "train_batch_size", "gradient_accumulation_steps")
 
@@ -48,6 +48,7 @@ def run_identity(config: RunConfig, family: str | None, num_processes: int) -> d
         "method": config.method,
         "family": family,
         "base_model": resolved(config.model.pretrained_model_name_or_path),
+        "train_mode": config.model.train_mode,
         "rank": config.flag("rank"),
         "data": {flag: resolved(config.flag(flag)) for flag in DATA_FLAGS if config.flag(flag) is not None},
         "num_processes": num_processes,
@@ -133,6 +134,7 @@ def clear_previous_work(output_dir: Path) -> None:
     for checkpoint in checkpoints.list_checkpoints(output_dir):
         shutil.rmtree(checkpoint)
     for name in RUN_FILES:
-        (output_dir / name).unlink(missing_ok=True)
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if removed:
         logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(removed), output_dir)

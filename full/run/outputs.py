@@ -15,8 +15,8 @@ from full.run.config import RunConfig
 logger = logging.getLogger(__name__)
 
 ARGS_NAME = "args.json"
-HYPERPARAMETERS = ("beta", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                   "rank", "lora_alpha", "resolution", "mixed_precision", "lr_scheduler", "lr_warmup_steps", "seed",
+HYPERPARAMETERS = ("train_mode", "optimizer", "use_ema", "ema_decay", "beta", "learning_rate", "train_batch_size",
+                   "gradient_accumulation_steps", "max_train_steps", "rank", "lora_alpha", "resolution", "mixed_precision", "lr_scheduler", "lr_warmup_steps", "seed",
                    "utility", "dpo_loss_type", "dspo_variant", "tau", "num_iterations", "threshold",
                    "num_candidates", "num_inner_steps", "preset")
 NOT_UPLOADED = ["checkpoint-*", ".checkpoint-*", "spin_cache/*", "logs/*", "*.tmp"]
@@ -45,6 +45,14 @@ def lora_usage(base: str, where: str) -> list[str]:
     return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{base}")',
             f'pipe.load_lora_weights("{where}")']
 
+
+def unet_usage(base: str, where: str) -> list[str]:
+    return ["from diffusers import DiffusionPipeline, UNet2DConditionModel", "",
+            f'unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")',
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)']
+
+
+TAGS = {"LoRA": "lora", "UNet": "full-fine-tune"}  # what was trained -> its Hub tag
 
 FINAL_STEPS = 20  # the card's "final metrics" average this many last optimizer steps: one step is one noisy batch
 
@@ -79,14 +87,14 @@ def model_card(config: RunConfig, family: str | None, global_step: int, history:
     metrics, steps = final_metrics(history)
     final = [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     tags = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}.get(family, []) + [
-        "text-to-image", "diffusers", "lora" if what == "LoRA" else "reward-model", "minipref", config.method]
+        "text-to-image", "diffusers", TAGS.get(what, "reward-model"), "minipref", config.method]
     return "\n".join([
         "---", f"base_model: {base}", "library_name: diffusers", "license: other", "tags:",
         *(f"- {tag}" for tag in tags), "---", "",
         f"# {config.method} {what} for {base}", "",
         f"{what} weights fine-tuned from `{base}` with the `{config.method}` objective of minipref "
         f"{minipref_version()}, for {global_step} optimizer steps on `{dataset}`.", "",
-        "```python", *(usage or lora_usage(base, where)), "```", "",
+        "```python", *(usage or (lora_usage if what == "LoRA" else unet_usage)(base, where)), "```", "",
         "## Hyperparameters", "", "| flag | value |", "|---|---|", *hyper, "",
         f"Every flag of the run is in `{ARGS_NAME}`.", "",
         "## Final training metrics", "", f"Means over the last {steps} optimizer step(s), NaN steps left out.", "",

@@ -11,8 +11,10 @@ from full.models.pipeline import sample_images
 from full.run.config import RunConfig
 
 
-def log_validation(accelerator, parts, config: RunConfig, step: int, weight_dtype, *, unet=None, lora_dir=None) -> Path | None:
-    """A grid (prompts x images) on disk and in each tracker (TensorBoard, wandb, ...); main process only."""
+def log_validation(accelerator, parts, config: RunConfig, step: int, weight_dtype, *, unet=None, lora_dir=None,
+                   unet_dir=None) -> Path | None:
+    """A grid (prompts x images) on disk and in each tracker (TensorBoard, wandb, ...); main process only. The
+    training UNet (``unet``), or what a run saved: a LoRA (``lora_dir``) or a full UNet folder (``unet_dir``)."""
     if not accelerator.is_main_process:
         return None
     import numpy as np
@@ -24,13 +26,14 @@ def log_validation(accelerator, parts, config: RunConfig, step: int, weight_dtyp
     images = sample_images(
         parts, prompts, device=accelerator.device, dtype=weight_dtype, resolution=config.resolution,
         num_per_prompt=config.num_validation_images, steps=config.num_validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale, seed=config.seed, unet=unet, lora_dir=lora_dir,
+        guidance_scale=config.validation_guidance_scale, seed=config.seed, unet=unet, lora_dir=lora_dir, unet_dir=unet_dir,
         vae_path=config.model.pretrained_vae_model_name_or_path, revision=config.model.revision)
     grid = make_image_grid(images, rows=len(prompts), cols=config.num_validation_images)
-    path = Path(config.output_dir) / "validation" / f"step-{step:06d}{'-final' if lora_dir else ''}.png"
+    final = lora_dir is not None or unet_dir is not None
+    path = Path(config.output_dir) / "validation" / f"step-{step:06d}{'-final' if final else ''}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    tag = "validation" + ("/final" if lora_dir else "")
+    tag = "validation" + ("/final" if final else "")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":  # one (N, H, W, C) tensor
             tracker.log_images({tag: np.stack([np.asarray(im) for im in images])}, step, dataformats="NHWC")

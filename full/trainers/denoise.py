@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 import minipref
-from full.models import lora
 from full.models.config import ModelConfig
 from full.models import pipeline as models
 
@@ -83,9 +82,11 @@ def draw_noise_and_timesteps(b: int, shape, num_train_timesteps: int, generator,
     return noise, timesteps
 
 
-def denoise(unet, reference_unet, noise_scheduler, family: str, inputs: StepInputs, *, with_reference: bool,
+def denoise(unet, reference, noise_scheduler, family: str, inputs: StepInputs, *, with_reference: bool,
             generator, weight_dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Predictions of the policy and (optionally) the reference on one noised batch, and the target."""
+    """Predictions of the policy and (optionally) the reference on one noised batch, and the target. ``reference``:
+    ``(noisy, timesteps, conditioning) -> prediction`` without a graph (`full.run.weights`: the UNet with its LoRA
+    off, a frozen copy, or SPIN's opponent)."""
     latents, n = inputs.latents, inputs.n
     b = latents.shape[0] // n
     noise, timesteps = draw_noise_and_timesteps(b, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
@@ -94,7 +95,7 @@ def denoise(unet, reference_unet, noise_scheduler, family: str, inputs: StepInpu
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
     target = models.training_target(noise_scheduler, latents, noise, timesteps)
     conditioning = models.unet_conditioning(family, inputs.prompt, inputs.time_ids, weight_dtype)
-    ref_pred = lora.reference_forward(reference_unet, noisy, timesteps, conditioning) if with_reference else None
+    ref_pred = reference(noisy, timesteps, conditioning) if with_reference else None
     pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
     return pred.float(), None if ref_pred is None else ref_pred.float(), target.float()
 

@@ -1,4 +1,4 @@
-"""The offline trainer: LoRA preference fine-tuning of SD1.5 / SDXL with sft, csft, bce, dpo, kto, contrast, dspo.
+"""The offline trainer: LoRA or full preference fine-tuning of SD1.5 / SDXL with sft, csft, bce, dpo, kto, contrast, dspo.
 
     accelerate launch -m full.train --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --method dpo --dataset_name yuvalkirstain/pickapic_v2 --output_dir runs/dpo-sd15
@@ -34,6 +34,7 @@ from full.models.lora import trainable_unet_parts
 from full.models.pipeline import DEFAULT_RESOLUTION, detect_family
 from full.run.global_batch import GlobalBatch
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator, steps_for_epochs
+from full.run.weights import reference_forward, weights_for
 from full.trainers.denoise import StepInputs, denoise, inputs_from_cache, inputs_from_images
 from full.trainers.objective import Objective, resolve_objective
 
@@ -234,10 +235,13 @@ def train(args) -> dict:
     if args.num_train_epochs:
         args.max_train_steps = steps_for_epochs(args.num_train_epochs, len(loader), accelerator.num_processes,
                                                 args.gradient_accumulation_steps)
-    model = cli.config(ModelConfig, args)
-    parts = trainable_unet_parts(model, device, weight_dtype, cached=bool(args.cached_dir))
-    run = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader)
-    with_reference, global_batch = objective.needs_reference, GlobalBatch(accelerator)
+    model, with_reference = cli.config(ModelConfig, args), objective.needs_reference
+    parts = trainable_unet_parts(model, device, weight_dtype, cached=bool(args.cached_dir),
+                                 with_reference=with_reference)
+    trained = weights_for(model.train_mode, parts, family, ema_decay=model.ema_decay)
+    run = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader, trained=trained)
+    reference = reference_forward(lambda: trained.as_reference(run.model))
+    global_batch = GlobalBatch(accelerator)
 
     def step_loss(batch: dict, _) -> minipref.LossOutput:
         generator = run.sample_generators(len(batch["row_ids"]))  # per item: P processes draw as one would
@@ -246,7 +250,7 @@ def train(args) -> dict:
         else:
             inputs = inputs_from_images(batch, parts, model, device, generator, table,
                                         label_in_prompt=objective.method.label_in_prompt)
-        pred, ref_pred, target = denoise(run.unet, run.model, parts.noise_scheduler, family, inputs,
+        pred, ref_pred, target = denoise(run.unet, reference, parts.noise_scheduler, family, inputs,
                                          with_reference=with_reference, generator=generator, weight_dtype=weight_dtype)
         return objective.loss(pred, ref_pred, target, inputs, global_batch)
 

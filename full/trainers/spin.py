@@ -53,14 +53,14 @@ from full.data.config import DataConfig
 from full.data.images import FeedbackDataset, collate_skip_none
 from full.data.rows import real_image_rows
 from full.data.samplers import EpochShuffleSampler
-from full.models import lora
 from full.models import pipeline as models
 from full.models.config import ModelConfig
 from full.models.lora import trainable_unet_parts
 from full.online.generation import (GeneratedLatents, GenerationConfig, generate_iteration, generation_pipeline,
                                     generation_scheduler_class)
-from full.online.opponent import OpponentAsReference, add_opponent_adapter, load_opponent, save_iteration_lora
+from full.online.opponent import opponent_for
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator, steps_for_epochs
+from full.run.weights import reference_forward, weights_for
 from full.trainers.denoise import StepInputs, denoise, inputs_from_images
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ def run(args) -> dict:
     accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
     device, output_dir = accelerator.device, Path(args.output_dir)
     set_seed(args.seed)
-    parts = trainable_unet_parts(model, device, weight_dtype)
-    add_opponent_adapter(parts.unet)
+    parts = trainable_unet_parts(model, device, weight_dtype)  # full: + a frozen copy, theta_0 then each snapshot
+    opponent = opponent_for(model.train_mode, family, parts)  # before the run wraps the UNet
 
     dataset = SpinDataset(FeedbackDataset(rows, args.resolution, center_crop=not args.random_crop,
                                           random_flip=args.random_flip, caption_dropout=args.caption_dropout,
@@ -205,32 +205,34 @@ def run(args) -> dict:
         args.max_train_steps = args.num_iterations * steps_for_epochs(
             args.num_train_epochs, len(loader), accelerator.num_processes, args.gradient_accumulation_steps)
         args.steps_per_iteration = args.max_train_steps // args.num_iterations
-    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader, desc=f"spin ({family})")
-    unet = training.model  # the same weights: generation, the opponent, saving
-    pipe = generation_pipeline(parts, unet, generation)
+    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, loader=loader,
+                           desc=f"spin ({family})", trained=weights_for(model.train_mode, parts, family,
+                                                                        ema_decay=model.ema_decay))
+    pipe = generation_pipeline(parts, training.model, generation)
     iterations = []
     while training.global_step < args.max_train_steps:
         iteration = training.global_step // args.steps_per_iteration
         if iteration > 0:
             snapshot = output_dir / f"iteration-{iteration - 1}"
-            if not (snapshot / lora.LORA_WEIGHT_NAME).is_file():
+            if not (snapshot / opponent.weight_file).is_file():
                 raise ValueError(f"iteration {iteration} plays against {snapshot}, which does not exist; "
                                  "resume from a checkpoint of that run's output_dir")
-            load_opponent(family, unet, snapshot)
-        generated = generate_iteration(pipe, rows, iteration, generation, accelerator, output_dir, weight_dtype)
+            opponent.load(snapshot)
+        generated = generate_iteration(pipe, rows, iteration, generation, accelerator, output_dir, weight_dtype,
+                                       opponent)
         dataset.generated = GeneratedLatents(generated["directory"])
-        opponent = OpponentAsReference(unet, iteration)
+        reference = reference_forward(lambda k=iteration: opponent.playing(k))  # the reference is theta_k
         end, first = (iteration + 1) * args.steps_per_iteration, len(training.history)
 
         def step_loss(batch: dict, generator) -> minipref.LossOutput:
             inputs = spin_inputs(batch, parts, model, device, generator)
-            pred, opp_pred, target = denoise(training.unet, opponent, parts.noise_scheduler, family, inputs,
+            pred, opp_pred, target = denoise(training.unet, reference, parts.noise_scheduler, family, inputs,
                                              with_reference=True, generator=generator, weight_dtype=weight_dtype)
             return spin_step_loss(args.method, args.beta, pred, opp_pred, target)
 
         def save_next_opponent(step: int) -> None:  # the next opponent first, then the checkpoint that needs it
             if step == end:
-                save_iteration_lora(family, unet, output_dir, iteration, accelerator)
+                opponent.save_iteration(training, output_dir, iteration)
 
         training.train_until(end, step_loss, extra_logs={"iteration": iteration}, before_checkpoint=save_next_opponent)
         steps = training.history[first:]

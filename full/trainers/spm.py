@@ -246,7 +246,13 @@ class SpmWeights:
     def after_load(self, prepared) -> None:
         pass
 
-    def save(self, model, output_dir) -> str:
+    def after_step(self, model) -> None:
+        pass
+
+    def gathered_state(self, accelerator, prepared) -> None:
+        return None
+
+    def save(self, model, output_dir, state=None) -> str:
         return model.save_pretrained(output_dir)
 
 

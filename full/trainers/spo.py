@@ -52,13 +52,14 @@ from full import cli
 from full.data.samplers import EpochShuffleSampler
 from full.models import pipeline as models
 from full.models.config import ModelConfig
-from full.models.lora import adapters_disabled, trainable_unet_parts
+from full.models.lora import trainable_unet_parts
 from full.online.preference import THRESHOLD
 from full.online.rollouts import SpoSettings, StepPairs, collect_stats, collect_step_pairs, share_pairs
 from full.online.sampler import Guidance, ddim_scheduler, step_log_probs
 from full.online.spm import StepAwarePreferenceModel, load_spm
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator
 from full.run.phases import collect_then_train
+from full.run.weights import weights_for
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +192,11 @@ def load_prompts(args) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def spo_step_loss(unet, reference_unet, scheduler, pairs: StepPairs, guide: Guidance, eta: float, train_cfg: bool,
+def spo_step_loss(unet, reference, scheduler, pairs: StepPairs, guide: Guidance, eta: float, train_cfg: bool,
                   beta: float, clip: float) -> minipref.LossOutput:
-    """Reference first (adapters disabled, no graph), then the policy, as `full.trainers.denoise` orders them."""
-    with torch.no_grad(), adapters_disabled(reference_unet):
+    """Reference first (no graph), then the policy, as `full.trainers.denoise` orders them. ``reference``: a context
+    manager that yields the reference network (`full.run.weights`: the UNet with its LoRA off, or the frozen copy)."""
+    with torch.no_grad(), reference as reference_unet:
         ref_w, ref_l = step_log_probs(reference_unet, scheduler, pairs, guide, eta, train_cfg).chunk(2)
     logp_w, logp_l = step_log_probs(unet, scheduler, pairs, guide, eta, train_cfg).chunk(2)
     return minipref.spo_loss(logp_w, ref_w, logp_l, ref_l, beta=beta, clip=clip)
@@ -254,7 +256,8 @@ def run(args) -> dict:
     device = accelerator.device
     spm = load_preference_model(args, device, weight_dtype)  # a wrong path fails before the UNet loads
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run
-    parts = trainable_unet_parts(cli.config(ModelConfig, args), device, weight_dtype)
+    model_config = cli.config(ModelConfig, args)
+    parts = trainable_unet_parts(model_config, device, weight_dtype)
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     args.resolution = args.resolution or parts.unet.config.sample_size * vae_scale
     latent_shape = (parts.unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
@@ -270,7 +273,9 @@ def run(args) -> dict:
         time_ids = models.sdxl_time_ids(size, torch.zeros_like(size), args.resolution).to(device)  # (1, 6)
     guide = Guidance(family, unconditional_embeds(parts, device), time_ids, args.guidance_scale, weight_dtype)
 
-    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, desc=f"spo ({family})")
+    trained = weights_for(model_config.train_mode, parts, family, ema_decay=model_config.ema_decay)
+    training = TrainingRun(cli.run_config(args), accelerator, parts, family, weight_dtype, desc=f"spo ({family})",
+                           trained=trained)
     model = training.model  # the same weights: sampling, the reference, saving
     logger.info("SPO on %d prompts: k=%d, threshold %.3g, t < %d, %d inner steps, %d DDIM steps, CFG %.3g",
                 len(prompts), args.num_candidates, args.threshold, args.max_timestep, args.num_inner_steps,
@@ -301,8 +306,8 @@ def run(args) -> dict:
     # Prompt batches: one permutation per epoch (the same on every process), each process takes its slice.
     collect_then_train(training, EpochShuffleSampler(len(prompts), args.seed), args.sample_batch_size,
                        args.num_epochs, collect,
-                       lambda pairs: spo_step_loss(training.unet, model, scheduler, pairs, guide, args.eta,
-                                                   args.train_cfg, args.beta, args.clip))
+                       lambda pairs: spo_step_loss(training.unet, trained.as_reference(model), scheduler, pairs,
+                                                   guide, args.eta, args.train_cfg, args.beta, args.clip))
 
     branch_points = sum(c["branch_points"] for c in collects)
     if training.global_step == 0:
