@@ -36,6 +36,19 @@ def cpu_ranks_needed(launched: int) -> bool:
     return launched > 1 and not torch.cuda.is_available()
 
 
+def check_sharding_engine_has_gpus(launched: int) -> None:
+    """FSDP or DeepSpeed asked for (an accelerate config) on a machine without CUDA: accelerate would quietly run the
+    processes as plain DDP over gloo, so a run meant to shard would not. Refused in one line instead."""
+    import torch
+
+    engines = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(variable, "").lower() == "true"]
+    if engines and launched > 1 and not torch.cuda.is_available():
+        raise ValueError(f"the accelerate config asks for {engines[0]}, which needs GPUs (no CUDA here): accelerate "
+                         "would run plain DDP instead; launch with a DDP config (full/launch/accelerate/8gpu_ddp.yaml) "
+                         "or on GPUs")
+
+
 def check_all_ranks(launched: int, num_processes: int) -> None:
     if launched != num_processes:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {num_processes}")

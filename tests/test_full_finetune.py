@@ -143,6 +143,8 @@ def test_adafactor_and_the_inverse_sqrt_schedule(tiny_sd15, tiny_clip, pickapic_
     (["--train_mode", "full", "--ema_decay", "0.9"], "--ema_decay applies with --use_ema"),
     (["--train_mode", "full", "--use_ema", "--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),
     (["--optimizer", "sgd"], "--optimizer: invalid choice"),
+    (["--preset", "sd15-dpo-full", "--train_mode", "lora"], "is a --train_mode full recipe"),
+    (["--preset", "sd15-dpo", "--train_mode", "full"], "is a --train_mode lora recipe"),
 ])
 def test_train_mode_flags_are_checked_at_parse_time(flags, needle, capsys):
     with pytest.raises(SystemExit):
@@ -181,3 +183,23 @@ def test_spo_full_trains_the_whole_unet_against_a_frozen_reference(tiny_sd15, ti
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and summary["global_step"] == 4
     assert summary["history"][-1]["log_ratio_w"] != 0
     assert (tmp_path / "run" / UNET_FOLDER / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_sd15, pickapic_parquet, tmp_path, capsys):
+    argv = train_argv(tiny_sd15, pickapic_parquet, tmp_path / "out", "dpo", "--preset", "sd15-dpo-full",
+                      "--dry_run")
+    assert train.main(argv) == {}
+    out = capsys.readouterr().out
+    assert "--train_mode full" in out and "frozen reference UNet" in out and "(--scale_lr)" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_or_deepspeed_without_gpus_is_refused_not_run_as_ddp(monkeypatch):
+    from full.processes import check_sharding_engine_has_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_sharding_engine_has_gpus(2)  # no engine asked for: DDP over gloo is what was asked
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_sharding_engine_has_gpus(1)  # one process: nothing to shard over
+    with pytest.raises(ValueError, match="asks for FSDP, which needs GPUs"):
+        check_sharding_engine_has_gpus(2)

@@ -127,7 +127,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     a("--train_batch_size", type=int, default=4, help="pairs (images for binary methods) per device")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--learning_rate", type=float, default=1e-4)
-    a("--scale_lr", action="store_true")
+    a("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
+      help="learning rate x global batch (processes x micro-batch x accumulation), as the Diffusion-DPO launchers")
     a("--lr_scheduler", default="constant_with_warmup")
     a("--lr_warmup_steps", type=int, default=500)
     a("--max_train_steps", type=int, default=10_000)
@@ -229,7 +230,8 @@ def apply_preset(parser: argparse.ArgumentParser, argv, method: str | None, extr
         parser.error(f"--preset {known.preset} is for --method {preset['method']}, not {method}")
     defaults = {key: entry["value"] for key, entry in preset["flags"].items()}
     defaults |= {key: entry["value"] for key, entry in preset.get("method_settings", {}).items() if key in extra_keys}
-    parser.set_defaults(**defaults, preset_family=preset["model_family"])
+    parser.set_defaults(**defaults, preset_family=preset["model_family"],
+                        preset_train_mode=defaults.get("train_mode", "lora"))
 
 
 def check_model_family(args, family: str) -> None:

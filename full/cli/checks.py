@@ -106,7 +106,12 @@ def check_training_arguments(parser, args, argv: Sequence[str] = ()) -> None:
 
 
 def check_train_mode(parser, args, argv: Sequence[str]) -> None:
-    """The flags of one --train_mode are errors in the other; --ema_decay needs --use_ema."""
+    """The flags of one --train_mode are errors in the other; --ema_decay needs --use_ema; a preset's learning rate
+    and batch are for the mode it names."""
+    preset_mode = getattr(args, "preset_train_mode", args.train_mode)
+    if preset_mode != args.train_mode:
+        parser.error(f"--preset {args.preset} is a --train_mode {preset_mode} recipe (its learning rate and batch do "
+                     f"not transfer to --train_mode {args.train_mode}); pick the {args.train_mode} preset")
     if args.train_mode == "full":
         for flag in ("--rank", "--lora_alpha"):
             if given(argv, flag):

@@ -1,11 +1,13 @@
 """Published training settings per (model, method), each value next to the paper section it comes from.
 
-One JSON file per preset, ``full/presets/<model_family>-<method>.json``:
+One JSON file per preset, ``full/presets/<model_family>-<method>.json`` (LoRA) or ``...-<method>-full.json`` (the
+whole UNet, ``train_mode: full``: the papers' own full fine-tuning recipes):
 
     {"name": "sd15-dpo", "model_family": "sd15", "method": "dpo", "description": ...,
      "flags": {"learning_rate": {"value": 1e-4, "source": "paper 000 Sec. 4.2: ..."}, ...},
      "method_settings": {...},        # optional: settings that are not trainer flags (SPO's sampler, ...)
      "paper_full_finetune": "...",    # optional: what the method's own paper ran, when it tuned all weights
+     "processes": {"value": 16, "source": ...},  # optional (default 1): the GPU count the per-GPU values are for
      "notes": [...]}
 
 The keys of ``flags`` are the offline trainer's flag names (``PRESET_KEYS``, ``full/trainers/offline.py``);
@@ -15,17 +17,25 @@ gives says so in its source, starting with "NOT in the paper", and names what wa
 Sources cite the papers by their numbers 000-004 (the Papers table of docs/methods.md, printed under
 ``python -m full.presets`` too) and the repository's conventions by section (docs/conventions.md §N).
 
-How the values were picked. Every preset trains LoRA. Paper 000 is the LoRA study of BCE / DPO / KTO /
+Per-GPU values for a stated GPU count. ``flags`` are per process (``train_batch_size`` per GPU, accumulation
+steps); ``processes`` says for how many GPUs (1 when absent: the LoRA presets describe one A100-80GB).
+``full/launch/train.sh`` keeps the effective batch on the GPUs it launches: accumulation x processes / GPUs, rounded
+up (``full.plan.accumulation_for``), and says when that changes the batch (and with ``scale_lr`` the learning rate).
+
+How the LoRA presets' values were picked. Paper 000 is the LoRA study of BCE / DPO / KTO /
 SPIN on SD1.5, so its recipe (rank 8, AdamW 1e-4, 500 warm-up steps, 10k steps) is the optimiser setting
 for every SD1.5 preset; each method's own hyperparameters (beta, tau, desirable ratio, utility, DSPO
 variant, feedback policy) come from its own paper. Papers 001, 002 and 004 fine-tune *all* weights,
 with learning rates around 1e-8..1e-7 at batches of 32 to 2048: those values do not transfer to a
-rank-8 adapter, so they are recorded under ``paper_full_finetune`` and not applied. SPO (paper 003) trained LoRA itself, so its presets are its own
-settings. No paper gives SDXL LoRA settings for the offline methods: those presets say what was chosen.
+rank-8 adapter, so they are recorded under ``paper_full_finetune`` and not applied. SPO (paper 003) trained
+LoRA itself, so its presets are its own settings. No paper gives SDXL LoRA settings for the offline methods: those
+presets say what was chosen. The ``-full`` presets apply those full fine-tuning recipes (Diffusion-DPO's launchers,
+papers 001, 002 and 004) as printed.
 
     python -m full.presets                 # table of every preset: value and source
     python -m full.presets sd15-dpo        # one preset, with its notes
     python -m full.presets sd15-dpo --get train_batch_size
+    python -m full.presets sd15-dpo-full --plan --engine zero2 --num_processes 8   # batch, lr, memory per GPU
 """
 
 from __future__ import annotations
@@ -48,12 +58,16 @@ TRAINER_KEYS = (
     "beta",             # every objective's beta, minipref's convention (docs/conventions.md §2)
     "feedback_policy",  # pairs -> per-image labels: winner_once | always_win (full.data.pairs_to_feedback)
     "desirable_ratio",  # gamma of Diffusion-KTO's sampler: P(draw a desirable image) (paper 001: 0.8)
+    "train_mode", "optimizer", "scale_lr",  # full fine-tuning (full/run/weights.py, full/run/accelerator.py)
 )
+# The flags whose values are names: argparse does not check a default (a preset's value) against its choices.
+CHOICES = {"train_mode": ("lora", "full"), "optimizer": ("adamw", "adafactor", "adamw_8bit")}  # = full.cli's
 _TYPES = {"learning_rate": float, "beta": float, "desirable_ratio": float,
           "adam_beta1": float, "adam_beta2": float, "adam_weight_decay": float, "adam_epsilon": float,
           "lr_warmup_steps": int, "max_train_steps": int, "train_batch_size": int, "gradient_accumulation_steps": int,
           "resolution": int, "rank": int, "lr_scheduler": str, "mixed_precision": str,
-          "feedback_policy": str, "gradient_checkpointing": bool}
+          "feedback_policy": str, "gradient_checkpointing": bool, "train_mode": str, "optimizer": str,
+          "scale_lr": bool}
 
 
 def preset_types() -> dict[str, type]:
@@ -107,7 +121,23 @@ def _validate(preset: dict, origin: str) -> dict:
             ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind)
         if not ok:
             raise ValueError(f"preset {origin}: flag {key!r} must be {kind.__name__}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"preset {origin}: flag {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    processes = preset.get("processes", {"value": 1, "source": "default"})
+    if (not isinstance(processes, dict) or set(processes) != {"value", "source"} or isinstance(processes["value"], bool)
+            or not isinstance(processes["value"], int) or processes["value"] < 1):
+        raise ValueError(f"preset {origin}: 'processes' must be {{\"value\": <GPUs, >= 1>, \"source\": \"...\"}}")
     return preset
+
+
+def preset_processes(preset: dict) -> int:
+    """The GPU count a preset's per-GPU values are for (1 when it states none)."""
+    return preset.get("processes", {"value": 1})["value"]
+
+
+def is_full(preset: dict) -> bool:
+    """The preset trains the whole UNet (``train_mode: full``)."""
+    return preset["flags"].get("train_mode", {"value": "lora"})["value"] == "full"
 
 
 def preset_details(model_family: str, method: str | None = None) -> dict:
@@ -133,11 +163,48 @@ def load_preset(model_family: str, method: str | None = None) -> dict:
     return {key: entry["value"] for key, entry in preset_details(model_family, method)["flags"].items()}
 
 
+TRAINER_DEFAULTS = {"gradient_accumulation_steps": 1, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 500,
+                    "max_train_steps": 10_000}  # full/cli's defaults, for a preset that does not set them
+
+
+def preset_plan(name: str, engine_name: str = "ddp", processes: int | None = None, *, use_ema: bool = False,
+                cached: bool = False) -> str:
+    """`python -m full.presets NAME --plan`: the preset on ``processes`` GPUs (default: the count it states), its
+    accumulation rescaled as train.sh rescales it so that the effective batch stays the preset's."""
+    from full.plan import accumulation_for, describe, engine
+
+    engine(engine_name)
+    preset = preset_details(name)
+    stated = preset_processes(preset)
+    processes = stated if processes is None else processes
+    if processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {processes}")
+    settings = TRAINER_DEFAULTS | {key: entry["value"] for key, entry in preset["flags"].items()}
+    settings |= {"use_ema": use_ema, "cached_dir": "(cached)" if cached else None}
+    accumulation = settings["gradient_accumulation_steps"]
+    settings["gradient_accumulation_steps"] = accumulation_for(stated, accumulation, processes)
+    lines = describe(settings, family=preset["model_family"], method=preset["method"], engine_name=engine_name,
+                     processes=processes, title=f"{preset['name']}: {preset['description']}").split("\n")
+    batch = settings["train_batch_size"]
+    wanted, got = stated * batch * accumulation, processes * batch * settings["gradient_accumulation_steps"]
+    if processes != stated:
+        lines.insert(1, f"GPUs         the preset states {stated} ({stated} x {batch} x "
+                        f"{accumulation} = {wanted}); on {processes}: accumulation {accumulation} -> "
+                        f"{settings['gradient_accumulation_steps']} (full/launch/train.sh does the same)")
+    if got != wanted:
+        lines.append(f"note: the effective batch is {got}, not the preset's {wanted} (accumulation cannot go below 1)"
+                     + ("; --scale_lr scales the learning rate with it" if settings.get("scale_lr") else ""))
+    return "\n".join(lines)
+
+
 def format_table(names: list[str] | None = None) -> str:
     """A markdown table: one row per (preset, flag) with value and source."""
     lines = ["| preset | flag | value | source |", "|---|---|---|---|"]
     for name in names or available_presets():
-        for key, entry in preset_details(name)["flags"].items():
+        preset = preset_details(name)
+        if "processes" in preset:
+            lines.append(f"| {name} | (GPUs) | {preset['processes']['value']} | {preset['processes']['source']} |")
+        for key, entry in preset["flags"].items():
             lines.append(f"| {name} | {key} | {entry['value']} | {entry['source']} |")
     return "\n".join(lines)
 
@@ -148,8 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m full.presets", description="Show the published training presets.")
     parser.add_argument("name", nargs="?", help="preset name, e.g. sd15-dpo; all presets when omitted")
     parser.add_argument("--get", metavar="FLAG", help="print only this flag's value (for shell scripts)")
+    plan = parser.add_argument_group("--plan: batch, steps, learning rate, schedule and memory per GPU (full/plan.py)")
+    plan.add_argument("--plan", action="store_true", help="print the preset's plan instead of its table")
+    plan.add_argument("--engine", default="ddp", help="ddp | zero2 | zero3 | fsdp (default ddp)")
+    plan.add_argument("--num_processes", type=int, default=None, help="GPUs (default: the preset's)")
+    plan.add_argument("--use_ema", action="store_true", help="count an EMA of the weights")
+    plan.add_argument("--cached", action="store_true", help="train from a --cached_dir (no VAE, no text encoders)")
     args = parser.parse_args(argv)
     try:
+        if args.plan:
+            if not args.name:
+                parser.error("--plan needs a preset name")
+            print(preset_plan(args.name, args.engine, args.num_processes, use_ema=args.use_ema, cached=args.cached))
+            return 0
         if args.get:
             if not args.name:
                 parser.error("--get needs a preset name")

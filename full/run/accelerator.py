@@ -36,10 +36,11 @@ def make_accelerator(config: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from full.processes import (check_all_ranks, cpu_ranks_needed, launched_processes,
-                                single_process_of_a_multi_process_launch)
+    from full.processes import (check_all_ranks, check_sharding_engine_has_gpus, cpu_ranks_needed,
+                                launched_processes, single_process_of_a_multi_process_launch)
 
     launched = launched_processes()
+    check_sharding_engine_has_gpus(launched)
     report_to = None if config.report_to == "none" else config.report_to
     accelerator = Accelerator(
         # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA: DDP over gloo on

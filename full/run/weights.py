@@ -115,7 +115,9 @@ class FullWeights:
     def gathered_state(self, accelerator, prepared) -> dict:
         """The whole UNet's state on the main process; every process calls it (under ZeRO-3 or FSDP the weights
         are sharded and the gather is a collective). Under DDP or one process it is the model's state dict."""
-        return accelerator.get_state_dict(prepared)
+        state = accelerator.get_state_dict(prepared)
+        # DeepSpeed hands back its bf16/fp16 module weights: the saved UNet keeps the fp32 master precision
+        return None if state is None else {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def validation_source(self, output_dir) -> dict:
         """The final validation grid samples with the saved `unet/`, loaded the way a user loads it."""

@@ -57,6 +57,8 @@ def build_parser() -> cli.Parser:
     a = p.add_argument_group("method").add_argument
     a("--method", required=True, help=" | ".join(offline_methods()) + " (rows of minipref/methods.py)")
     a("--preset", default=None, help="full/presets name (e.g. sd15-dpo) or .json: defaults for the flags")
+    a("--dry_run", action="store_true", help="print the plan (global batch, learning rate, schedule, memory per "
+                                             "GPU for the launch's engine: full/plan.py) and exit")
     a("--beta", type=float, default=None, help="default: the default of the method's minipref function")
     a("--desirable_ratio", type=float, default=None, help="binary data: P(draw a desirable image), gamma")
     cli.add_method_arguments(p, offline_methods().values())
@@ -203,6 +205,13 @@ def compute_loss(args, pred: Tensor, ref_pred: Tensor | None, target: Tensor, in
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.dry_run:
+        from full.plan import describe, engine_from_environment
+
+        engine, processes = engine_from_environment()
+        family = detect_family(args.pretrained_model_name_or_path, args.revision)
+        print(describe(vars(args), family=family, method=args.method, engine_name=engine, processes=processes))
+        return {}
     return run_and_reset(lambda: train(args))
 
 
