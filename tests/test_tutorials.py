@@ -304,3 +304,37 @@ def test_lesson_checks_fail_on_a_false_claim(tmp_path):
     assert "raised: far: 1.1 vs 1 (gap 0.1, tolerance 0.05)" in result.stdout
     assert "raised: above: -inf < 2 < 1" in result.stdout
     assert "solutions: not run" in result.stdout and "ran a solution" not in result.stdout  # only with --solutions
+
+
+def test_readme_failing_check_demo_still_patches_lesson_2():
+    """tutorials/README.md shows a check failing by replacing one expression of lesson 2 in memory: that expression
+    must still be there exactly once, or the demonstration would silently run the unbroken lesson."""
+    readme = (TUTORIALS / "README.md").read_text()
+    assert ".replace('logs[SAME_CURVE], logs[TOO_BIG]'" in readme
+    assert (TUTORIALS / "02_dpo.py").read_text().count("logs[SAME_CURVE], logs[TOO_BIG]") == 1
+    assert "[FAILED] at a fixed lr 1e-3, beta x10 moves the network less" in readme
+    assert "at a fixed lr 1e-3, beta x10 moves the network less, but by far less than ten times (1 to" in (
+        TUTORIALS / "02_dpo.py").read_text()
+
+
+def test_repository_cites_only_what_users_have():
+    """Issue 25's rule for every tracked file, not only the tutorials: no pointer to the project's private spec, to a
+    ../shared folder or the papers' text files, and no absolute path of one machine. The conventions are cited as
+    docs/conventions.md §N / IN, the papers by title and arXiv id (docs/methods.md, Papers). Makefile's TORCH_SPEC is
+    a variable name, not a reference; this file and tests/test_presets.py hold the guard lists themselves."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    guards = {"tests/test_tutorials.py", "tests/test_presets.py"}
+    private = re.compile(r"\bSPEC\b|\.\./shared|shared/papers|/work/|/home/")
+    found = []
+    for name in listed.stdout.split("\0"):
+        path = REPO / name
+        if not name or name in guards or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue  # binary files (figures, weights)
+        found += [f"{name}:{n}: {line.strip()[:80]}" for n, line in enumerate(text.splitlines(), 1) if private.search(line)]
+    assert not found, "\n".join(found)

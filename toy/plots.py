@@ -4,8 +4,9 @@
   risk-seeking (bounded); each panel shows where the samples went and an arrow from the reference's mean to the
   method's; samples above the cropped y-axis are counted and drawn as an arrow at the top edge.
 * ``plot_samples`` (``samples_all.png``): every method, one row per family.
-* ``plot_curves``  (``curves.png``): held-out implicit accuracy, the sample mean y (the drift) and the normalised
-  loss against training progress, every method in each panel.
+* ``plot_curves``  (``curves.png``): held-out implicit accuracy, the sample mean y (the drift) and the loss over
+  the first step's loss against training progress, as small multiples: one row per metric on one shared scale, one
+  column per family; a line that leaves the scale ends at the frame with a note of where its values went.
 * ``plot_claims``  (``claims.png``, ``python -m toy.sweep``): where each claim of paper 001 Sec. 7 holds.
 
 Figures are built with ``matplotlib.figure.Figure`` and written with ``savefig`` (the Agg renderer behind PNG),
@@ -15,6 +16,7 @@ and it runs on a headless machine. Ticks are fixed: matplotlib's automatic ticks
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
-from .methods import BINARY, METHODS, ONLINE, PAIRED, SUPERVISED
+from .methods import FAMILIES, METHODS, SUPERVISED
 from .data import DESIRABLE, PRETRAIN, UNDESIRABLE, bayes_ceilings
 
 CONTOUR_STYLE = {PRETRAIN.name: "0.45", DESIRABLE.name: "tab:green", UNDESIRABLE.name: "tab:red"}
@@ -33,29 +35,21 @@ TITLES = {
     "kto_risk_seeking": "KTO, risk-seeking (unbounded)", "kto_risk_seeking_bounded": "KTO, risk-seeking (bounded)",
     "spin": "SPIN-Diffusion", "contrast": "Diff-contrast", "dspo": "DSPO", "spo": "SPO",
 }
-FAMILY_COLOURS = {SUPERVISED: "tab:gray", PAIRED: "tab:blue", BINARY: "tab:orange", ONLINE: "tab:purple"}
 
 
-def method_families() -> dict[str, tuple[list[str], str]]:
-    """The grid's rows and the curves' colours: each family of toy/methods.py (the reference leads the supervised
-    row), its methods in the table's order. Read from the table, so a new method cannot be left out of a figure."""
-    rows = {family: (["reference"] if family == SUPERVISED else [], colour) for family, colour in FAMILY_COLOURS.items()}
+def method_families() -> dict[str, list[str]]:
+    """The samples grid's rows and the curves' columns: each family of toy/methods.py (the reference leads the
+    supervised row), its methods in the table's order. Read from the table, so a new method cannot be left out of a
+    figure."""
+    rows = {family: ["reference"] if family == SUPERVISED else [] for family in FAMILIES}
     for name, spec in METHODS.items():
-        rows[spec.family][0].append(name)
+        rows[spec.family].append(name)
     return rows
 
 
 HERO = ["reference", "sft", "dpo", "kto_kahneman_tversky", "kto_risk_seeking_bounded"]
-LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]  # a method's line style: its place in its family
 EXACT_DESIRABLE = "exact desirable samples: in D 0.87 | in U 0.40 | ED 0 | mean (0.30, 0.80)"
-
-
-def style_of(name: str) -> tuple[str, object]:
-    """A method's colour (its family's) and line style (its place in the family)."""
-    for members, colour in method_families().values():
-        if name in members:
-            return colour, LINESTYLES[members.index(name) % len(LINESTYLES)]
-    return "k", "-"
 
 
 def draw_gaussians(ax) -> None:
@@ -127,7 +121,7 @@ def plot_hero(samples: dict, results: dict, path: Path) -> None:
 
 def plot_samples(samples: dict, results: dict, path: Path) -> None:
     """``samples_all.png``: every method, one row per family (rows: ``method_families``)."""
-    rows = [(family, [n for n in members if n in samples]) for family, (members, _) in method_families().items()]
+    rows = [(family, [n for n in members if n in samples]) for family, members in method_families().items()]
     rows = [(family, names) for family, names in rows if names]
     cols = max(len(names) for _, names in rows)
     fig = Figure(figsize=(2.6 * cols + 0.4, 3.5 * len(rows) + 0.6))
@@ -154,44 +148,90 @@ def smooth(values, window: int) -> np.ndarray:
     return np.convolve(finite, np.ones(window) / window, mode="valid")
 
 
+# The curves as small multiples: one row per metric, one column per family, each row on one shared scale. Within a
+# panel (at most five lines) each method has its own colour from Okabe and Ito's colour-blind-safe palette and its
+# own line style, so a panel also reads in grey.
+PANEL_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00"]
+CURVE_ROWS = {  # row -> (y-limits, y-ticks, label)
+    "accuracy": ((0.0, 1.0), [0.0, 0.25, 0.5, 0.75, 1.0], "held-out pairwise\nimplicit accuracy\n(ranking only)"),
+    "drift": ((0.6, 1.9), [0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8], "sample mean y\n(256 samples):\nthe drift"),
+    "loss": ((-1.0, 2.0), [-1, 0, 1, 2], "training loss /\nfirst step's loss\n(smoothed)"),
+}
+
+
+def draw_curve(ax, x, y, limits, **kw) -> None:
+    """One line, drawn up to its first point off the row's scale (the line leaves through the frame, it is not clipped
+    flat against it) and not beyond; where the values went afterwards is written at the exit."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    low, high = limits
+    off = ~np.isfinite(y) | (y < low) | (y > high)
+    if not off.any():
+        ax.plot(x, y, **kw)
+        return
+    i = int(np.argmax(off))
+    ax.plot(x[: i + 1] if np.isfinite(y[i]) else x[:i], y[: i + 1] if np.isfinite(y[i]) else y[:i], **kw)
+    rest = y[i:][np.isfinite(y[i:])]
+    went = f"between {rest.min():.2g} and {rest.max():.2g}" if len(rest) else "not finite"
+    above = np.isfinite(y[i]) and y[i] > high
+    inward = (0.05 + 0.22 * len(ax.texts)) * (high - low)  # a second exit in the same panel goes below the first
+    ax.annotate(f"{kw['label']}:\noff scale from {x[i]:.0%} on,\nthen {went}", xy=(x[i], high if above else low),
+                xytext=(min(x[i] + 0.05, 0.5), high - inward if above else low + inward), fontsize=6.5,
+                va="top" if above else "bottom", color=kw["color"],
+                arrowprops={"arrowstyle": "->", "color": kw["color"], "lw": 0.8})
+
+
 def plot_curves(histories: dict, path: Path) -> None:
-    """``curves.png``: three panels against the fraction of training done, every method in each."""
+    """``curves.png``: held-out implicit accuracy, sample mean y and the smoothed loss against the fraction of
+    training done; one column per family of ``method_families`` that ran, one row per metric."""
     ceiling = bayes_ceilings()[1]
-    fig = Figure(figsize=(15, 4.6))
-    acc, drift, loss = (fig.add_subplot(1, 3, i + 1) for i in range(3))
-    for name, h in histories.items():
-        colour, style = style_of(name)
-        kw = {"color": colour, "ls": style, "lw": 1.4, "label": TITLES.get(name, name)}
-        steps = max(1, len(h["loss"]))
-        progress = np.asarray(h["heldout_step"], dtype=float) / steps
-        acc.plot(progress, h["heldout_implicit_acc"], **kw)
-        if h.get("sample_mean_y"):
-            drift.plot(progress, np.clip(h["sample_mean_y"], -0.5, 2.5), **kw)
-        window = max(1, len(h["loss"]) // 30)
-        values = smooth(h["loss"], window)
-        if len(values):
-            start = abs(values[0]) if values[0] else 1.0
-            loss.plot((np.arange(len(values)) + window // 2) / steps, np.clip(values / start, -1.0, 2.0), **kw)
-    acc.axhline(ceiling, color="0.4", ls=":", lw=1)
-    acc.text(0.01, ceiling + 0.01, f"Bayes ceiling {ceiling:.3f}", fontsize=7, color="0.3")
-    acc.axhline(0.5, color="0.7", ls=":", lw=1)
-    acc.set(ylim=(0.2, 1.0), yticks=[0.2, 0.4, 0.6, 0.8, 1.0],
-            title="held-out pairwise implicit accuracy (ranking only)")
-    for gaussian, colour in ((DESIRABLE, "tab:green"), (PRETRAIN, "0.45")):
-        drift.axhline(gaussian.mean[1], color=colour, ls=":", lw=1)
-    drift.set(ylim=(0.4, 2.0), yticks=[0.4, 0.8, 1.2, 1.6, 2.0],
-              title="sample mean y (256 samples per point): the drift\n(dotted: desirable = pretraining mean y 0.8)")
-    loss.axhline(1.0, color="0.7", ls=":", lw=1)
-    loss.set(ylim=(-1.0, 2.0), yticks=[-1, 0, 1, 2], title="training loss / its first value (smoothed, clipped)")
-    for ax in (acc, drift, loss):
-        ax.set_xlim(0, 1)
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-        ax.set_xlabel("fraction of training", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.title.set_fontsize(9)
-    handles, labels = acc.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7.5, frameon=False)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.25, top=0.92, wspace=0.18)
+    columns = [(family, [n for n in members if n in histories]) for family, members in method_families().items()]
+    columns = [(family, names) for family, names in columns if names]
+    fig = Figure(figsize=(3.4 * len(columns) + 1.0, 9.2))
+    axes = fig.subplots(len(CURVE_ROWS), len(columns), squeeze=False, sharex=True)
+    for c, (family, names) in enumerate(columns):
+        acc, drift, loss = axes[:, c]
+        for k, name in enumerate(names):
+            h = histories[name]
+            kw = {"color": PANEL_COLOURS[k % len(PANEL_COLOURS)], "ls": LINESTYLES[k % len(LINESTYLES)], "lw": 1.5,
+                  "label": TITLES.get(name, name)}
+            steps = max(1, len(h["loss"]))
+            progress = np.asarray(h["heldout_step"], dtype=float) / steps
+            draw_curve(acc, progress, h["heldout_implicit_acc"], CURVE_ROWS["accuracy"][0], **kw)
+            if h.get("sample_mean_y"):
+                draw_curve(drift, progress, h["sample_mean_y"], CURVE_ROWS["drift"][0], **kw)
+            window = max(1, len(h["loss"]) // 30)
+            values = smooth(h["loss"], window)  # a moving mean of `window` steps, centred
+            if len(values):
+                first = abs(h["loss"][0]) or 1.0  # the raw first loss: a smoothed start is itself negative for some
+                draw_curve(loss, (np.arange(len(values)) + window // 2) / steps, values / first,
+                           CURVE_ROWS["loss"][0], **kw)
+        acc.axhline(ceiling, color="0.4", ls=":", lw=1)
+        acc.axhline(0.5, color="0.7", ls=":", lw=1)
+        drift.axhline(DESIRABLE.mean[1], color="tab:green", ls=":", lw=1)
+        loss.axhline(1.0, color="0.7", ls=":", lw=1)
+        acc.set_title(family, fontsize=10, fontweight="bold")
+        loss.set_xlabel("fraction of training", fontsize=8)
+        loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7.5, frameon=False)
+    for r, (limits, ticks, label) in enumerate(CURVE_ROWS.values()):
+        for c, ax in enumerate(axes[r]):
+            ax.set_ylim(*limits)
+            ax.set_yticks(ticks)
+            ax.set_xlim(0, 1)
+            ax.tick_params(labelsize=7, labelleft=c == 0)
+            ax.grid(color="0.92", lw=0.6)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    axes[0, 0].text(0.98, ceiling - 0.015, f"Bayes ceiling {ceiling:.3f}", fontsize=6.5, color="0.3", ha="right",
+                    va="top")
+    axes[1, 0].text(0.98, DESIRABLE.mean[1] - 0.03, "desirable mean y 0.8", fontsize=6.5, color="tab:green",
+                    ha="right", va="top")
+    for ax in axes[-1]:
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0", "0.25", "0.5", "0.75", "1"])
+    title = ("training curves: one column per family, one scale per row (dotted: chance 0.5 and the Bayes ceiling; "
+             "the desirable mean y; the first step's loss)")
+    wide = len(columns) > 2
+    fig.suptitle(title if wide else textwrap.fill(title, 25 * len(columns) + 20), fontsize=9)
+    fig.subplots_adjust(left=0.09 if wide else 0.22, right=0.99 if wide else 0.97, bottom=0.17,
+                        top=0.92 if wide else 0.88, wspace=0.1, hspace=0.12)
     fig.savefig(path, dpi=100)
 
 

@@ -4,8 +4,8 @@
 
 * ``samples.png``: the five methods of paper 001's Fig. 7 (reference, SFT, DPO, KTO Kahneman-Tversky and
   risk-seeking bounded) as scatter plots; ``samples_all.png``: every method, one row per family;
-* ``curves.png``: held-out implicit accuracy, sample mean y and normalised loss against training progress, every
-  method in each panel (``curves.json``: the numbers);
+* ``curves.png``: held-out implicit accuracy, sample mean y and normalised loss against training progress, as small
+  multiples: one row per metric, one column per family (``curves.json``: the numbers);
 * ``metrics.json`` and ``metrics.md``: the numbers (other tools read ``metrics.json``: keep its shape);
 * ``samples.npz``: the samples themselves, one array per method.
 

@@ -511,7 +511,7 @@ ax.plot([t_at_5000], [5000], "o", color="tab:red")
 ax.set_xlabel("training timestep t")
 ax.set_ylabel("the beta that makes r an exact log-ratio")
 ax.set_title("The timestep weight that one constant beta stands in for", fontsize=10)
-ax.legend(fontsize=7, loc="lower left")
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: inside, it covered the toy's line
 lesson.save_figure(fig, "01_timestep_weight")
 
 # %%

@@ -474,6 +474,12 @@ lesson.save_figure(fig, "07_lab_samples")
 # > | SPO (arXiv:2406.04314) | preference model trained on Pick-a-Pic v1 (over 580k pairs); fine-tuning on 4k prompts, pairs made online (Sec. 5.1) | A100s (Sec. 5.4); LoRA rank 4 (SD-1.5) / 64 (SDXL) (Sec. 5.1) | the hours did not survive in our copy of the text; what did: SPO's total training GPU hours are about 20.8% (SD-1.5) and 4.9% (SDXL) of Diffusion-DPO's (Sec. 5.4) |
 # > | the LoRA study (Yin and Zhang) | a filtered subset of LAION Art at 512 px (Sec. 4.1) | one A100-80GB, 4 to 8 samples per device, rank-8 LoRA, AdamW 1e-4, 10,000 steps (Sec. 4.2) | not reported |
 # >
+# > **Data size.** `full/launch/train.sh` defaults to the whole of Pick-a-Pic v2 (`DATASET` unset:
+# > `yuvalkirstain/pickapic_v2`, about a million pairs, hundreds of GB of JPEGs; docs/scaling.md), downloaded into
+# > the `datasets` cache (and converted to one Arrow file about as large) before the first step. For a first run,
+# > stream it instead (`--streaming --max_train_steps N`: the parquet files are read from the Hub as the run goes,
+# > no full download; docs/scaling.md, "Streaming training"), or put a small local parquet file in `DATASET`.
+# >
 # > **Measured here**: nothing on a GPU. Every time in this repository is CPU time on a 2-core machine: this lesson's
 # > run on the lab (tutorials/README.md has the table), the lab itself (docs/lab.md), the data loaders at up to 16k
 # > rows (docs/scaling.md). The presets' GPU memory and step times, the multi-GPU launches and SDXL are **not**
@@ -490,7 +496,8 @@ lesson.save_figure(fig, "07_lab_samples")
 # A real run, end to end:
 #
 # ```bash
-# full/launch/train.sh dpo sd15 8gpu_ddp                 # 10k steps of the sd15-dpo preset on 8 A100s
+# full/launch/train.sh dpo sd15 1gpu --streaming --max_train_steps 200   # a first try: streamed, no full download
+# full/launch/train.sh dpo sd15 8gpu_ddp                 # 10k steps of the sd15-dpo preset on 8 A100s, all of Pick-a-Pic v2
 # tensorboard --logdir runs/sd15-dpo-8gpu_ddp/logs
 # python -m full.evaluate --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
 #     --lora dpo=runs/sd15-dpo-8gpu_ddp --prompts paper000 --scorers pickscore,clip --out eval/sd15
