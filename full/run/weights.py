@@ -8,7 +8,7 @@
 | reference      | the same UNet with its adapters disabled       | a frozen copy of the starting UNet in the weight|
 |                | (no second copy of the weights)                | dtype, outside DDP/ZeRO/FSDP and the optimizer  |
 | checkpoint     | the adapters, optimizer, position              | the UNet, optimizer, position, EMA; never the   |
-|                |                                                | reference (it is the pipeline's UNet)           |
+|                |                                                | reference (it is the base pipeline's UNet)      |
 | final output   | `pytorch_lora_weights.safetensors`             | `unet/` (diffusers folder; the EMA weights with |
 |                | (`pipe.load_lora_weights`)                     | --use_ema), with --save_pipeline a pipeline     |
 
@@ -41,8 +41,12 @@ def zero3_or_fsdp(accelerator) -> bool:
 
 
 class LoraWeights:
-    """A LoRA run: the UNet's adapter, saved in diffusers format (checkpoints hold only it)."""
+    """A LoRA run: the UNet's adapter, saved in diffusers format (checkpoints hold only it).
 
+    What `TrainingRun` asks of a ``trained`` object (this, `FullWeights`, the SPM trainer's `SpmWeights`):
+    ``module``, ``weight_name``, ``parameters()``, ``register(accelerator)``, ``after_load(prepared)``,
+    ``after_step(model)``, ``gathered_state(accelerator, prepared)``, ``save(model, output_dir, state)``,
+    ``validation_source(output_dir)``; optionally ``card`` and ``ema``."""
 
     def __init__(self, unet, family: str):
         self.module, self.family, self.weight_name = unet, family, lora.LORA_WEIGHT_NAME
