@@ -11,7 +11,7 @@ PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TOY_OUT ?= runs/toy
 LAB_OUT ?= runs/lab
 
-.PHONY: test test-kernels toy toy-quick toy-sweep lab lab-quick bench clean
+.PHONY: test test-kernels toy toy-quick toy-sweep lab lab-quick replicate bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ lab: $(VENV)/.all-installed
 
 lab-quick: $(VENV)/.all-installed
 	$(PY) -m full.lab --out $(LAB_OUT)-quick --quick
+
+# The replication table (docs/replication.md): each paper's headline comparison, 3 training seeds, on the lab's model
+# (pretrained into $(LAB_OUT) first if missing).
+replicate: $(VENV)/.all-installed
+	$(PY) -m full.lab.replicate --out runs/replication --lab $(LAB_OUT)
 
 test: $(VENV)/.all-installed
 	$(PY) -m pytest -n 2 --dist loadgroup tests

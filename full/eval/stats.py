@@ -27,6 +27,10 @@ The protocol follows the papers this repository reproduces:
   n <= 13 with them, the normal approximation otherwise. Older scipy releases decide differently, so the
   scipy version goes into the results.
 
+* **Across training seeds** (the replication table, full/lab/replicate.py): win indicators of S seeds x P
+  prompts, a two-stage bootstrap (seeds, then prompts) so the CI carries the spread between training runs, and
+  the exact Clopper-Pearson interval where a bootstrap collapses to a point (18 of 18 prompts won).
+
 Data layout used throughout: `scores[model][prompt_id] -> list of floats` (one float per seed), for one
 scorer at a time.
 """
@@ -58,6 +62,13 @@ def _check_finite(values: np.ndarray, what: str) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         raise ValueError(f"{what}: {int(bad.sum())} score(s) are NaN or infinite; rescore those images")
+
+
+def _check_resampling(n_resamples: int, confidence: float) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def per_prompt_medians(scores: Mapping[str, Sequence[float]], model: str = "model") -> dict[str, float]:
@@ -130,10 +141,7 @@ def bootstrap_ci(indicators: np.ndarray, *, n_resamples: int = DEFAULT_RESAMPLES
     percentile bootstrap. Resamples are drawn in chunks so 10k x 3200 prompts stays small in memory."""
     indicators = np.asarray(indicators, dtype=np.float64).ravel()
     _check_finite(indicators, "win indicators")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_resampling(n_resamples, confidence)
     rng = np.random.default_rng(seed)
     n = indicators.size
     means = np.empty(n_resamples)
@@ -144,6 +152,53 @@ def bootstrap_ci(indicators: np.ndarray, *, n_resamples: int = DEFAULT_RESAMPLES
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------------------------
+# Across training seeds: the replication table (full/lab/replicate.py, docs/replication.md).
+
+
+def two_stage_bootstrap_ci(indicators: np.ndarray, *, n_resamples: int = DEFAULT_RESAMPLES,
+                           confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_BOOTSTRAP_SEED
+                           ) -> tuple[float, float]:
+    """Percentile CI of the mean of `indicators` (S training seeds x P prompts) by a two-stage bootstrap: draw S
+    seeds with replacement, then P prompts with replacement, one draw shared by the drawn seeds (every seed was
+    evaluated on the same prompts: resampling them per seed would count a prompt's own difficulty S times as
+    independent); the statistic is the mean over the drawn cells,
+
+        W* = (1/S) sum_{s*} (1/P) sum_{p*} I[s*, p*]
+
+    so the interval carries the spread between training seeds as well as between prompts. With S = 1 it is
+    `bootstrap_ci` over prompts (a different random stream)."""
+    indicators = np.asarray(indicators, dtype=np.float64)
+    if indicators.ndim != 2 or 0 in indicators.shape:
+        raise ValueError(f"indicators must be a (seeds, prompts) array with both > 0, got shape {indicators.shape}")
+    _check_finite(indicators, "win indicators")
+    _check_resampling(n_resamples, confidence)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_prompts = indicators.shape
+    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))  # stage 1: (R, S) seed indices
+    prompts = rng.integers(0, n_prompts, size=(n_resamples, n_prompts))  # stage 2: (R, P), shared by the seeds
+    means = indicators[seeds[:, :, None], prompts[:, None, :]].mean(axis=(1, 2))  # (R,)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def clopper_pearson(k: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) CI of a binomial proportion, k successes in n trials:
+
+        low = Beta^-1(alpha/2; k, n - k + 1),  high = Beta^-1(1 - alpha/2; k + 1, n - k),  alpha = 1 - confidence
+
+    (low = 0 at k = 0, high = 1 at k = n). 18 of 18: [0.815, 1]: where a percentile bootstrap collapses to [1, 1]."""
+    if not (isinstance(k, (int, np.integer)) and isinstance(n, (int, np.integer)) and 0 <= k <= n and n >= 1):
+        raise ValueError(f"need integers 0 <= k <= n, n >= 1; got k={k!r}, n={n!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else float(scipy_stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(scipy_stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
 
 
 def wilcoxon_signed_rank(med_a: np.ndarray, med_b: np.ndarray, zero_method: str = "wilcox") -> dict:

@@ -1,4 +1,8 @@
-"""`python -m full.lab --out runs/lab` (`make lab`): every objective aligns the lab's tiny text-to-image model.
+"""`python -m full.lab --out runs/lab` (`make lab`): every objective trains the lab's tiny text-to-image model.
+
+Each method's LoRA is compared with the base model on the rater's reward (win rate, CI over captions, one training
+seed): whether it moved the reward, not whether it beats another method (that is `python -m full.lab.replicate`,
+docs/replication.md). Not every objective moves it (docs/lab.md, Results).
 
     python -m full.lab --out runs/lab            # the full lab: pretraining cached in runs/lab/model
     python -m full.lab --out runs/lab-quick --quick

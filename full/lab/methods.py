@@ -81,12 +81,23 @@ def all_methods() -> list[Method]:
     return methods
 
 
+def paper_setting_methods() -> list[Method]:
+    """Arms at a paper's own settings where the lab's preset departs from them in the objective (not in scale: the
+    papers' learning rates and batches are for full fine-tuning of SD1.5 and do not transfer to a rank-8 LoRA on the
+    lab's model, docs/methods.md). Not part of `make lab`; the replication table (full/lab/claims.py) trains them."""
+    # paper 000 Eq. (3): BCE on -MSE with no reference, beta 1 (the lab's `bce` adds the reference)
+    return [Method("bce_paper", "bce", "reference", {"beta": 1.0}),
+            # paper 001 App. A: desirable ratio 0.8 and beta 5000 in its code's scale = 10000 in ours
+            Method("kto_paper", "kto", "reference", {"utility": "kahneman_tversky", "desirable_ratio": 0.8,
+                                                     "beta": 10000.0})]
+
+
 SEED_SUFFIX = re.compile(r"(?P<name>\w+)_seed(?P<seed>\d+)")
 
 
 def method_named(name: str) -> Method:
     """The method called NAME, or for `NAME_seed<N>` that method trained with `--seed N`; KeyError if neither."""
-    by_name = {m.name: m for m in all_methods()}
+    by_name = {m.name: m for m in all_methods() + paper_setting_methods()}
     if name in by_name:
         return by_name[name]
     match = SEED_SUFFIX.fullmatch(name)

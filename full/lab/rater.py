@@ -61,6 +61,37 @@ class Fidelity:
         return [float(attribute_matches(image, prompt).all()) for image, prompt in zip(images, prompts)]
 
 
+class OutOfRange:
+    """1.0 when the image leaves the pretraining data's sizes: its shape's area is below what that shape covers at
+    the smallest size the data drew (8 px) or above the largest (20 px), or the reader finds no shape; else 0.0.
+    The replication table's drift measure (paper 001 Sec. 7: DPO "deviates from the distribution")."""
+
+    name = "lab_out_of_range"
+
+    def __init__(self, **options):
+        self.options = options
+
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        _check(images, prompts)
+        readings = [reader.read(image) for image in images]
+        return [float(r.shape is None or not area_range(r.shape)[0] <= r.area <= area_range(r.shape)[1])
+                for r in readings]
+
+
+_AREA_RANGE: dict = {}
+
+
+def area_range(shape: str) -> tuple[float, float]:
+    """(area at SIZE_RANGE[0], area at SIZE_RANGE[1]) of `shape`, as fractions of the image (rendered exactly)."""
+    if shape not in _AREA_RANGE:
+        from full.lab.shapes import RESOLUTION, SIZE_RANGE, Scene, shape_mask
+
+        centre = RESOLUTION / 2
+        _AREA_RANGE[shape] = tuple(float(shape_mask(Scene("red", shape, "dark", 0.2, size, centre, centre)).mean())
+                                   for size in SIZE_RANGE)
+    return _AREA_RANGE[shape]
+
+
 def attribute_matches(image, prompt: str) -> np.ndarray:
     """[colour, shape, background] read correctly, as a boolean array of 3. CSFT samples with "good image, "
     before the caption (paper 001 Sec. 5.1.2): the caption it must follow is what comes after the prefix."""

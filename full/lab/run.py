@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -131,20 +132,26 @@ def in_parallel(jobs: list, run, workers: int) -> list:
 
 
 def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *, launcher: str,
-              progress: Progress) -> dict[str, dict]:
-    """Train every selected method; returns {name: {"lora": dir, "seconds": s, "argv": [...]}}."""
-    names = lab.methods or [m.name for m in methods_lib.all_methods()]
-    selected = [methods_lib.method_named(name) for name in names]  # in the order asked for
+              progress: Progress, selected: list | None = None, on_done=None) -> dict[str, dict]:
+    """Train every selected method (`selected`: Method objects; default `lab.methods` by name); returns
+    {name: {"lora": dir, "seconds": s, "command": ...}}. `on_done(name)` hears each finished (or cached) method."""
+    if selected is None:
+        names = lab.methods or [m.name for m in methods_lib.all_methods()]
+        selected = [methods_lib.method_named(name) for name in names]  # in the order asked for
     spm = out / "train" / "spm"
     # Subprocesses run `lab.workers` at once with one thread each; in this process, one at a time.
     workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
 
+    spm_lock = threading.Lock()  # several SPO seeds share one preference model: the first trains it
+
     def train(method) -> dict:
-        if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():  # SPO's preference model first
-            argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
-            seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
-                                            log_file=out / "logs" / "spm.log")
-            progress.timed("train_spm", seconds)
+        with spm_lock:
+            if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():  # SPO's preference model first
+                argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
+                seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
+                                                log_file=out / "logs" / "spm.log")
+                progress.timed("train_spm", seconds)
+                (spm / "lab_spm.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
         target = out / "train" / method.name
         argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
         entry = {"lora": str(target), "family": method.family, "prompt_prefix": method.prompt_prefix,
@@ -152,6 +159,8 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
         # A LoRA trained by this very command on this data is reused (the data's cache clears train/ when it changes)
         if cached(target, "lab_train.json", entry["command"]):
             progress(f"train {method.name}: cached in {target}")
+            if on_done is not None:
+                on_done(method.name)
             return {**entry, "seconds": json.loads((target / "lab_train.json").read_text())["seconds"]}
         shutil.rmtree(target, ignore_errors=True)
         seconds = methods_lib.run_entry(method.entry, argv, launcher=launcher, threads=threads,
@@ -159,6 +168,8 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
         progress.timed(f"train {method.name}", seconds)
         entry["seconds"] = round(seconds, 1)
         (target / "lab_train.json").write_text(json.dumps({"config": entry["command"], "seconds": entry["seconds"]}))
+        if on_done is not None:
+            on_done(method.name)
         return entry
 
     return {m.name: entry for m, entry in zip(selected, in_parallel(selected, train, workers))}
@@ -180,13 +191,14 @@ def evaluation_runs(trained: dict, workers: int) -> list[dict]:
     return [r for r in runs if r["models"]]
 
 
-def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher: str) -> dict:
+def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher: str,
+             scorers=tuple(SCORERS.values()), eval_dir: Path | None = None, report: bool = True) -> dict | None:
     """full.evaluate on the held-out captions: generate (every LoRA loaded by it) and score in one or more runs,
     then one report over all of them (the runs' manifests and scores merged: a comparison pairs images by prompt
     id and seed, so CSFT's prefixed prompts are compared with the base model's plain ones)."""
     from full import evaluate as evaluate_entry
 
-    eval_dir = out / "eval"
+    eval_dir = eval_dir or out / "eval"
     shutil.rmtree(eval_dir, ignore_errors=True)  # a stale image of a retrained LoRA must not be reused
     eval_dir.mkdir(parents=True)
     workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
@@ -200,7 +212,7 @@ def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher:
         argv = ["--out", str(run_dir), "--base_model", str(model), "--prompts", str(prompts),
                 "--seeds", str(lab.eval_seeds), "--steps", str(lab.sample_steps), "--guidance", str(lab.guidance),
                 "--batch_size", "64", "--device", "cpu", "--stages", "generate,score",
-                "--scorers", ",".join(SCORERS.values())]
+                "--scorers", ",".join(scorers)]
         argv += [] if "base" in run["models"] else ["--no_base"]
         argv += [arg for name in run["models"] if name != "base" for arg in ("--lora", f"{name}={trained[name]['lora']}")]
         methods_lib.run_entry("full.evaluate", argv, launcher=launcher, threads=threads,
@@ -215,6 +227,8 @@ def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher:
                     if kind == "manifest":
                         row["path"] = f"{run['name']}/{row['path']}"
                     merged.write(json.dumps(row) + "\n")
+    if not report:  # the caller computes its own statistics from scores.jsonl
+        return None
     return evaluate_entry.main(["--out", str(eval_dir), "--stages", "report", "--grid_prompts", "0"])
 
 
