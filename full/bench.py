@@ -208,17 +208,23 @@ def peak_of_step(fn, device) -> int:
 
 def data_parser() -> argparse.ArgumentParser:
     """`python -m full.bench --data`'s flags (full/data/bench.py runs it)."""
+    from full.data.allocators import ALLOCATOR_SETTINGS
     from full.data.bench import READERS, ROW_SIZES
 
     p = argparse.ArgumentParser(prog="full.bench --data", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=list(ROW_SIZES))
     p.add_argument("--workdir", default=None, help="where the parquet and the datasets cache go (default: a tmp dir)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--allocator", choices=("system", "default"), default="system",
-                   help="system: the readers run with ALLOCATORS (flat memory); default: Arrow's mimalloc and glibc's "
-                        "heap as they come, which keep freed image buffers and grow with the rows read")
+    p.add_argument("--allocator", nargs="+", choices=tuple(ALLOCATOR_SETTINGS), default=["chosen"],
+                   help="allocator settings to run the readers with (full/data/allocators.py): chosen (what "
+                        "full/launch/train.sh sets), none, pool (ARROW_DEFAULT_MEMORY_POOL=system), mmap "
+                        "(MALLOC_MMAP_THRESHOLD_=65536), both, pool+mmap4m")
+    p.add_argument("--resolution", type=int, nargs="+", default=[256], help="training resolution(s), px")
+    p.add_argument("--image_px", type=int, default=None, help="size of the JPEGs (default: the resolution)")
     p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS[:2]),
                    help="which readers to run (default: loader stream)")
+    p.add_argument("--plot", default=None, help="draw start-up time and memory against the rows into this PNG")
+    p.add_argument("--model", default=None, help="--readers train: a diffusers SD1.5/SDXL folder full.train loads")
     p.add_argument("--_reader", nargs=2, help=argparse.SUPPRESS)  # internal: mode, path (one fresh process each)
     return p
 
@@ -230,11 +236,16 @@ def main(argv=None) -> dict:
     if "--data" in argv:  # the data benchmark: full/data/bench.py
         from full.data import bench as data_bench
 
-        args = data_parser().parse_args([a for a in argv if a != "--data"])
+        parser = data_parser()
+        args = parser.parse_args([a for a in argv if a != "--data"])
+        if "train" in args.readers and not (args.model or args._reader):
+            parser.error("--readers train runs full.train: give --model DIR (a diffusers SD1.5 or SDXL folder)")
         if args._reader:  # one reader in this fresh process: its figures as the last line of output
-            print(json.dumps(data_bench.run_reader(*args._reader)))
+            print(json.dumps(data_bench.run_reader(*args._reader, resolution=args.resolution[0], model=args.model)))
             return {}
-        return data_bench.run(args.rows, args.readers, workdir=args.workdir, allocator=args.allocator, out=args.out)
+        return data_bench.run(args.rows, args.readers, workdir=args.workdir, allocators=args.allocator,
+                              resolutions=args.resolution, image_px=args.image_px, model=args.model, out=args.out,
+                              plot=args.plot)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=tuple(CONFIGS), default="tiny")
     p.add_argument("--device", default="cpu")

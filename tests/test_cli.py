@@ -244,6 +244,19 @@ def test_train_sh_runs_from_any_directory_with_relative_paths(tmp_path):
     assert "data/pairs.parquet" in command and "models/sd15" in command and "runs/sd15-dpo-1gpu" in command
 
 
+def test_train_sh_exports_the_chosen_allocators_and_a_value_already_set_wins():
+    from full.data.allocators import CHOSEN
+
+    assert '/../data/allocators.py")"' in (REPO / "full/launch/train.sh").read_text()  # what train.sh evaluates
+    exports = f'eval "$("{sys.executable}" "{REPO}/full/data/allocators.py")"; env'
+    clean = {k: v for k, v in os.environ.items() if k not in CHOSEN}
+    chosen = subprocess.run(["bash", "-c", exports], env=clean, capture_output=True, text=True, timeout=60).stdout
+    assert CHOSEN and all(f"{name}={value}\n" in chosen for name, value in CHOSEN.items())
+    mine = {**clean, **{name: "mine" for name in CHOSEN}}
+    kept = subprocess.run(["bash", "-c", exports], env=mine, capture_output=True, text=True, timeout=60).stdout
+    assert all(f"{name}=mine\n" in kept for name in CHOSEN)
+
+
 def test_importing_the_plots_does_not_switch_the_matplotlib_backend():
     code = ("import matplotlib; matplotlib.use('svg'); import full.eval.plots; "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")

@@ -121,9 +121,14 @@ def test_a_killed_streaming_run_resumes_to_the_same_rows_and_lora(tiny_sd15, tmp
     killed_inside_step_3(monkeypatch, argv)
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
     seen.clear()
+    assert (tmp_path / "b" / "checkpoint-2" / checkpoints.STREAM_NAME).is_file()  # the stream's place
+    places = []
+    real_resume = StreamedRows.resume
+    monkeypatch.setattr(StreamedRows, "resume", lambda self, state: places.append(state) or real_resume(self, state))
     resumed = train.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == 4
     assert seen == order[4:]  # micro-batches 5..8: no row of epoch 0 twice, none missed
+    assert [(p["epoch"], p["items"]) for p in places] == [(0, 4)]  # restarted at its place, not skipped ahead
     a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)

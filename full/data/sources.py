@@ -15,19 +15,22 @@ the ids and labels of the usable rows (`LazyRows`) and read an item's image byte
 stays flat in the number of rows. `iter_source` streams instead (the cache builder, converters).
 
 Bad data never crashes an epoch: a row whose columns are malformed is reported with its row id when
-the rows are loaded and skipped. A source with nothing usable raises ``ValueError`` before training starts.
+the rows are loaded and skipped. A source with nothing usable raises ``ValueError`` before training starts. Loading
+reads no image bytes (`full.data.checks`): labels, captions and the image columns' lengths come from the Arrow
+table, the image headers from a check stored next to the table when it was converted (or first loaded).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
-from full.data.columns import ColumnMap
+from full.data.checks import checked_rows, image_check, looks_like_image
+from full.data.columns import ColumnMap, as_column_map
 from full.data.tables import is_image_folder, iter_source, open_table  # noqa: F401  (iter_source: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -56,16 +59,6 @@ def as_image_bytes(value) -> bytes | None:
     return None
 
 
-def looks_like_image(data: bytes) -> bool:
-    """Cheap check at load time: PIL parses the header only (no decode). Truncated data passes
-    and is caught when the dataset decodes it."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width > 0 and image.height > 0
-    except Exception:
-        return False
-
-
 class RowReport:
     """Counts rejected rows by reason and warns about the first few with their row ids. Also counts the rows that are
     kept although worth a word (an empty caption, `note`), with their first ids, for one warning (`warn_kept`)."""
@@ -89,6 +82,13 @@ class RowReport:
         entry[0] += 1
         if len(entry[1]) < MAX_REPORTED_ROWS and row_id not in entry[1]:
             entry[1].append(row_id)
+
+    def note_rows(self, row_ids, remark: str) -> None:
+        """`note` for many rows of one pass at once (ids in row order)."""
+        if len(row_ids):
+            entry = self.kept.setdefault(remark, [0, []])
+            entry[0] += len(row_ids)
+            entry[1] += [int(i) for i in row_ids[:max(0, MAX_REPORTED_ROWS - len(entry[1]))]]
 
     def kept_summary(self) -> str:
         """"2 rows have an empty caption (row ids 1, 4): kept, ..." for each remark; "" when there is none."""
@@ -195,13 +195,16 @@ class LazyRows(Sequence):
         return self.fields[name]
 
 
-def _scan(table, columns: Sequence[str], batch_size: int = 256) -> Iterator[tuple[int, dict]]:
-    """``(row_id, row)`` over ``columns`` of the table, one Arrow batch in memory at a time."""
-    row_id = 0
-    for batch in table.select_columns(list(columns)).iter(batch_size=batch_size):
-        for values in zip(*(batch[c] for c in columns)):
-            yield row_id, dict(zip(columns, values))
-            row_id += 1
+def _checked_table(dataset_name, split, columns, default, max_rows, schema) -> tuple:
+    """The table, its report, and the ids, labels and empty-caption flags of its rows that pass (`checked_rows`)."""
+    if max_rows is not None and max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    columns = as_column_map(columns or default)
+    table = open_table(dataset_name, split, columns, max_rows)
+    report = RowReport(dataset_name)
+    image_columns = ("jpg_0", "jpg_1") if schema == "pairs" else ("image",)
+    bad_images = image_check(table, {c: columns[c] for c in image_columns})
+    return (table, report, *checked_rows(table, schema, report, bad_images))
 
 
 def pair_item(raw: dict, row_id: int, fields: dict) -> dict:
@@ -236,8 +239,9 @@ def checked_caption_and_images(row: dict, row_id: int, report: RowReport, image_
 
 def checked_pair_label(row: dict, row_id: int, report: RowReport) -> float | None:
     """A pair row's ``label_0`` as 0, 0.5 or 1, or None after reporting the row (a bad label, a caption that is not
-    text, an image folder's missing file, image bytes that are not an image). The table reader and the stream
-    (`full.data.streaming`) both check rows with it."""
+    text, an image folder's missing file, image bytes that are not an image). The stream (`full.data.streaming`)
+    and the converters check rows with it; the table reader checks the same, column by column
+    (`full.data.checks.checked_rows`)."""
     label = row["label_0"]
     if isinstance(label, bool):
         label = float(label)
@@ -267,33 +271,25 @@ def load_pair_rows(dataset_name: str, split: str = "train", keep_ties: bool = Fa
     ``max_rows`` limits the rows *read* from the source (before filtering). ``columns``: the source's names of the
     columns (`full.data.columns`, the column flags); default the Pick-a-Pic names.
 
-    One pass over the source checks every row (an Arrow batch at a time); what is kept is the row ids and labels
-    (`LazyRows`), so memory does not grow with the images (docs/scaling.md has the measurement).
+    The checks read labels, captions and the image columns' lengths from the Arrow table, and the image headers from
+    the check stored with the table (`full.data.checks`): no image bytes, so a launch costs the same whatever the
+    images weigh. What is kept is the row ids and labels (`LazyRows`): memory does not grow with the images
+    (docs/scaling.md has the measurements).
     """
-    if max_rows is not None and max_rows <= 0:
-        raise ValueError(f"max_rows must be positive, got {max_rows}")
-    table = open_table(dataset_name, split, columns or PAIR_COLUMNS, max_rows)
-    report, ties = RowReport(dataset_name), 0
-    row_ids, jpg_0_won, tie = [], [], []
-    for row_id, row in _scan(table, PAIR_COLUMNS):
-        label = checked_pair_label(row, row_id, report)
-        if label is None:
-            continue
-        if label == 0.5:
-            ties += 1
-            if not keep_ties:
-                continue
-        note_empty_caption(row, row_id, report)
-        row_ids.append(row_id)
-        jpg_0_won.append(label >= 0.5)
-        tie.append(label == 0.5)
+    table, report, row_ids, labels, empty = _checked_table(dataset_name, split, columns, PAIR_COLUMNS, max_rows,
+                                                           "pairs")
+    tie = labels == 0.5
+    ties = int(tie.sum())
+    if not keep_ties:
+        row_ids, labels, empty, tie = row_ids[~tie], labels[~tie], empty[~tie], tie[~tie]
+    report.note_rows(row_ids[empty], EMPTY_CAPTION)
     dropped = f"{ties} ties {'kept' if keep_ties else 'dropped'}"
-    if not row_ids:
+    if not len(row_ids):
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): {dropped}, "
                          f"malformed: {report.summary()}")
     logger.info("%s: %d pairs (%s; malformed: %s)", dataset_name, len(row_ids), dropped, report.summary())
     report.warn_kept()
-    return LazyRows(table, row_ids, {"jpg_0_won": jpg_0_won, "tie": tie}, pair_item)
+    return LazyRows(table, row_ids, {"jpg_0_won": labels >= 0.5, "tie": tie}, pair_item)
 
 
 def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | None = None,
@@ -303,20 +299,13 @@ def load_feedback_rows(dataset_name: str, split: str = "train", max_rows: int | 
     ``label`` is 1/0 or True/False. Other labels, captions that are not strings, a missing image file or unreadable
     image bytes: the row is reported with its id and skipped. Empty captions are kept, counted and named (as pairs).
     """
-    if max_rows is not None and max_rows <= 0:
-        raise ValueError(f"max_rows must be positive, got {max_rows}")
-    table = open_table(dataset_name, split, columns or FEEDBACK_COLUMNS, max_rows)
-    report, row_ids, desirable = RowReport(dataset_name), [], []
-    for row_id, row in _scan(table, FEEDBACK_COLUMNS):
-        label = checked_feedback_label(row, row_id, report)
-        if label is None:
-            continue
-        note_empty_caption(row, row_id, report)
-        row_ids.append(row_id)
-        desirable.append(label)
-    if not row_ids:
+    table, report, row_ids, labels, empty = _checked_table(dataset_name, split, columns, FEEDBACK_COLUMNS, max_rows,
+                                                           "feedback")
+    report.note_rows(row_ids[empty], EMPTY_CAPTION)
+    desirable = labels == 1.0
+    if not len(row_ids):
         raise ValueError(f"no usable rows in {dataset_name} (split {split!r}): malformed: {report.summary()}")
-    n_desirable = sum(desirable)
+    n_desirable = int(desirable.sum())
     logger.info("%s: %d images (%d desirable, %d undesirable; malformed: %s)", dataset_name, len(row_ids),
                 n_desirable, len(row_ids) - n_desirable, report.summary())
     report.warn_kept()

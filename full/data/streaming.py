@@ -1,33 +1,33 @@
 """`full.train --streaming`: train from the parquet files as a stream, without converting or downloading them first.
 
 The default reader (`full.data.tables.open_table`) converts a source once into a memory-mapped Arrow table and
-indexes it at random: exact resume, `--num_train_epochs`, `--desirable_ratio`. Pick-a-Pic v2 on the Hub is hundreds
-of GB, and that table would be a second copy on disk. With ``--streaming`` the rows are read from the parquet files
-(local, or the Hub's through `huggingface_hub.HfFileSystem`) one row group at a time, as a `datasets`
-`IterableDataset` with one shard per file:
+indexes it at random: `--num_train_epochs`, `--desirable_ratio`. Pick-a-Pic v2 on the Hub is hundreds of GB, and that
+table would be a second copy on disk. With ``--streaming`` the rows are read from the parquet files (local, or the
+Hub's through `huggingface_hub.HfFileSystem`) 64 at a time (`full.data.stream_source`):
 
     files -> rows with their row ids  (row id = position in the source, files in sorted order, as everywhere else)
-          -> shuffle                  (seeded: shard order + a buffer of --shuffle_buffer_size rows; new per epoch)
-          -> split_dataset_by_node    (process p of P gets its files, or every P-th row when P does not divide them)
+          -> shuffle                  (seeded: file order + a buffer of --shuffle_buffer_size rows; new per epoch)
+          -> this process's share     (its files when the process count divides them, else every P-th row)
           -> check                    (malformed rows warned with their row id and counted; ties dropped, counted)
           -> decode                   (per item, in --dataloader_num_workers threads; undecodable: the run's total)
 
-Resume is a skip-ahead, not `IterableDataset.state_dict()`: that one restores the shard and the row within it, but
-not the shuffle buffer, so the rows in the buffer at the kill would be missed for the epoch and the order after the
-resume would differ. The shuffle is a function of (seed, epoch) and the row check of the row alone, so a resumed
-process reads its share again from the start of the epoch and passes over the ``batch_in_epoch x batch size`` items
-it already trained on *without decoding them*: the same batches follow, and the LoRA is bit-identical to an
-uninterrupted run's (tests/test_streaming.py). The price is reading those rows again (for a Hub source, downloading
-them again); docs/scaling.md has the numbers. An epoch ends for every process when the first one's share runs out
-(the shares differ by the rows dropped in each).
+Resume: a checkpoint holds each process's position in its pass (`StreamingLoader.state_dict`: the source rows read,
+the shuffle generator's state, the row ids in the shuffle buffer and those shuffled out but not yet trained on), so a
+resumed run fetches the buffered rows again by id and reads on from the row group where it stopped: at most a
+buffer and a row group, wherever in the epoch it stopped; the same batches follow and the LoRA is bit-identical to
+an uninterrupted run's (tests/test_streaming.py, tests/test_data_stream_resume.py counts the rows read). The rows
+are not a `datasets.IterableDataset` for this reason: its ``state_dict()`` restores the shard and the row within it
+but not the shuffle buffer, so the buffered rows would be missed for the epoch and the order after a resume would
+differ. Where no position fits (a checkpoint of another process count) the share is read again from the start of the
+epoch and the trained items are passed over without decoding. An epoch ends for every process when the first one's
+share runs out (the shares differ by the rows dropped in each).
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from itertools import accumulate, islice
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -38,66 +38,33 @@ from full.data.images import FeedbackDataset, PairDataset, collate_skip_none
 from full.data.rows import source_format
 from full.data.sources import (FEEDBACK_COLUMNS, PAIR_COLUMNS, RowReport, checked_feedback_label, checked_pair_label,
                                feedback_item, note_empty_caption, pair_item)
+from full.data.stream_source import ParquetShards, ShuffledStream, open_file
 from full.data.tables import check_parquet_columns, hub_parquet_files, is_image_folder, parquet_files
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Files -> a seeded, shuffled, per-process `datasets.IterableDataset` of rows with their row ids
+# Files -> a seeded, shuffled, per-process stream of rows with their row ids (full/data/stream_source.py)
 # ----------------------------------------------------------------------------------------------
 
 
-def _open(fs, file):
-    """A local path as it is (pyarrow opens it), a Hub file as a file object of ``fs`` that reads byte ranges."""
-    return fs.open(file, "rb") if fs is not None else nullcontext(file)
-
-
-def _read_files(files: list, offsets: list, columns: dict, max_rows, fs):
-    """The generator behind the stream; `datasets` hands each shard (a slice of ``files`` and ``offsets``) to it."""
-    import pyarrow.parquet as pq
-
-    for file, row_id in zip(files, offsets):
-        if max_rows is not None and row_id >= max_rows:
-            return
-        with _open(fs, file) as handle:
-            parquet = pq.ParquetFile(handle, pre_buffer=False)  # pre-buffering keeps what it read
-            for batch in parquet.iter_batches(batch_size=64, columns=list(columns.values())):
-                values = {name: batch.column(source).to_pylist() for name, source in columns.items()}
-                for i in range(batch.num_rows):
-                    if max_rows is not None and row_id >= max_rows:
-                        return
-                    yield {"row_id": row_id, **{name: column[i] for name, column in values.items()}}
-                    row_id += 1
-
-
 def open_stream(dataset_name: str, split: str, columns: ColumnMap, max_rows: int | None, *, seed: int,
-                buffer_size: int, process_index: int = 0, num_processes: int = 1):
-    """This process's share of the source as a shuffled `datasets.IterableDataset` of ``{"row_id", <canonical
-    columns>}``. Fails with one line (a missing column names its flag) before anything is decoded."""
-    import datasets
-    import pyarrow.parquet as pq
-    from datasets.distributed import split_dataset_by_node
-
+                buffer_size: int, process_index: int = 0, num_processes: int = 1) -> ShuffledStream:
+    """This process's share of the source, shuffled (`full.data.stream_source.ShuffledStream`): rows
+    ``{"row_id", <canonical columns>}``. Fails with one line (a missing column names its flag) before anything is
+    decoded."""
     path = Path(dataset_name).expanduser()
     if path.exists() and is_image_folder(path):
         raise ValueError(f"--streaming reads parquet files; {path} is an image folder: drop --streaming (its table "
                          "holds the image paths only, not the images)")
     fs, files = (None, [str(f) for f in parquet_files(path, split)]) if path.exists() else \
         hub_parquet_files(dataset_name, split)
-    with _open(fs, files[0]) as first:  # its schema; a later file that differs fails when it is reached
+    with open_file(fs, files[0]) as first:  # its schema; a later file that differs fails when it is reached
         check_parquet_columns(first, columns, name=files[0])
-    # Each file's first row id, from the footers: ids are positions in the source, as the table reader gives them.
-    sizes = []
-    for file in files:
-        with _open(fs, file) as handle:
-            sizes.append(pq.read_metadata(handle).num_rows)
-    offsets = [0, *accumulate(sizes)][:-1]
-    stream = datasets.IterableDataset.from_generator(
-        _read_files, gen_kwargs={"files": files, "offsets": offsets, "columns": dict(columns),
-                                 "max_rows": max_rows, "fs": fs})
-    stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
-    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+    shards = ParquetShards(files, fs, dict(columns), max_rows)  # each file's rows and row groups, from the footers
+    return ShuffledStream(shards, seed=seed, buffer_size=buffer_size, process_index=process_index,
+                          num_processes=num_processes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +81,8 @@ class StreamedRows(torch.utils.data.IterableDataset):
         self.stream, self.kind, self.images, self.name = stream, kind, images, name
         self.keep_ties, self.only_desirable, self.decode_threads = keep_ties, only_desirable, decode_threads
         self.epoch, self.skip_items = 0, 0
+        self.start, self.items, self.mark, self.at = None, 0, None, None  # a saved place to start at, the items
+        # handed out this pass, the place after the last of them (or where the pass started: `at`)
         self.counts = {"read": 0, "usable": 0, "ties": 0, "malformed": 0}  # this process, this session
         self.report = RowReport(name)
 
@@ -145,18 +114,44 @@ class StreamedRows(torch.utils.data.IterableDataset):
         return row
 
     def usable_rows(self):
-        return (row for row in map(self.checked, self.stream) if row is not None)
+        """The checked rows of a pass, not decoded."""
+        return (row for row, _ in self._usable())
+
+    def _usable(self):
+        """``(row, mark)``: the usable rows of a pass and the stream's place after each; the pass starts at
+        ``self.start`` (a `state` of this epoch, used once) when set."""
+        self.stream.start, self.start = self.start and self.start["position"], None
+        for raw, mark in self.stream.positioned():
+            row = self.checked(raw)
+            if row is not None:
+                yield row, mark
+
+    def state(self) -> dict:
+        """Where this pass is: the items handed out and the stream's place after the last (None: the start of the
+        epoch; read again and ``items`` passed over on a resume)."""
+        return {"epoch": self.epoch, "items": self.items, "position": self.mark.state() if self.mark else self.at}
+
+    def resume(self, state: dict) -> None:
+        """Start the next pass where ``state`` (a `state` of the current epoch) was."""
+        self.start = state
 
     def __iter__(self):
-        skip, self.skip_items = self.skip_items, 0  # a resume skips once, at the start of its epoch
-        rows = islice(self.usable_rows(), skip, None)  # checked, not decoded: the skip costs reading only
-        yield from self._decoded(rows)
+        skip, self.skip_items = self.skip_items, 0  # a resume without a place skips once, at the start of its epoch
+        self.at = self.start and self.start["position"]
+        self.items, self.mark = (self.start["items"] if self.start else 0) + skip, None
+        rows = islice(self._usable(), skip, None)  # checked, not decoded: the skip costs reading only
+        for item, self.mark in self._decoded(rows):
+            self.items += 1
+            yield item
         logger.info("%s: pass %d of this process's share: %s", self.name, self.epoch, self.summary())
         self.report.warn_kept(f"pass {self.epoch} of this process's share: ")
 
     def _decoded(self, rows):
-        """Items in stream order; with threads, a few items ahead are decoded at once (PIL releases the GIL)."""
-        prepare = lambda row: self.images.prepare(row, row["row_id"])  # noqa: E731  (the row id seeds its flips)
+        """``(item, mark)`` in stream order; with threads, a few items ahead are decoded at once (PIL releases the
+        GIL)."""
+        def prepare(pair):
+            return self.images.prepare(pair[0], pair[0]["row_id"]), pair[1]  # the row id seeds its flips
+
         if not self.decode_threads:
             yield from map(prepare, rows)
             return
@@ -180,20 +175,41 @@ class StreamedRows(torch.utils.data.IterableDataset):
 
 class StreamingLoader:
     """Batches of a `StreamedRows`, on the device. `accelerate` does not prepare it (`shards_itself`): the
-    stream is already this process's share. The run loop calls `set_epoch` and, on a resume, `skip_batches`."""
+    stream is already this process's share. The run loop calls `set_epoch` and, on a resume, `skip_batches`; a
+    checkpoint holds `state_dict` (the run loop registers it, `full.run.loop`)."""
 
     shards_itself = True
 
-    def __init__(self, rows: StreamedRows, batch_size: int, device):
+    def __init__(self, rows: StreamedRows, batch_size: int, device, *, process_index: int = 0,
+                 num_processes: int = 1, gather=None):
         self.rows, self.batch_size, self.device = rows, batch_size, device
         self.loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=collate_skip_none)
+        self.process_index, self.num_processes = process_index, num_processes
+        self.gather = gather or (lambda states: states)  # every process's list of states, concatenated
+        self.saved = None  # this process's state from the checkpoint a run resumes from
+
+    def state_dict(self) -> dict:
+        """Every process's place in its pass (`StreamedRows.state`; every process calls this when a checkpoint is
+        saved, the main process writes it)."""
+        return {"processes": self.gather([self.rows.state()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        processes = state.get("processes", [])
+        self.saved = processes[self.process_index] if len(processes) == self.num_processes else None
 
     def set_epoch(self, epoch: int) -> None:
         self.rows.set_epoch(epoch)
 
     def skip_batches(self, batches: int) -> "StreamingLoader":
-        """Resume mid-epoch: the next pass starts after ``batches`` full batches of this process's items."""
-        self.rows.skip_items = batches * self.batch_size
+        """Resume mid-epoch after ``batches`` batches of this process's items: at the place the checkpoint saved
+        (the buffered rows fetched again by id), or, for a checkpoint without one, by reading the share from the
+        start of the epoch and passing over the trained items undecoded."""
+        items, saved, self.saved = batches * self.batch_size, self.saved, None
+        if saved and saved["position"] and saved["epoch"] == self.rows.epoch \
+                and items - self.batch_size < saved["items"] <= items:  # the last batch of a pass may be short
+            self.rows.resume(saved)
+        else:
+            self.rows.skip_items = items
         return self
 
     def __iter__(self):
@@ -223,7 +239,11 @@ def make_streaming_loader(data: DataConfig, kind: str, accelerator) -> Streaming
     rows = StreamedRows(stream, kind, images, name=f"{data.dataset_name} (stream)", keep_ties=data.keep_ties,
                         only_desirable=data.desirable_only, decode_threads=data.dataloader_num_workers)
     rows.check_usable()
-    return StreamingLoader(rows, data.train_batch_size, accelerator.device)
+    from accelerate.utils import gather_object
+
+    return StreamingLoader(rows, data.train_batch_size, accelerator.device, process_index=accelerator.process_index,
+                           num_processes=accelerator.num_processes,
+                           gather=gather_object if accelerator.num_processes > 1 else None)
 
 
 def report_stream_rows(loader, accelerator) -> dict[str, int]:

@@ -218,7 +218,9 @@ def _convert_parquet(datasets, files: list[str]):
     file (396 -> 582 -> 868 MB for 1k -> 4k -> 16k rows, docs/scaling.md; `pyarrow.total_allocated_bytes()` climbed
     to 8 row groups). `ParquetFile.iter_batches` reads one batch when asked: the conversion holds one batch.
     The Arrow file is named by the files' paths, sizes and modification times (a changed file is converted again);
-    the processes of a launch take a file lock, so one converts and the others reuse its file.
+    the processes of a launch take a file lock, so one converts and the others reuse its file. The same pass parses
+    the header of every image (`full.data.checks`) and keeps the rows that are not images in ``KEY.check.json``
+    next to the Arrow file, so that no launch has to read the images to check them.
     """
     import hashlib
     import json
@@ -228,26 +230,42 @@ def _convert_parquet(datasets, files: list[str]):
     import pyarrow.parquet as pq
     from filelock import FileLock  # a dependency of `datasets`
 
+    from full.data.checks import _is_binary, _is_image_struct, bad_image_rows, write_check
+
     stats = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
     key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
-    directory = Path(datasets.config.HF_DATASETS_CACHE) / "minipref-parquet"
+    directory = converted_directory()
     directory.mkdir(parents=True, exist_ok=True)
     arrow_file = directory / f"{key}.arrow"
     with FileLock(str(arrow_file) + ".lock"):
         if not arrow_file.exists():
             schema = pq.read_schema(files[0])  # with its `huggingface` metadata: the features (Image, ...) survive
+            images = [f.name for f in schema if _is_binary(f.type) or _is_image_struct(f.type)]
+            bad, rows = {name: [] for name in images}, 0
             partial = arrow_file.with_name(f"{key}.{os.getpid()}.partial")
             with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:  # datasets' format
                 for file in files:
                     for batch in pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=256):
                         try:
-                            writer.write_table(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
+                            table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
                         except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
                             partial.unlink()
                             raise ValueError(f"{file} does not have the columns and types of {files[0]} "
                                              f"({error}); give the files of one schema") from error
+                        writer.write_table(table)
+                        for name in images:
+                            bad[name] += bad_image_rows(table.column(name), rows)
+                        rows += table.num_rows
+            write_check(arrow_file.with_suffix(".check.json"), rows, bad)
             os.replace(partial, arrow_file)  # a kill mid-conversion leaves no half file under the final name
     return datasets.Dataset.from_file(str(arrow_file))
+
+
+def converted_directory() -> Path:
+    """Where converted parquet sources (``KEY.arrow``) and the image checks of tables (``KEY.check.json``) live."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "minipref-parquet"
 
 
 def check_parquet_columns(file, columns: Sequence[str] | Mapping[str, str], name: str | None = None) -> None:

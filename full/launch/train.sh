@@ -29,10 +29,9 @@
 # --scale_lr presets the learning rate grows with it). Extra flags win over the preset. The per-GPU memory of a
 # preset on a config: python -m full.presets NAME --plan --engine ENGINE --num_processes N.
 set -euo pipefail
-# Flat host memory while reading images from Arrow: Arrow's system allocator and mmap for glibc blocks >= 64 KB
-# hand freed image buffers back to the OS (docs/scaling.md); a value already in the environment wins.
-export ARROW_DEFAULT_MEMORY_POOL="${ARROW_DEFAULT_MEMORY_POOL:-system}"
-export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
+# The allocators for reading images from Arrow, chosen in full/data/allocators.py from the measurements in
+# docs/scaling.md ("Allocators"): it prints the exports; a value already in the environment wins.
+eval "$("${PYTHON:-python}" "$(dirname "${BASH_SOURCE[0]}")/../data/allocators.py")"
 
 if [[ $# -lt 3 ]]; then
   sed -n '2,9p' "$0" >&2

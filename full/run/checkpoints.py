@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_NAME = "minipref_run.json"  # the run's identity (full/run/output_dir.py), copied into every checkpoint
 PROGRESS_NAME = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: TrainingProgress
+STREAM_NAME = "custom_checkpoint_1.pkl"  # the next one, with --streaming: the stream's place (full/run/loop.py)
 
 
 class TrainingProgress:

@@ -101,6 +101,8 @@ class TrainingRun:
         # What a checkpoint holds, then the trackers, then (with --resume_from_checkpoint) the state.
         self.progress = checkpoints.TrainingProgress()
         accelerator.register_for_checkpointing(self.progress)  # first (custom_checkpoint_0), before load_state
+        if getattr(self.loader, "shards_itself", False):  # a stream's place in its pass (custom_checkpoint_1)
+            accelerator.register_for_checkpointing(self.loader)
         self.trained.register(accelerator)
         if accelerator.is_main_process and accelerator.log_with:
             flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.flags.items()}
