@@ -11,6 +11,7 @@ Read in this order (each file is one concept):
                    bit for bit, without importing diffusers;
 * ``model.py``     the epsilon-MLP and its timestep embedding;
 * ``sampling.py``  sampling, and the stochastic DDIM step with its log-density (for SPO);
+* ``flow.py``      the rectified-flow variant (``--flow``): its forward process, velocity loss and Euler sampler;
 * ``methods.py``   each objective as a fine-tuning step around the unchanged ``minipref`` loss, with its
                    hyperparameters;
 * ``spo.py``       the online method: step-aware preference model, candidate pools, step log-probs;

@@ -4,6 +4,7 @@
     python -m toy --out runs/toy-quick --quick          # the same pipeline, a quarter of the steps
     python -m toy --out runs/toy --methods dpo,kto_kahneman_tversky --beta 2000
     python -m toy --out runs/toy_seeds --seeds 0,1,2    # one run per seed + summary.md (mean +- std)
+    python -m toy --out runs/toy_flow --flow            # the same comparison on a rectified-flow model (toy/flow.py)
 
 Flags are snake_case, as in the diffusers training scripts (``--spin_iterations``, ``--no_progress``); the older
 kebab-case spellings (``--spin-iterations``) still work and are not shown in ``--help``. Bad input (an unknown
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes for the methods' fine-tunings (default: 2 on a machine with 2+ cores; 1: no "
                         "worker processes). Any count gives the same numbers")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--flow", action="store_true",
+                        help="a rectified-flow model instead of the diffusion model (toy/flow.py): same data, methods "
+                        "(SPO skipped), figures and metrics; use its own --out")
     # The kebab-case spellings of earlier versions, kept working but hidden from --help.
     parser.add_argument("--spin-iterations", dest="spin_iterations", type=positive(int), help=argparse.SUPPRESS)
     parser.add_argument("--spo-oracle", dest="spo_oracle", action="store_true", help=argparse.SUPPRESS)
@@ -118,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.samples < 2:
         parser.error("argument --samples: need at least 2 samples (the energy distance compares pairs)")
+    if args.flow and args.methods is not None:
+        from .flow import flow_method_names
+
+        try:
+            flow_method_names(args.methods)
+        except ValueError as error:
+            parser.error(f"argument --methods: {error}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} exists and is not a directory")
     try:
@@ -136,8 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = RunConfig(
         out=args.out, seed=args.seed, methods=args.methods, quick=args.quick, steps=args.steps, beta=args.beta, lr=args.lr,
         tau=args.tau, spin_iterations=args.spin_iterations, spo_oracle=args.spo_oracle, n_samples=args.samples,
-        progress=not args.no_progress, workers=args.workers,
+        progress=not args.no_progress, workers=args.workers, flow=args.flow,
     )
+    if args.flow:
+        from .flow import skipped
+
+        for name, why in skipped(args.methods).items():
+            print(f"{name}: skipped on the flow toy: {why}", file=sys.stderr)
     if args.seeds is not None:
         summary = run_seeds(config, args.seeds)
         print((args.out / "summary.md").read_text())

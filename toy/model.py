@@ -97,8 +97,12 @@ def denoising_error(
 ) -> tuple[Tensor, Tensor]:
     """Noise ``x0`` to step ``t`` with ``noise`` (``add_noise``, ours or diffusers') and return ``(err (B,), eps_pred (B, 2))``.
 
-    ``err`` is minipref's ``per_sample_mse(eps_pred, noise)``: the quantity every objective is built from.
+    ``err`` is minipref's ``per_sample_mse(eps_pred, noise)``: the quantity every objective is built from. A
+    rectified-flow schedule (toy/flow.py, ``python -m toy --flow``) computes its own: the noise-equivalent velocity
+    error.
     """
+    if hasattr(scheduler, "denoising_error"):  # toy.flow.FlowSchedule
+        return scheduler.denoising_error(model, x0, t, noise, cond)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = model(x_t, t, cond)
     return per_sample_mse(pred, noise), pred

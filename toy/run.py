@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .seeding import generator_for  # noqa: F401  (also the tutorials' and train_dpo.py's)
 from .data import DESIRABLE, PreferenceData, bayes_ceilings
 from .evaluate import HeldOutPairs, implicit_accuracy, mean_within, sample_metrics
+from .flow import FlowSchedule, flow_method_names, flow_record, make_euler_sampler, pretrain_flow
 from .methods import MethodSpec, resolve
 from .model import condition
 from .parallel import default_workers, run_jobs
@@ -68,11 +69,12 @@ class RunConfig:
     progress: bool = True
     figures: bool = True
     workers: int | None = None  # processes for the methods' jobs (None: 2 where there are 2 cores; 1: this process)
+    flow: bool = False  # the rectified-flow toy (toy/flow.py, python -m toy --flow); it skips SPO
 
     def method_specs(self) -> list[MethodSpec]:
         """The selected methods with this run's overrides applied."""
         specs = []
-        for spec in resolve(self.methods):
+        for spec in resolve(flow_method_names(self.methods) if self.flow else self.methods):  # flow: SPO refused
             steps = self.steps
             if steps is None and self.quick:
                 steps = max(1, round(spec.steps * QUICK_STEP_FACTOR))
@@ -165,16 +167,20 @@ def prepare(config: RunConfig, timer: Timer) -> tuple[Shared, list[float]]:
     n_samples = min(config.n_samples, 1000) if config.quick else config.n_samples
     eval_pairs, eval_draws = (500, 16) if config.quick else (config.eval_pairs, config.eval_draws)
     scheduler = NoiseSchedule()  # diffusers' DDPMScheduler numbers, without importing diffusers (toy/schedule.py)
+    pretrain_model, make_evaluation_sampler = pretrain, make_sampler
+    if config.flow:  # same data, network and metrics; the flow toy's forward process, loss and sampler
+        scheduler, pretrain_model, make_evaluation_sampler = FlowSchedule(), pretrain_flow, make_euler_sampler
     with timer.phase("pretrain"):
         torch.manual_seed(config.seed)  # the model's initial weights
         pre_config = PretrainConfig(steps=600) if config.quick else PretrainConfig()
-        reference, pretrain_losses = pretrain(pre_config, scheduler, generator_for(config.seed, "pretrain"),
-                                              config.progress)
+        reference, pretrain_losses = pretrain_model(pre_config, scheduler, generator_for(config.seed, "pretrain"),
+                                                    config.progress)
     with timer.phase("evaluate"):
         desirable_reference = DESIRABLE.sample(n_samples, generator_for(config.seed, "desirable reference"))
         shared = Shared(
             config, reference, PreferenceData.draw(config.n_train, generator_for(config.seed, "preference data")),
-            scheduler, make_sampler(scheduler), DDIMSteps(scheduler, SPO_CHAIN_STEPS),
+            scheduler, make_evaluation_sampler(scheduler),
+            None if config.flow else DDIMSteps(scheduler, SPO_CHAIN_STEPS),  # the flow toy has no stochastic steps
             HeldOutPairs.draw(reference, scheduler, eval_pairs, eval_draws,
                               generator_for(config.seed, "held-out pairs")),
             HeldOutPairs.draw(reference, scheduler, 256, 8, generator_for(config.seed, "curve pairs")),
@@ -231,6 +237,8 @@ def run(config: RunConfig) -> dict:
         },
         "pretrain": {"steps": pre_steps, "final_loss": float(np.mean(pretrain_losses[-50:]))},
     }
+    if config.flow:  # only then, so that the diffusion toy's metrics.json keeps its shape
+        flow_record(output, config.methods, pretrain_losses)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.figures:
