@@ -1,6 +1,6 @@
 """Session-scoped fixtures: the tiny offline models and datasets of `tests/tiny_models.py`, built once per worker.
 
-Fixtures: `tiny_sd15`, `tiny_sdxl`, `tiny_clip` (directories, str), `pickapic_parquet` (16 pairs, 32 px,
+Fixtures: `tiny_sd15`, `tiny_sdxl`, `tiny_sd3`, `tiny_flux`, `tiny_clip` (directories, str), `pickapic_parquet` (16 pairs, 32 px,
 2 ties at the end), `feedback_parquet` (16 rows, half desirable), `quick_lab` (the quick CPU image lab: out dir,
 results), `two_process_jobs` (a cache and an evaluation made by 2 launched processes, tests/two_processes.py). Each is
 built lazily on first use.
@@ -45,6 +45,16 @@ def tiny_sd15(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
     return tiny_models.build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    return tiny_models.build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    return tiny_models.build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,9 @@ def test_every_method_has_a_preset_per_model_family():
     for method in minipref.OBJECTIVES:
         for family in presets.MODEL_FAMILIES:
             assert f"{family}-{method}" in ALL, f"no preset for {family}-{method}"
-    assert len(ALL) - len(FULL) == len(minipref.OBJECTIVES) * len(presets.MODEL_FAMILIES)
+    flow = [f"{family}-{method}" for family in presets.FLOW_FAMILIES for method in ("dpo", "kto")]
+    assert set(flow) <= set(ALL)
+    assert len(ALL) - len(FULL) == len(minipref.OBJECTIVES) * len(presets.MODEL_FAMILIES) + len(flow)
     # the papers' full fine-tuning recipes (docs/full_finetuning.md)
     assert FULL == ["sd15-contrast-full", "sd15-dpo-full", "sd15-dspo-full", "sd15-kto-full", "sdxl-contrast-full",
                     "sdxl-dpo-full"]
@@ -36,7 +38,7 @@ def test_preset_is_well_formed_and_every_value_is_cited(name):
     raw = json.loads((presets.PRESET_DIR / f"{name}.json").read_text())
     full = name in FULL
     assert raw["name"] == name == f"{raw['model_family']}-{raw['method']}" + ("-full" if full else "")
-    assert raw["method"] in minipref.OBJECTIVES and raw["model_family"] in presets.MODEL_FAMILIES
+    assert raw["method"] in minipref.OBJECTIVES and raw["model_family"] in presets.MODEL_FAMILIES + presets.FLOW_FAMILIES
     for key, entry in raw["flags"].items():
         assert key in presets.PRESET_KEYS
         # A source cites a paper (by its number in docs/methods.md's Papers table), docs/conventions.md or a named
@@ -50,7 +52,7 @@ def test_preset_is_well_formed_and_every_value_is_cited(name):
     assert full or flags == presets.load_preset(raw["model_family"], raw["method"])  # ("sd15", "dpo") is the LoRA one
     for required in ("learning_rate", "train_batch_size", "resolution", "mixed_precision"):
         assert required in flags
-    assert flags["resolution"] == {"sd15": 512, "sdxl": 1024}[raw["model_family"]]
+    assert flags["resolution"] == {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}[raw["model_family"]]
     if full:  # every weight: no LoRA rank; per-GPU values for a stated GPU count, cited
         assert flags["train_mode"] == "full" and "rank" not in flags and "paper_full_finetune" not in raw
         assert raw["processes"]["value"] > 1

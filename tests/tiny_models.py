@@ -8,7 +8,10 @@ Stable API (other test files import it):
 
     build_tiny_sd15(path)  -> str   # StableDiffusionPipeline dir (unet, vae, text_encoder, tokenizer, scheduler)
     build_tiny_sdxl(path)  -> str   # StableDiffusionXLPipeline dir (+ text_encoder_2 with projection, tokenizer_2)
+    build_tiny_sd3(path)   -> str   # StableDiffusion3Pipeline dir (SD3Transformer2DModel, 2 CLIP-with-projection + T5)
+    build_tiny_flux(path)  -> str   # FluxPipeline dir (FluxTransformer2DModel with guidance embedding, CLIP + T5)
     build_tiny_clip(path)  -> str   # CLIPModel + CLIPProcessor dir (for Diff-contrast embeddings)
+    build_tiny_t5_tokenizer() -> T5Tokenizer   # a Unigram vocabulary of the captions' words and single letters
     build_tiny_tokenizer(max_length=77) -> CLIPTokenizer
     make_pickapic_parquet(path, n_rows, resolution=32, *, n_ties=0, corrupt_rows=(), truncated_rows=(),
                           seed=0, drop_columns=(), sizes=None) -> str
@@ -24,6 +27,8 @@ Stable API (other test files import it):
 Every path argument is a directory or file path (str or Path); every builder returns the path as a str.
 Sizes: UNet block_out_channels (32, 64), one layer per block, cross-attention dim 32 (64 for SDXL, the
 two encoders concatenated), a 2-block VAE (latents are 1/2 of the image side), CLIP text 32 hidden, 2 layers.
+The flow models (SD3, FLUX) have one or two transformer blocks of width 16-32, a T5 encoder of width 64 and one layer,
+and a VAE with 8 latent channels and SD3/FLUX's shift and scaling factors (not SD's 4: a hard-coded 4 fails).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ __all__ = [
     "build_tiny_tokenizer",
     "build_tiny_sd15",
     "build_tiny_sdxl",
+    "build_tiny_sd3",
+    "build_tiny_flux",
+    "build_tiny_t5_tokenizer",
     "build_tiny_clip",
     "make_pickapic_parquet",
     "make_feedback_parquet",
@@ -280,6 +288,82 @@ def build_tiny_clip(path, *, image_size: int = 32, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Rectified-flow pipelines: SD3 and FLUX.1 (a T5 encoder and tokenizer, built offline)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tiny_t5_tokenizer():
+    """A real `T5Tokenizer` (Unigram, SentencePiece-style "▁word" pieces) over the test captions' words and letters."""
+    from transformers import T5Tokenizer
+
+    letters = sorted({c for w in _WORDS for c in w})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in _WORDS] + [(c, -5.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _t5_encoder(tokenizer, d_model: int = 64):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=64, num_layers=1,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def _flow_vae():
+    """SD3/FLUX's VAE layout (no quant convs, a shift and a scale), 8 latent channels, 1/2 of the image side."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=8, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def build_tiny_sd3(path, *, seed: int = 0) -> str:
+    """A `StableDiffusion3Pipeline` directory: a 2-block `SD3Transformer2DModel` (patch 2), two CLIP text encoders
+    with projection (pooled 32 + 32 = 64), a T5 encoder (width 64 = the joint attention dim), SD3's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    _seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!"), \
+        build_tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=8, out_channels=8, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2)), tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_encoder(tokenizer_3), tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))  # SD3's scheduler config
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+def build_tiny_flux(path, *, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """A `FluxPipeline` directory: a `FluxTransformer2DModel` with one double and one single block, the guidance
+    embedding of FLUX.1-dev (``guidance_embeds``), CLIP (pooled 32) + T5 (64), FLUX.1-dev's scheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    _seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * 8, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, vae=_flow_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
+                        tokenizer=tokenizer, text_encoder_2=_t5_encoder(tokenizer_2), tokenizer_2=tokenizer_2,
+                        scheduler=scheduler)
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Synthetic datasets with real JPEG bytes
 # ---------------------------------------------------------------------------------------------
 
@@ -395,7 +479,8 @@ def make_feedback_parquet(
 
 def _describe(path) -> str:  # debugging aid: `python -m tests.tiny_models /tmp/x`
     out = {}
-    for name, builder in (("sd15", build_tiny_sd15), ("sdxl", build_tiny_sdxl), ("clip", build_tiny_clip)):
+    for name, builder in (("sd15", build_tiny_sd15), ("sdxl", build_tiny_sdxl), ("sd3", build_tiny_sd3),
+                          ("flux", build_tiny_flux), ("clip", build_tiny_clip)):
         out[name] = builder(Path(path) / name)
     out["pickapic"] = make_pickapic_parquet(Path(path) / "pickapic.parquet", 8, n_ties=2, corrupt_rows=[1])
     out["feedback"] = make_feedback_parquet(Path(path) / "feedback.parquet", 8)

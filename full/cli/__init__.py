@@ -103,7 +103,8 @@ def entry_point(main: Callable, argv: Sequence[str] | None = None, prog: str | N
 def add_model_arguments(p: argparse.ArgumentParser):
     """The model flags every trainer shares (train, spin, spo); returns the group's ``add_argument``."""
     a = p.add_argument_group("model").add_argument
-    a("--pretrained_model_name_or_path", required=True, help="SD1.5- or SDXL-family pipeline: hub id or dir")
+    a("--pretrained_model_name_or_path", required=True,
+      help="an SD1.5, SDXL, SD3/SD3.5 or FLUX.1 diffusers pipeline: hub id or dir (the family is read from it)")
     a("--revision", default=None)
     a("--variant", default=None, help="e.g. fp16")
     a("--pretrained_vae_model_name_or_path", default=None, help="a VAE that is safe in half precision (SDXL)")
@@ -118,7 +119,23 @@ def add_model_arguments(p: argparse.ArgumentParser):
     a("--save_pipeline", action="store_true",
       help="--train_mode full: also write the whole pipeline into --output_dir (DiffusionPipeline.from_pretrained)")
     a("--debug", action="store_true", help="show the traceback of an input error instead of one line")
+    add_flow_arguments(p)
     return a
+
+
+def add_flow_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the rectified-flow families (SD3, FLUX), with the diffusers dreambooth scripts' names; unset, each
+    takes its script's default (full/models/flow_families.py). Given for another family: one line at start."""
+    a = p.add_argument_group("rectified-flow models (sd3, flux)").add_argument
+    a("--weighting_scheme", choices=("logit_normal", "mode", "none"), default=None,
+      help="the density of the training timesteps: logit_normal (SD3 script's default), mode, none (uniform, FLUX "
+           "script's default)")
+    a("--logit_mean", type=float, default=None, help="logit_normal: mean (default 0.0)")
+    a("--logit_std", type=float, default=None, help="logit_normal: std (default 1.0)")
+    a("--mode_scale", type=float, default=None, help="mode: scale (default 1.29)")
+    a("--max_sequence_length", type=int, default=None, help="T5 tokens (default: SD3 script 77, FLUX script 512)")
+    a("--flux_guidance_scale", type=float, default=None,
+      help="FLUX.1-dev's guidance embedding while training (default 3.5, the FLUX script's --guidance_scale)")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:

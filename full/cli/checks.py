@@ -72,7 +72,8 @@ def check_training_arguments(parser, args, argv: Sequence[str] = ()) -> None:
 
     check_positive(parser, args, ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                                   "checkpointing_steps", "rank", "learning_rate", "num_train_epochs",
-                                  "validation_steps", "num_validation_images", "vae_encode_batch_size"))
+                                  "validation_steps", "num_validation_images", "vae_encode_batch_size",
+                                  "logit_std", "max_sequence_length"))
     check_range(parser, args, "adam_beta1", 0, 1, high_open=True)
     check_range(parser, args, "adam_beta2", 0, 1, high_open=True)
     check_range(parser, args, "max_grad_norm", 0, math.inf)

@@ -24,3 +24,16 @@ class ModelConfig:
     use_ema: bool = False  # full: an EMA of the weights, saved as the final UNet
     ema_decay: float | None = None
     save_pipeline: bool = False  # full: the whole pipeline in output_dir, besides unet/
+    # the rectified-flow families (sd3, flux) only; None: the diffusers SD3 / FLUX dreambooth script's default
+    weighting_scheme: str | None = None  # the density of u: logit_normal (SD3's), mode, none (FLUX's: uniform)
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    max_sequence_length: int | None = None  # T5 tokens (77 for SD3, 512 for FLUX, as the scripts)
+    flux_guidance_scale: float | None = None  # FLUX.1-dev's guidance embedding while training (3.5, the script's)
+
+    def family_options(self) -> dict:
+        """The flags only some families read (`full.models.flow_families.FLOW_FLAGS`), by name."""
+        from full.models.flow_families import FLOW_FLAGS
+
+        return {name: getattr(self, name) for name in FLOW_FLAGS}

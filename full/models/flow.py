@@ -76,17 +76,19 @@ def training_schedule(scheduler_config: Mapping[str, Any]) -> FlowMatchEulerDisc
 
 
 def sample_timesteps(schedule: FlowMatchEulerDiscreteScheduler, batch_size: int, sampling: TimestepSampling,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                     generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
     """``(timesteps, sigmas)``, each shape ``(B,)``, drawn as the diffusers SD3/FLUX scripts draw them.
 
     The transformer takes ``timesteps`` (SD3) or ``timesteps / 1000`` (FLUX's script); the noising uses ``sigmas``.
     A pair's winner and loser must share one draw (docs/conventions.md §3): draw ``B`` and repeat, never ``2B``.
+    ``device``: where ``u`` is drawn (a CUDA ``generator`` needs its own device); the result is on the CPU.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     u = compute_density_for_timestep_sampling(
         weighting_scheme=sampling.weighting_scheme, batch_size=batch_size, logit_mean=sampling.logit_mean,
-        logit_std=sampling.logit_std, mode_scale=sampling.mode_scale, generator=generator)
+        logit_std=sampling.logit_std, mode_scale=sampling.mode_scale, generator=generator,
+        device=device if device is not None else "cpu").cpu()
     num_train_timesteps = schedule.config.num_train_timesteps
     # index = floor(u N), into a table that runs from sigma_max (index 0) down to sigma_min. The scripts do exactly
     # this; the clamp only guards u = 1 ("mode" at u_raw = 0), which would index past the end of the table.

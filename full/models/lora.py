@@ -1,4 +1,5 @@
-"""LoRA with peft on the UNet's attention projections: add, run with and without (the reference), save, load.
+"""LoRA with peft on the denoiser's attention projections (the UNet's, or SD3's / FLUX's transformer's: the family's
+`lora_targets`): add, run with and without (the reference), save, load.
 
 The reference model of every objective is the frozen starting point (docs/conventions.md §4): with LoRA it is the
 *same* UNet with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights. Saved LoRAs
@@ -16,21 +17,23 @@ import torch
 from torch import Tensor
 
 from full.models.config import ModelConfig
-from full.models.pipeline import pipeline_class
+from full.models.families import get_family
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper 000, Sec. 4)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_weights(dir)` looks for
 
 
 
-def add_lora(unet, rank: int = 8, *, alpha: float | None = None, init: str | bool = "gaussian") -> None:
-    """peft LoRA on the attention projections; `init="gaussian"`: A ~ N(0, 1/r), B = 0, so the model starts
-    exactly at the reference (paper 000 trains rank 8 this way)."""
+def add_lora(unet, rank: int = 8, *, alpha: float | None = None, init: str | bool = "gaussian",
+             target_modules=None) -> None:
+    """peft LoRA on the attention projections (``target_modules``, default the UNet's); `init="gaussian"`:
+    A ~ N(0, 1/r), B = 0, so the model starts exactly at the reference (paper 000 trains rank 8 this way)."""
     from peft import LoraConfig
 
     if rank <= 0:
         raise ValueError(f"--rank must be positive, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=LORA_TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init,
+                        target_modules=list(target_modules or LORA_TARGET_MODULES))
     unet.add_adapter(config)
 
 
@@ -54,24 +57,28 @@ def reference_forward(unet, noisy_latents: Tensor, timesteps: Tensor, conditioni
         return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
 
 
-def lora_state_dict(unet) -> dict[str, Tensor]:
-    """The adapter weights only, with diffusers key names (what `save_lora_weights` expects)."""
+def lora_state_dict(unet, family: str = "sd15") -> dict[str, Tensor]:
+    """The adapter weights only, with the key names the family's `save_lora_weights` expects (diffusers' for the
+    UNet, as the UNet scripts convert them; peft's for the transformers, as the SD3 / FLUX scripts save them)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
+    return convert_state_dict_to_diffusers(state) if get_family(family).lora_state_converter else state
 
 
 def save_lora(family: str, unet, directory, *, is_main_process: bool = True) -> Path:
-    """`<directory>/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(directory)`."""
+    """`<directory>/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(directory)` of the
+    family's pipeline (`unet_lora_layers` or `transformer_lora_layers`)."""
+    fam = get_family(family)
     config = unet.peft_config["default"]
     metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-    pipeline_class(family).save_lora_weights(
+    fam.pipeline_class().save_lora_weights(
         save_directory=str(directory),
-        unet_lora_layers=lora_state_dict(unet),
         is_main_process=is_main_process,
         safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
+        **{f"{fam.denoiser}_lora_layers": lora_state_dict(unet, family),
+           f"{fam.denoiser}_lora_adapter_metadata": metadata},
     )
     path = Path(directory) / LORA_WEIGHT_NAME
     if is_main_process:
@@ -87,17 +94,23 @@ def readable_by_all(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def load_lora_into(family: str, unet, directory) -> None:
-    """Load a LoRA saved by `save_lora` into the existing "default" adapter of `unet` (used when resuming)."""
+def load_lora_into(family: str, unet, directory, adapter_name: str = "default") -> None:
+    """Load a LoRA saved by `save_lora` into the existing adapter ``adapter_name`` of `unet` (resuming; SPIN's
+    opponent), as the diffusers scripts' load hooks do."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    state = pipeline_class(family).lora_state_dict(str(directory))[0]
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    fam = get_family(family)
+    state = fam.pipeline_class().lora_state_dict(str(directory))
+    state = state[0] if isinstance(state, tuple) else state  # the UNet pipelines also return the network alphas
+    prefix = f"{fam.denoiser}."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not own:
+        raise ValueError(f"LoRA in {directory} has no {fam.denoiser} weights (keys {list(state)[:3]})")
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA in {directory} does not match the UNet: unexpected keys {unexpected[:5]}")
+        raise ValueError(f"LoRA in {directory} does not match the {fam.denoiser}: unexpected keys {unexpected[:5]}")
 
 
 def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bool = False,
@@ -114,13 +127,13 @@ def trainable_unet_parts(model: ModelConfig, device, weight_dtype, *, cached: bo
 
     parts = load_components(model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
                             vae_path=model.pretrained_vae_model_name_or_path, with_vae=not cached,
-                            with_text_encoders=not cached)
+                            with_text_encoders=not cached, options=model.family_options())
     full = model.train_mode == "full"
     if full:
         parts.reference_unet = copy.deepcopy(parts.unet) if with_reference else None  # frozen, as loaded
         parts.unet.requires_grad_(True)
     else:
-        add_lora(parts.unet, model.rank, alpha=model.lora_alpha)
+        add_lora(parts.unet, model.rank, alpha=model.lora_alpha, target_modules=get_family(parts.family).lora_targets)
     place_components(parts, device, weight_dtype, fixed_vae=bool(model.pretrained_vae_model_name_or_path),
                      unet_dtype=torch.float32 if full else None)
     if not full:

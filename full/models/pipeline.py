@@ -1,7 +1,7 @@
-"""The diffusers side of a Stable Diffusion pipeline: load its parts, encode prompts and images, the training target,
-and sample images (validation). LoRA, the reference and saving live in `full/models/lora.py`.
-
-Two families share everything except three small functions (`_encode_prompts_*`, `unet_conditioning`):
+"""The diffusers side of a text-to-image pipeline: load its parts, encode prompts and images, and sample images
+(validation). What differs between model families is one object per family (`full/models/families.py`: SD1.5,
+SDXL; `flow_families.py`: SD3/SD3.5, FLUX.1); the functions here take a family by name and ask it. LoRA, the
+reference and saving live in `full/models/lora.py`.
 
 * **sd15** (SD1.x / SD2.x): one CLIP text encoder, the UNet is conditioned on its last hidden state.
 * **sdxl**: two text encoders whose penultimate hidden states are concatenated on the feature axis
@@ -9,9 +9,12 @@ Two families share everything except three small functions (`_encode_prompts_*`,
   (original h, w, crop top, left, target h, w) of SDXL's micro-conditioning (Podell et al., Sec. 2.2),
   taken from each image's *real* original size and crop. The SDXL VAE overflows in fp16, so it stays in
   fp32 unless a fixed VAE is given with `--pretrained_vae_model_name_or_path` (as the diffusers scripts do).
+* **sd3**, **flux**: rectified-flow transformers, prompts through the pipeline's own `encode_prompt`
+  (docs/flow_matching.md).
 
 The reference model of every objective is the frozen starting point (docs/conventions.md §4): with LoRA it is the
-*same* UNet with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights.
+*same* denoiser with its adapters disabled, run under `torch.no_grad()` -- no second copy of the weights.
+`Components.unet` is the trained denoiser of any family (a UNet, or SD3's / FLUX's transformer).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from full.models.families import PromptEmbeds, family_of_index, get_family, training_target  # noqa: F401
 from full.paths import missing_local_path
 
-FAMILIES = ("sd15", "sdxl")
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}  # the pipelines' native sizes, as the diffusers scripts use
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+DEFAULT_RESOLUTION = {name: get_family(name).default_resolution for name in FAMILIES}
 WEIGHT_DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -35,7 +39,8 @@ WEIGHT_DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:
-    """"sd15" or "sdxl" from the pipeline's `model_index.json` (a local dir or a hub id)."""
+    """The family's name ("sd15", "sdxl", "sd3", "flux") from the pipeline's `model_index.json` (a local dir or a
+    hub id)."""
     from diffusers import DiffusionPipeline
 
     if missing_local_path(pretrained):
@@ -48,39 +53,40 @@ def detect_family(pretrained: str, revision: str | None = None) -> str:
             f"cannot read a diffusers pipeline at --pretrained_model_name_or_path={pretrained!r} "
             f"(expected a dir or hub id with model_index.json): {type(error).__name__}: {error}"
         ) from error
-    class_name = index.get("_class_name", "?")
-    has = lambda name: isinstance(index.get(name), (list, tuple)) and index[name][0] is not None  # noqa: E731
-    if not (has("unet") and has("vae") and has("text_encoder")):
+    family = family_of_index(index)
+    if family is None:
         raise ValueError(
-            f"{pretrained!r} is a {class_name} without unet + vae + text_encoder; minipref trains "
-            "text-to-image UNet pipelines (StableDiffusionPipeline, StableDiffusionXLPipeline)"
+            f"{pretrained!r} is a {index.get('_class_name', '?')}; minipref trains StableDiffusionPipeline, "
+            "StableDiffusionXLPipeline (unet + vae + text_encoder), StableDiffusion3Pipeline and FluxPipeline"
         )
-    return "sdxl" if has("text_encoder_2") else "sd15"
+    return family.name
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
+    return get_family(family).pipeline_class()
 
 
 def save_pipeline(family: str, model, output_dir) -> Path:
-    """``--save_pipeline``: the base pipeline with the UNet a full run saved in ``output_dir/unet``, written into
-    ``output_dir`` as diffusers writes pipelines, so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """``--save_pipeline``: the base pipeline with the denoiser a full run saved in ``output_dir/unet`` (or
+    ``transformer``), written into ``output_dir`` as diffusers writes pipelines, so
+    ``DiffusionPipeline.from_pretrained(output_dir)`` loads it."""
+    from diffusers import AutoencoderKL
 
-    components = {"unet": UNet2DConditionModel.from_pretrained(Path(output_dir) / "unet")}
+    fam = get_family(family)
+    components = {fam.denoiser: fam.denoiser_class().from_pretrained(Path(output_dir) / fam.denoiser)}
     if model.pretrained_vae_model_name_or_path:
         components["vae"] = AutoencoderKL.from_pretrained(model.pretrained_vae_model_name_or_path)
-    pipe = pipeline_class(family).from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
-                                                  variant=model.variant, **components)
+    pipe = fam.pipeline_class().from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
+                                                variant=model.variant, **components)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return Path(output_dir)
 
 
 @dataclass
 class Components:
-    """What training needs from a pipeline. `tokenizers`/`text_encoders` are empty when training from a cache."""
+    """What training needs from a pipeline. `tokenizers`/`text_encoders` are empty when training from a cache.
+    `unet` is the trained denoiser (a UNet, or a flow family's transformer); `noise_scheduler` the training
+    scheduler (DDPM for the UNet families; `flow_families.FlowTraining` for the flow ones)."""
 
     family: str
     pretrained: str
@@ -90,7 +96,8 @@ class Components:
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     vae_dtype: torch.dtype = torch.float32
-    reference_unet: torch.nn.Module | None = None  # --train_mode full: the frozen copy of the starting UNet
+    reference_unet: torch.nn.Module | None = None  # --train_mode full: the frozen copy of the starting denoiser
+    text_pipeline: object = None  # flow families: the pipeline around the text encoders (its encode_prompt)
 
 
 def load_components(
@@ -101,30 +108,25 @@ def load_components(
     vae_path: str | None = None,
     with_vae: bool = True,
     with_text_encoders: bool = True,
+    options: dict | None = None,
 ) -> Components:
-    """Load the UNet, the training scheduler (DDPM, as every diffusers training script), and optionally the
-    VAE and text encoders, all frozen, in fp32 on the CPU. `place_components` moves and casts them."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """Load the denoiser, the training scheduler (DDPM for the UNet, as every diffusers training script; the flow
+    scripts' scheduler copy and timestep flags, ``options``, for SD3/FLUX), and optionally the VAE and text
+    encoders, all frozen, in fp32 on the CPU. `place_components` moves and casts them."""
+    from diffusers import AutoencoderKL
 
-    family = detect_family(pretrained, revision)
+    fam = get_family(detect_family(pretrained, revision))
     kw = dict(revision=revision)
-    unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
-    scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
-    parts = Components(family, pretrained, unet, scheduler)
+    denoiser = fam.denoiser_class().from_pretrained(pretrained, subfolder=fam.denoiser, variant=variant, **kw)
+    scheduler = fam.load_training_scheduler(pretrained, revision, options or {}, denoiser=denoiser)
+    parts = Components(fam.name, pretrained, denoiser, scheduler)
     if with_vae:
         if vae_path:  # e.g. madebyollin/sdxl-vae-fp16-fix: a full VAE repo, no subfolder
             parts.vae = AutoencoderKL.from_pretrained(vae_path, **kw)
         else:
             parts.vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw)
     if with_text_encoders:
-        parts.tokenizers.append(AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw))
-        parts.text_encoders.append(
-            CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **kw))
-        if family == "sdxl":
-            parts.tokenizers.append(AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw))
-            parts.text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", variant=variant, **kw))
+        parts.tokenizers, parts.text_encoders = fam.load_text_encoders(pretrained, variant, revision)
     for module in [parts.unet, parts.vae, *parts.text_encoders]:
         if module is not None:
             module.requires_grad_(False)
@@ -144,70 +146,37 @@ def place_components(parts: Components, device, weight_dtype: torch.dtype, *, fi
         if dtype != module.dtype:  # (a no-op `.to(dtype)` makes diffusers warn about fp32 modules)
             module.to(dtype=dtype)
 
-    move(parts.unet, unet_dtype or weight_dtype)  # a fully trained UNet keeps fp32 master weights
+    move(parts.unet, unet_dtype or weight_dtype)  # a fully trained denoiser keeps fp32 master weights
     if parts.reference_unet is not None:
         move(parts.reference_unet, weight_dtype)
     for encoder in parts.text_encoders:
         move(encoder, weight_dtype)
     if parts.vae is not None:
-        parts.vae_dtype = torch.float32 if (parts.family == "sdxl" and not fixed_vae) else weight_dtype
+        fp32 = get_family(parts.family).vae_fp32_unless_fixed and not fixed_vae
+        parts.vae_dtype = torch.float32 if fp32 else weight_dtype
         move(parts.vae, parts.vae_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Conditioning: prompts -> embeddings, and SDXL's micro-conditioning
+# Conditioning: prompts -> embeddings, and SDXL's micro-conditioning (each family's own, families.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptEmbeds:
-    hidden: Tensor  # (N, L, D): the UNet's cross-attention context
-    pooled: Tensor | None = None  # (N, P): SDXL only
-
-
-def _token_ids(tokenizer, captions: list[str], device) -> Tensor:
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return ids.to(device)  # (N, 77)
-
-
-def _encode_prompts_sd15(parts: Components, captions: list[str], device) -> PromptEmbeds:
-    (tokenizer,), (encoder,) = parts.tokenizers, parts.text_encoders
-    return PromptEmbeds(encoder(_token_ids(tokenizer, captions, device), return_dict=False)[0])  # (N, 77, 768)
-
-
-def _encode_prompts_sdxl(parts: Components, captions: list[str], device) -> PromptEmbeds:
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders):
-        out = encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True, return_dict=True)
-        hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
-        pooled = out[0]  # the last encoder's projected pooled output (text_embeds), (N, 1280)
-    return PromptEmbeds(torch.cat(hidden, dim=-1), pooled)  # (N, 77, 768 + 1280)
 
 
 @torch.no_grad()
 def encode_prompts(parts: Components, captions: list[str], device) -> PromptEmbeds:
     if not parts.text_encoders:
         raise ValueError("text encoders were not loaded (training from a cache); use the cached embeddings")
-    encode = _encode_prompts_sdxl if parts.family == "sdxl" else _encode_prompts_sd15
-    return encode(parts, list(captions), device)
+    return get_family(parts.family).encode_prompts(parts, list(captions), device)
 
 
 def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: int) -> Tensor:
     """`add_time_ids` per image: (orig h, orig w, crop top, crop left, target h, target w). (N, 2) x 2 -> (N, 6)."""
-    target = torch.full_like(original_sizes, resolution)
-    return torch.cat([original_sizes, crop_top_lefts, target], dim=-1).float()
+    return get_family("sdxl").time_ids(original_sizes, crop_top_lefts, resolution)
 
 
 def unet_conditioning(family: str, prompt: PromptEmbeds, time_ids: Tensor | None, dtype) -> dict:
     """Keyword arguments of `unet(...)` besides the latents and timesteps."""
-    kwargs = {"encoder_hidden_states": prompt.hidden.to(dtype)}
-    if family == "sdxl":
-        if prompt.pooled is None or time_ids is None:
-            raise ValueError("SDXL needs pooled prompt embeddings and add_time_ids")
-        kwargs["added_cond_kwargs"] = {"text_embeds": prompt.pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-    return kwargs
+    return get_family(family).conditioning(prompt, time_ids, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,17 +204,6 @@ def encode_images(parts: Components, pixel_values: Tensor, generator=None, batch
     return latents * vae.config.scaling_factor
 
 
-def training_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """`eps` for epsilon-prediction, the velocity for v-prediction (SD2.x-768): the losses never care which."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config (epsilon or v_prediction)")
-
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling (validation grids): the real pipeline, with the training UNet or a saved LoRA
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,29 +213,22 @@ def training_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: 
 def sample_images(parts: Components, prompts: list[str], *, device, dtype, resolution: int, num_per_prompt: int = 1,
                   steps: int = 25, guidance_scale: float = 7.5, seed: int = 0, unet=None, lora_dir=None,
                   unet_dir=None, vae_path: str | None = None, revision: str | None = None) -> list:
-    """PIL images from the family's pipeline: with `unet` (the training UNet, adapters on) or, as users will load
-    what a run saved, a fresh pipeline with the LoRA of `lora_dir` (`load_lora_weights`) or the UNet folder
-    `unet_dir` (`UNet2DConditionModel.from_pretrained`)."""
+    """PIL images from the family's pipeline: with `unet` (the training denoiser, adapters on) or, as users will
+    load what a run saved, a fresh pipeline with the LoRA of `lora_dir` (`load_lora_weights`) or the denoiser folder
+    `unet_dir` (`UNet2DConditionModel` / the transformer class `.from_pretrained`)."""
     from contextlib import nullcontext
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    components = {}
+    fam = get_family(parts.family)
+    components = fam.pipeline_flags()
     if lora_dir is None:
-        components["unet"] = UNet2DConditionModel.from_pretrained(unet_dir) if unet_dir is not None else \
+        components[fam.denoiser] = fam.denoiser_class().from_pretrained(unet_dir) if unet_dir is not None else \
             unet if unet is not None else parts.unet
-        if parts.vae is not None:
-            components["vae"] = parts.vae
-        if parts.text_encoders:
-            components["text_encoder"], components["tokenizer"] = parts.text_encoders[0], parts.tokenizers[0]
-            if parts.family == "sdxl":
-                components["text_encoder_2"], components["tokenizer_2"] = parts.text_encoders[1], parts.tokenizers[1]
+        components.update(fam.pipeline_components(parts))
     if "vae" not in components and vae_path:
         components["vae"] = AutoencoderKL.from_pretrained(vae_path, revision=revision)
-    if parts.family == "sd15":
-        components.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class(parts.family).from_pretrained(parts.pretrained, revision=revision, torch_dtype=dtype,
-                                                        **components)
+    pipe = fam.pipeline_class().from_pretrained(parts.pretrained, revision=revision, torch_dtype=dtype, **components)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     pipe.to(device)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from full.models.pipeline import Components, pipeline_class
+from full.models.families import get_family
+from full.models.pipeline import Components
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +57,15 @@ def generation_scheduler_class(config: GenerationConfig):
 
 
 def generation_pipeline(parts: Components, unet, config: GenerationConfig):
-    """The family's diffusers pipeline around the training UNet (`generate_iteration` puts the opponent in)."""
+    """The family's diffusers pipeline around the training denoiser (`generate_iteration` puts the opponent in)."""
     from diffusers import DiffusionPipeline
 
+    family = get_family(parts.family)
     index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision)
     scheduler = generation_scheduler_class(config).from_pretrained(config.pretrained_model_name_or_path,
                                                                    subfolder="scheduler", revision=config.revision)
-    components = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=unet,
-                      scheduler=scheduler)
-    if parts.family == "sdxl":
-        components.update(text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1], add_watermarker=False,
-                          force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
-    else:
-        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(parts.family)(**components)
+    components = family.pipeline_components(parts) | {family.denoiser: unet, "scheduler": scheduler}
+    pipe = family.pipeline_class()(**components, **family.pipeline_flags(index))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from torch import Tensor
 
 from full.models import lora
-from full.models.pipeline import pipeline_class
 
 OPPONENT = "opponent"  # the peft adapter name of the frozen snapshot theta_k
 
@@ -43,15 +42,8 @@ def add_opponent_adapter(unet) -> None:
 
 
 def load_opponent(family: str, unet, lora_dir) -> None:
-    """Read a LoRA saved by `lora.save_lora` into the "opponent" adapter (`lora.load_lora_into` for "default")."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
-
-    state = pipeline_class(family).lora_state_dict(str(lora_dir))[0]
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=OPPONENT)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"LoRA in {lora_dir} does not match the UNet: unexpected keys {result.unexpected_keys[:5]}")
+    """Read a LoRA saved by `lora.save_lora` into the "opponent" adapter (any family's denoiser)."""
+    lora.load_lora_into(family, unet, lora_dir, adapter_name=OPPONENT)
 
 
 def opponent_state(unet) -> dict[str, Tensor]:

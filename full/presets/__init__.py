@@ -45,7 +45,8 @@ import sys
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent
-MODEL_FAMILIES = ("sd15", "sdxl")
+MODEL_FAMILIES = ("sd15", "sdxl")  # a preset for every method
+FLOW_FAMILIES = ("sd3", "flux")  # SD3.5-medium and FLUX.1-dev: DPO and KTO presets (docs/flow_matching.md)
 
 # The trainer flags a preset may set (argparse destinations of full/trainers/offline.py and full/cli): these, and
 # every option of every row of the method table (minipref/methods.py: utility, tau, dspo_variant, ...), so that a
@@ -59,6 +60,7 @@ TRAINER_KEYS = (
     "feedback_policy",  # pairs -> per-image labels: winner_once | always_win (full.data.pairs_to_feedback)
     "desirable_ratio",  # gamma of Diffusion-KTO's sampler: P(draw a desirable image) (paper 001: 0.8)
     "train_mode", "optimizer", "scale_lr",  # full fine-tuning (full/run/weights.py, full/run/accelerator.py)
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "flux_guidance_scale",  # flow
 )
 # The flags whose values are names: argparse does not check a default (a preset's value) against its choices.
 CHOICES = {"train_mode": ("lora", "full"), "optimizer": ("adamw", "adafactor", "adamw_8bit")}  # = full.cli's
@@ -67,7 +69,8 @@ _TYPES = {"learning_rate": float, "beta": float, "desirable_ratio": float,
           "lr_warmup_steps": int, "max_train_steps": int, "train_batch_size": int, "gradient_accumulation_steps": int,
           "resolution": int, "rank": int, "lr_scheduler": str, "mixed_precision": str,
           "feedback_policy": str, "gradient_checkpointing": bool, "train_mode": str, "optimizer": str,
-          "scale_lr": bool}
+          "scale_lr": bool, "weighting_scheme": str, "logit_mean": float, "logit_std": float, "mode_scale": float,
+          "max_sequence_length": int, "flux_guidance_scale": float}
 
 
 def preset_types() -> dict[str, type]:
@@ -108,6 +111,8 @@ def _validate(preset: dict, origin: str) -> dict:
     for field in ("name", "model_family", "method", "flags"):
         if field not in preset:
             raise ValueError(f"preset {origin} has no {field!r} field")
+    if preset["model_family"] not in MODEL_FAMILIES + FLOW_FAMILIES:
+        raise ValueError(f"preset {origin}: model_family must be one of {', '.join(MODEL_FAMILIES + FLOW_FAMILIES)}")
     types = preset_types()
     for key, entry in preset["flags"].items():
         if key not in types:

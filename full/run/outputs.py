@@ -46,13 +46,14 @@ def lora_usage(base: str, where: str) -> list[str]:
             f'pipe.load_lora_weights("{where}")']
 
 
-def unet_usage(base: str, where: str) -> list[str]:
-    return ["from diffusers import DiffusionPipeline, UNet2DConditionModel", "",
-            f'unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")',
-            f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)']
+def unet_usage(base: str, where: str, denoiser: str = "unet", denoiser_class: str = "UNet2DConditionModel"
+               ) -> list[str]:
+    return [f"from diffusers import DiffusionPipeline, {denoiser_class}", "",
+            f'{denoiser} = {denoiser_class}.from_pretrained("{where}", subfolder="{denoiser}")',
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", {denoiser}={denoiser})']
 
 
-TAGS = {"LoRA": "lora", "UNet": "full-fine-tune"}  # what was trained -> its Hub tag
+TAGS = {"LoRA": "lora", "UNet": "full-fine-tune", "transformer": "full-fine-tune"}  # what was trained -> its Hub tag
 
 FINAL_STEPS = 20  # the card's "final metrics" average this many last optimizer steps: one step is one noisy batch
 
@@ -70,7 +71,8 @@ def final_metrics(history: list[dict]) -> tuple[dict, int]:
 
 
 def model_card(config: RunConfig, family: str | None, global_step: int, history: list[dict], *, base: str | None = None,
-               what: str = "LoRA", usage: list[str] | None = None, layout: dict | None = None) -> str:
+               what: str = "LoRA", usage: list[str] | None = None, layout: dict | None = None,
+               denoiser_class: str | None = None) -> str:
     """A README.md in the format of the diffusers training scripts' model cards (YAML front matter + text).
     ``layout``: processes, micro-batch and accumulation, which give the global batch."""
     from full.run.output_dir import resolved
@@ -86,7 +88,7 @@ def model_card(config: RunConfig, family: str | None, global_step: int, history:
                      f"{layout['num_processes'] * layout['train_batch_size'] * layout['gradient_accumulation_steps']} |")
     metrics, steps = final_metrics(history)
     final = [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
-    tags = {"sd15": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}.get(family, []) + [
+    tags = list(family_tags(family)) + [
         "text-to-image", "diffusers", TAGS.get(what, "reward-model"), "minipref", config.method]
     return "\n".join([
         "---", f"base_model: {base}", "library_name: diffusers", "license: other", "tags:",
@@ -94,12 +96,21 @@ def model_card(config: RunConfig, family: str | None, global_step: int, history:
         f"# {config.method} {what} for {base}", "",
         f"{what} weights fine-tuned from `{base}` with the `{config.method}` objective of minipref "
         f"{minipref_version()}, for {global_step} optimizer steps on `{dataset}`.", "",
-        "```python", *(usage or (lora_usage if what == "LoRA" else unet_usage)(base, where)), "```", "",
+        "```python", *(usage or (lora_usage(base, where) if what == "LoRA" else
+                              unet_usage(base, where, *((what, denoiser_class) if denoiser_class else ())))),
+        "```", "",
         "## Hyperparameters", "", "| flag | value |", "|---|---|", *hyper, "",
         f"Every flag of the run is in `{ARGS_NAME}`.", "",
         "## Final training metrics", "", f"Means over the last {steps} optimizer step(s), NaN steps left out.", "",
         "| metric | value |", "|---|---|", *(final or ["| - | - |"]), "",
     ])
+
+
+def family_tags(family: str | None) -> tuple[str, ...]:
+    """The Hub tags of a model family (none for a run without a pipeline, e.g. the SPM)."""
+    from full.models.families import get_family
+
+    return () if family is None else get_family(family).card_tags
 
 
 def write_run_outputs(config: RunConfig, family: str | None, global_step: int, history: list[dict],

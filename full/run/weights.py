@@ -28,7 +28,7 @@ import torch
 from full.models import lora
 from full.run import checkpoints
 
-UNET_FOLDER = "unet"
+UNET_FOLDER = "unet"  # the UNet families' folder; a flow family's is "transformer" (`Family.denoiser`)
 
 
 def zero3_or_fsdp(accelerator) -> bool:
@@ -88,7 +88,11 @@ class FullWeights:
 
 
     def __init__(self, unet, family: str, reference, *, ema_decay: float | None = None):
-        self.module, self.family, self.reference, self.weight_name = unet, family, reference, UNET_FOLDER
+        from full.models.families import get_family
+
+        self.denoiser = get_family(family)
+        self.module, self.family, self.reference = unet, family, reference
+        self.weight_name = self.denoiser.denoiser  # "unet", or a flow family's "transformer"
         self.ema = None
         if ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -125,16 +129,18 @@ class FullWeights:
 
     def validation_source(self, output_dir) -> dict:
         """The final validation grid samples with the saved `unet/`, loaded the way a user loads it."""
-        return {"unet_dir": Path(output_dir) / UNET_FOLDER}
+        return {"unet_dir": Path(output_dir) / self.weight_name}
 
     @property
     def card(self) -> dict:
-        return {"what": "UNet", "usage": None}
+        if self.weight_name == UNET_FOLDER:
+            return {"what": "UNet", "usage": None}
+        return {"what": self.weight_name, "usage": None, "denoiser_class": self.denoiser.denoiser_class_name}
 
     def save(self, model, output_dir, state=None) -> Path:
         """`<output_dir>/unet/` as diffusers writes it (safetensors): `UNet2DConditionModel.from_pretrained(output_dir,
         subfolder="unet")`, or a pipeline's `unet=` argument. With EMA, the averaged weights."""
-        folder = Path(output_dir) / UNET_FOLDER
+        folder = Path(output_dir) / self.weight_name
         if self.ema is None:
             model.save_pretrained(folder, state_dict=state, safe_serialization=True)
             return folder
@@ -156,11 +162,13 @@ def weights_for(train_mode: str, parts, family: str, *, ema_decay: float | None 
 
 
 def reference_forward(as_reference: Callable[[], ContextManager]):
-    """`eps_ref(x_t, t, c)` without a graph, for `full.trainers.denoise.denoise`; ``as_reference()`` yields the
-    reference network: ``lambda: trained.as_reference(model)`` (`LoraWeights`, `FullWeights`), or SPIN's
-    opponent theta_k."""
+    """`eps_ref(x_t, t, c)` (a flow model's `v_ref`) without a graph, for `full.trainers.denoise.denoise`;
+    ``as_reference()`` yields the reference network: ``lambda: trained.as_reference(model)`` (`LoraWeights`,
+    `FullWeights`), or SPIN's opponent theta_k."""
+    from full.models.families import call_denoiser
+
     def forward(noisy, timesteps, conditioning):
         with torch.no_grad(), as_reference() as reference:
-            return reference(noisy, timesteps, **conditioning, return_dict=False)[0]
+            return call_denoiser(reference, noisy, timesteps, conditioning)
 
     return forward

@@ -1,11 +1,13 @@
-"""The diffusion step shared by the trainers that denoise real images (offline methods, SPIN).
+"""The diffusion step shared by the trainers that denoise real images (offline methods, SPIN), for every family.
 
 1. latents `x0` (VAE, or a cache built by `full/data/cache.py`) and prompt embeddings `c`;
 2. one `t` and one `eps` per item, *shared by the winner and the loser of a pair* (docs/conventions.md §3), drawn from
-   the item's own generator in the offline trainer (so that P processes and one process draw the same),
-   `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, target `eps` or `v` from the scheduler config;
-3. the reference `eps_ref(x_t, t, c)`: the same UNet with its LoRA disabled, under `torch.no_grad()`
-   (only for the methods that need it); then the policy forward over all `n*B` images at once.
+   the item's own generator in the offline trainer (so that P processes and one process draw the same), and the
+   family's noising (`Family.noised`): `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, target `eps` or `v`, for the
+   UNet families; `x_t = (1 - sigma) x0 + sigma eps`, target `v = eps - x0`, for the rectified-flow ones;
+3. the reference `eps_ref(x_t, t, c)`: the same denoiser with its LoRA disabled, under `torch.no_grad()`
+   (only for the methods that need it); then the policy forward over all `n*B` images at once;
+4. the family's `core_predictions`: the eps form every core objective takes (a flow model's implied noise).
 
 The trainer then turns `(pred, ref_pred, target)` into its minipref objective.
 """
@@ -20,14 +22,15 @@ from torch import Tensor
 import minipref
 from full.models.config import ModelConfig
 from full.models import pipeline as models
+from full.models.families import call_denoiser, draw_noise_and_timesteps, get_family  # noqa: F401
 
 
 @dataclass
 class StepInputs:
     """One micro-batch, flattened image-major: for pairs all B winners, then all B losers."""
 
-    latents: Tensor  # (n*B, 4, h, w)
-    prompt: models.PromptEmbeds  # hidden (n*B, L, D), pooled (n*B, P) for SDXL
+    latents: Tensor  # (n*B, C, h, w)
+    prompt: models.PromptEmbeds  # hidden (n*B, L, D), pooled (n*B, P) for SDXL, SD3, FLUX
     time_ids: Tensor | None  # (n*B, 6), SDXL
     n: int  # images per item: 2 (pairs, sharing t and eps) or 1
     desirable: Tensor | None = None  # (B,) bool, binary methods
@@ -54,10 +57,10 @@ def inputs_from_images(batch: dict, parts: models.Components, model: ModelConfig
     prompt = models.encode_prompts(parts, captions, device)  # (B, ...): a pair shares its prompt
     pooled = None if prompt.pooled is None else prompt.pooled.repeat(n, 1)
     prompt = models.PromptEmbeds(prompt.hidden.repeat(n, 1, 1), pooled)
-    time_ids = None
-    if parts.family == "sdxl":
-        time_ids = models.sdxl_time_ids(_image_major(batch["original_sizes"]), _image_major(batch["crop_top_lefts"]),
-                                        pixels.shape[-1]).to(device)  # the training resolution
+    family, time_ids = get_family(parts.family), None
+    if family.uses_time_ids:  # SDXL's micro-conditioning, at the training resolution
+        time_ids = family.time_ids(_image_major(batch["original_sizes"]), _image_major(batch["crop_top_lefts"]),
+                                   pixels.shape[-1]).to(device)
     embeddings = None if table is None else torch.stack([table[r] for r in batch["row_ids"]]).to(device)
     return StepInputs(latents, prompt, time_ids, n, batch.get("desirable"), embeddings)
 
@@ -67,36 +70,18 @@ def inputs_from_cache(batch: dict, family: str, device) -> StepInputs:
     get = lambda key: _image_major(batch[key]).to(device).float() if key in batch else None  # noqa: E731
     prompt = models.PromptEmbeds(get("prompt_embeds"), get("pooled"))
     emb = batch.get("embeddings")
-    return StepInputs(get("latents"), prompt, get("time_ids") if family == "sdxl" else None, n,
+    return StepInputs(get("latents"), prompt, get("time_ids") if get_family(family).uses_time_ids else None, n,
                       batch.get("desirable"), None if emb is None else emb.to(device).float())
-
-
-def draw_noise_and_timesteps(b: int, shape, num_train_timesteps: int, generator, device) -> tuple[Tensor, Tensor]:
-    """eps (b, *shape) and t (b,): from one generator for the batch, or item i from ``generator[i]`` (then an item's
-    draws do not depend on which process or batch it is in: `full.run.accelerator.sample_generators`)."""
-    if not isinstance(generator, list):
-        noise = torch.randn((b, *shape), generator=generator, device=device)
-        return noise, torch.randint(0, num_train_timesteps, (b,), generator=generator, device=device)
-    noise = torch.cat([torch.randn((1, *shape), generator=g, device=device) for g in generator])
-    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generator])
-    return noise, timesteps
 
 
 def denoise(unet, reference, noise_scheduler, family: str, inputs: StepInputs, *, with_reference: bool,
             generator, weight_dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Predictions of the policy and (optionally) the reference on one noised batch, and the target. ``reference``:
-    ``(noisy, timesteps, conditioning) -> prediction`` without a graph (`full.run.weights`: the UNet with its LoRA
-    off, a frozen copy, or SPIN's opponent)."""
-    latents, n = inputs.latents, inputs.n
-    b = latents.shape[0] // n
-    noise, timesteps = draw_noise_and_timesteps(b, latents.shape[1:], noise_scheduler.config.num_train_timesteps,
-                                                generator, latents.device)
-    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)  # (B,) -> (n*B,): winner and loser share t, eps
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
-    target = models.training_target(noise_scheduler, latents, noise, timesteps)
-    conditioning = models.unet_conditioning(family, inputs.prompt, inputs.time_ids, weight_dtype)
-    ref_pred = reference(noisy, timesteps, conditioning) if with_reference else None
-    pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
-    return pred.float(), None if ref_pred is None else ref_pred.float(), target.float()
-
-
+    """Predictions of the policy and (optionally) the reference on one noised batch, and the target, in the eps form
+    of the core objectives. ``reference``: ``(model_input, timesteps, conditioning) -> prediction`` without a graph
+    (`full.run.weights`: the denoiser with its LoRA off, a frozen copy, or SPIN's opponent)."""
+    fam = get_family(family)
+    step = fam.noised(noise_scheduler, inputs.latents, inputs.n, generator, weight_dtype)
+    conditioning = fam.conditioning(inputs.prompt, inputs.time_ids, weight_dtype, step)
+    ref_pred = reference(step.model_input, step.timestep, conditioning) if with_reference else None
+    pred = call_denoiser(unet, step.model_input, step.timestep, conditioning)
+    return fam.core_predictions(pred, ref_pred, step)

@@ -21,13 +21,9 @@ from torch import Tensor
 
 import minipref
 from minipref.methods import Method, StepErrors
+from full.models.families import get_family
 
 logger = logging.getLogger(__name__)
-
-# diffusers' train_diffusion_dpo.py (SD1.5) has no 1/2 in its loss, logsigmoid(beta_dpo * diff): our beta is 2x;
-# train_diffusion_dpo_sdxl.py keeps it, -0.5 * beta_dpo * diff: our beta is the same (docs/conventions.md).
-BETA_DPO_FACTOR = {"sd15": 2.0, "sdxl": 1.0}
-BETA_DPO_SCRIPT = {"sd15": "train_diffusion_dpo.py", "sdxl": "train_diffusion_dpo_sdxl.py"}
 
 
 @dataclass(frozen=True)
@@ -57,15 +53,22 @@ class Objective:
 
 def resolve_objective(method: Method, options: dict, beta: float | None, beta_source: str | None,
                       family: str) -> Objective:
-    """The method's options with their per-family defaults, and beta from the first source that sets it."""
+    """The method's options with their per-family defaults (a flow family takes the column its object names,
+    `Family.option_defaults_of`), and beta from the first source that sets it."""
+    fam = get_family(family)
     options = dict(options)
     for option in method.options:
         if option.family_default and options.get(option.name) is None:
-            options[option.name] = option.family_default[family]
+            options[option.name] = option.family_default[fam.option_defaults_of]
     beta_dpo = options.get("beta_dpo")
     if beta_dpo is not None:
-        beta = BETA_DPO_FACTOR[family] * beta_dpo
-        beta_source = f"--beta_dpo {beta_dpo:g} in the convention of diffusers' {BETA_DPO_SCRIPT[family]}"
+        if fam.beta_dpo is None:
+            raise ValueError(f"--beta_dpo is the convention of diffusers' SD1.5/SDXL DPO scripts; there is none for "
+                             f"{family}: give --beta (docs/flow_matching.md, the scale of beta)")
+        # the SD1.5 script has no 1/2 in logsigmoid(beta_dpo * diff): our beta is 2x; the SDXL script keeps it
+        factor, script = fam.beta_dpo
+        beta = factor * beta_dpo
+        beta_source = f"--beta_dpo {beta_dpo:g} in the convention of diffusers' {script}"
     elif beta is None:
         beta = method.beta
         beta_source = f"the default of minipref.{minipref.OBJECTIVES[method.objective].fn.__name__}"

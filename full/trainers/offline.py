@@ -1,4 +1,5 @@
-"""The offline trainer: LoRA or full preference fine-tuning of SD1.5 / SDXL with sft, csft, bce, dpo, kto, contrast, dspo.
+"""The offline trainer: LoRA or full preference fine-tuning of SD1.5 / SDXL / SD3 / FLUX.1 with sft, csft, bce, dpo, kto,
+contrast, dspo.
 
     accelerate launch -m full.train --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --method dpo --dataset_name yuvalkirstain/pickapic_v2 --output_dir runs/dpo-sd15
@@ -31,7 +32,8 @@ from full.data.samplers import DesirableRatioSampler, EpochShuffleSampler
 from full.data.streaming import make_streaming_loader, report_stream_rows
 from full.models.config import ModelConfig
 from full.models.lora import trainable_unet_parts
-from full.models.pipeline import DEFAULT_RESOLUTION, detect_family
+from full.models.families import get_family
+from full.models.pipeline import detect_family
 from full.run.global_batch import GlobalBatch
 from full.run.loop import TrainingRun, run_and_reset, start_accelerator, steps_for_epochs
 from full.run.weights import reference_forward, weights_for
@@ -220,7 +222,11 @@ def train(args) -> dict:
 
     # Cheap checks first: a wrong model or bad data fails before minutes of loading.
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
+    fam = get_family(family)
     cli.check_model_family(args, family)
+    fam.check_model_options(cli.config(ModelConfig, args).family_options())
+    if args.cached_dir:
+        fam.refuse("cache")
     objective = objective_for(args, family)
     # args.json and the model card record the values used: beta and the per-family defaults
     args.beta = objective.beta
@@ -236,7 +242,7 @@ def train(args) -> dict:
                            args.resolution)
         args.resolution = meta["resolution"]  # a cache holds latents of one size
     elif args.resolution is None:
-        args.resolution = DEFAULT_RESOLUTION[family]
+        args.resolution = fam.default_resolution
     accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
     device, kind = accelerator.device, DATA_OF_KIND[objective.method.data]
     set_seed(args.seed)  # the LoRA init: the same on every process and in every run

@@ -1,4 +1,4 @@
-"""SPIN-Diffusion: LoRA self-play, the model against its own frozen earlier iterate, on SD1.5 / SDXL.
+"""SPIN-Diffusion: LoRA self-play, the model against its own frozen earlier iterate, on SD1.5 / SDXL / SD3 / FLUX.1.
 
     accelerate launch -m full.spin --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dataset_name yuvalkirstain/pickapic_v2 --max_train_samples 4000 --num_iterations 2 \
@@ -54,6 +54,7 @@ from full.data.images import FeedbackDataset, collate_skip_none
 from full.data.rows import real_image_rows
 from full.data.samplers import EpochShuffleSampler
 from full.models import pipeline as models
+from full.models.families import get_family
 from full.models.config import ModelConfig
 from full.models.lora import trainable_unet_parts
 from full.online.generation import (GeneratedLatents, GenerationConfig, generate_iteration, generation_pipeline,
@@ -147,17 +148,19 @@ def collate_spin(items) -> dict | None:
 
 def spin_inputs(batch: dict, parts: models.Components, model: ModelConfig, device, generator) -> StepInputs:
     """`StepInputs` with n = 2: the B real images (winners) first, then the B opponent samples (losers)."""
-    real = inputs_from_images(batch, parts, model, device, generator)  # n = 1: latents (B, 4, h, w)
+    family = get_family(parts.family)
+    real = inputs_from_images(batch, parts, model, device, generator)  # n = 1: latents (B, C, h, w)
     resolution = batch["pixel_values"].shape[-1]
-    generated = batch["generated"].to(device=device, dtype=real.latents.dtype)  # (B, 4, h, w)
+    generated = batch["generated"].to(device=device, dtype=real.latents.dtype)  # (B, C, h, w); FLUX: packed
+    generated = family.latents_from_pipeline(generated, tuple(real.latents.shape[-2:]))  # (B, C, h, w)
     b = generated.shape[0]
     pooled = None if real.prompt.pooled is None else real.prompt.pooled.repeat(2, 1)
     prompt = models.PromptEmbeds(real.prompt.hidden.repeat(2, 1, 1), pooled)  # (2B, L, D): a pair shares c
     time_ids = None
-    if parts.family == "sdxl":  # the samples were made at (R, R), uncropped: the pipeline's own add_time_ids
-        size = torch.full((b, 2), resolution)
-        generated_ids = models.sdxl_time_ids(size, torch.zeros_like(size), resolution).to(device)
-        time_ids = torch.cat([real.time_ids, generated_ids])  # (2B, 6)
+    size = torch.full((b, 2), resolution)  # SDXL: the samples were made at (R, R), uncropped: the pipeline's own
+    generated_ids = family.time_ids(size, torch.zeros_like(size), resolution)  # add_time_ids; None for the others
+    if generated_ids is not None:
+        time_ids = torch.cat([real.time_ids, generated_ids.to(device)])  # (2B, 6)
     return StepInputs(torch.cat([real.latents, generated]), prompt, time_ids, 2)
 
 
@@ -184,7 +187,11 @@ def run(args) -> dict:
 
     family = models.detect_family(args.pretrained_model_name_or_path, args.revision)
     cli.check_model_family(args, family)
-    args.resolution = args.resolution or models.DEFAULT_RESOLUTION[family]
+    fam = get_family(family)
+    fam.check_model_options(cli.config(ModelConfig, args).family_options())
+    if args.train_mode == "full":
+        fam.refuse("spin_full")
+    args.resolution = args.resolution or fam.default_resolution
     data, model, generation = (cli.config(DataConfig, args), cli.config(ModelConfig, args),
                                cli.config(GenerationConfig, args))
     generation_scheduler_class(generation)  # a bad flag or bad data fails before the models load

@@ -140,21 +140,23 @@ class NoisyPairImages:
 
     def _model_eps(self, z_t, t, batch, resolution: int) -> torch.Tensor:
         """The frozen UNet's output (epsilon or v) at ``z_t`` with classifier-free guidance, as the authors' code."""
-        from full.models.pipeline import PromptEmbeds, encode_prompts, sdxl_time_ids, unet_conditioning
+        from full.models.families import get_family
+        from full.models.pipeline import PromptEmbeds, encode_prompts, unet_conditioning
 
         parts = self.parts
+        family = get_family(parts.family)
         prompt = encode_prompts(parts, batch["captions"] * 2, self.device)  # (2B, L, D): winners then losers
         time_ids = None
-        if parts.family == "sdxl":
+        if family.uses_time_ids:
             sizes, crops = batch["original_sizes"], batch["crop_top_lefts"]  # (B, 2, 2): pair axis second
-            time_ids = sdxl_time_ids(torch.cat([sizes[:, 0], sizes[:, 1]]), torch.cat([crops[:, 0], crops[:, 1]]),
-                                     resolution).to(self.device)
+            time_ids = family.time_ids(torch.cat([sizes[:, 0], sizes[:, 1]]), torch.cat([crops[:, 0], crops[:, 1]]),
+                                       resolution).to(self.device)
         z_in, t_in = z_t, t
         guided = self.args.guidance_scale > 1
         if guided:
             # The unconditional branch: the empty prompt's embedding for SD1.5, zeros for SDXL (its pipelines'
             # force_zeros_for_empty_prompt default). One forward over [uncond; cond].
-            if parts.family == "sdxl":
+            if family.zeros_for_empty_prompt:
                 empty = PromptEmbeds(torch.zeros_like(prompt.hidden), torch.zeros_like(prompt.pooled))
             else:
                 empty = PromptEmbeds(encode_prompts(parts, [""], self.device).hidden.expand_as(prompt.hidden))

@@ -1,4 +1,5 @@
 """SPO: step-by-step preference optimisation of SD1.5 / SDXL LoRA, pairs made online by a step-aware preference model.
+(On SD3 / FLUX it is refused with one line: their Euler sampler takes no stochastic step to pair; docs/flow_matching.md.)
 
     accelerate launch -m full.spo --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --preset sd15-spo --spm_model_name_or_path runs/spm-sd15 --prompts_file prompts.json --output_dir runs/spo
@@ -52,6 +53,7 @@ from full import cli
 from full.data.samplers import EpochShuffleSampler
 from full.models import pipeline as models
 from full.models.config import ModelConfig
+from full.models.families import get_family
 from full.models.lora import trainable_unet_parts
 from full.online.preference import THRESHOLD
 from full.online.rollouts import SpoSettings, StepPairs, collect_stats, collect_step_pairs, share_pairs
@@ -238,8 +240,8 @@ def unconditional_embeds(parts: models.Components, device) -> models.PromptEmbed
     from diffusers import DiffusionPipeline
 
     empty = models.encode_prompts(parts, [""], device)
-    if parts.family == "sdxl" and DiffusionPipeline.load_config(parts.pretrained).get("force_zeros_for_empty_prompt",
-                                                                                      True):
+    if get_family(parts.family).zeros_for_empty_prompt and \
+            DiffusionPipeline.load_config(parts.pretrained).get("force_zeros_for_empty_prompt", True):
         return models.PromptEmbeds(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
     return empty
 
@@ -249,7 +251,9 @@ def run(args) -> dict:
     from accelerate.utils import set_seed
 
     family = models.detect_family(args.pretrained_model_name_or_path, args.revision)
+    get_family(family).refuse("spo")  # the flow families: no stochastic step to pair (one line, before any load)
     cli.check_model_family(args, family)
+    get_family(family).check_model_options(cli.config(ModelConfig, args).family_options())
     resolve_family_defaults(args, family)
     prompts = load_prompts(args)
     accelerator, weight_dtype = start_accelerator(cli.run_config(args), family)
@@ -267,10 +271,9 @@ def run(args) -> dict:
                          f"(timesteps {scheduler.timesteps.tolist()})")
     settings = SpoSettings(args.num_candidates, args.threshold, args.max_timestep, args.num_inner_steps, args.eta,
                            next(spm.parameters()).dtype)
-    time_ids = None
-    if family == "sdxl":
-        size = torch.tensor([[args.resolution, args.resolution]])
-        time_ids = models.sdxl_time_ids(size, torch.zeros_like(size), args.resolution).to(device)  # (1, 6)
+    size = torch.tensor([[args.resolution, args.resolution]])
+    time_ids = get_family(family).time_ids(size, torch.zeros_like(size), args.resolution)  # SDXL's (1, 6); else None
+    time_ids = None if time_ids is None else time_ids.to(device)
     guide = Guidance(family, unconditional_embeds(parts, device), time_ids, args.guidance_scale, weight_dtype)
 
     trained = weights_for(model_config.train_mode, parts, family, ema_decay=model_config.ema_decay)
