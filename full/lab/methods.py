@@ -71,6 +71,10 @@ def all_methods() -> list[Method]:
                # BCE with the implicit reward as its logit: the reference form of paper 000 Eq. (3)
                Method("bce", "bce", "reference", {"bce_reference": True}),
                Method("dpo", "dpo", "reference"),
+               # Diffusion-DPO as papers 000/001/002/004 ran it: every UNet weight (--train_mode full, the reference a
+               # frozen copy). lr 1e-4, 10x below the LoRA's: the ratio of diffusers' full and LoRA text-to-image
+               # examples (1e-5 and 1e-4), since a full step moves every weight by ~lr (Adam), not a rank-8 delta
+               Method("dpo_full", "dpo", "reference", {"train_mode": "full", "rank": None, "learning_rate": 1e-4}),
                Method("dpo_swapped", "dpo", "reference", data_file="pairs_swapped")]
     methods += [Method(f"kto_{u}", "kto", "reference", {"utility": u}) for u in UTILITY_NAMES]
     methods.append(Method("contrast", "contrast", "reference"))
