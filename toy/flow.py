@@ -43,14 +43,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from minipref import per_sample_mse
 
-from .data import PRETRAIN
-from .model import EpsMLP, draw_t_and_noise
-from .optim import Adam
+from .model import EpsMLP
 from .schedule import NUM_TRAIN_TIMESTEPS
+from .train import pretrain
 
 FLOW_SAMPLING_STEPS = 100  # Euler steps for the evaluation samples (the diffusion toy: 25 DPM-Solver++ steps)
 SAMPLING_SHIFT = 1.0 / 3.0  # the Euler grid's shift (SD3 samples with 3.0; the toy wants steps near the data)
@@ -119,20 +117,8 @@ def noise_equivalent_error(err_v: Tensor, s: Tensor) -> Tensor:
 
 def pretrain_flow(config, schedule: FlowSchedule, generator: torch.Generator, progress: bool = True):
     """``toy.train.pretrain`` for the flow model: the same data, optimiser and steps, the loss ``mean err_v``."""
-    model = VelocityMLP(hidden=config.hidden, depth=config.depth)
-    data = PRETRAIN.sample(config.n_data, generator)
-    optimizer = Adam(model.parameters(), config.lr, config.steps, warmup=config.steps // 20)
-    losses = []
-    for _ in tqdm(range(config.steps), desc="pretrain (flow)", disable=not progress, leave=False):
-        x0 = data[torch.randint(len(data), (config.batch,), generator=generator)]
-        t, noise = draw_t_and_noise(config.batch, generator)  # uniform index: s = (t + 1) / 1000
-        err_v, _, _ = schedule.velocity_error(model, x0, t, noise)
-        loss = err_v.mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return model.requires_grad_(False).eval(), losses
+    return pretrain(config, schedule, generator, progress, model_class=VelocityMLP, desc="pretrain (flow)",
+                    error=lambda model, x0, t, noise: schedule.velocity_error(model, x0, t, noise)[0])
 
 
 def euler_grid(num_steps: int = FLOW_SAMPLING_STEPS, shift: float = SAMPLING_SHIFT,

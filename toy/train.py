@@ -46,17 +46,20 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -
 
 
 def pretrain(
-    config: PretrainConfig, scheduler: NoiseSchedule, generator: torch.Generator, progress: bool = True
+    config: PretrainConfig, scheduler: NoiseSchedule, generator: torch.Generator, progress: bool = True, *,
+    model_class=EpsMLP, error=None, desc: str = "pretrain",
 ) -> tuple[EpsMLP, list[float]]:
-    """Train an ``EpsMLP`` on the pretraining Gaussian; returns the frozen model and its loss per step."""
-    model = EpsMLP(hidden=config.hidden, depth=config.depth)
+    """Train a ``model_class`` (``EpsMLP``) on the pretraining Gaussian; returns the frozen model and its loss per
+    step. ``error(model, x0, t, noise)``: the per-sample loss (default: the denoising error; the flow toy passes its
+    velocity error, toy/flow.py)."""
+    model = model_class(hidden=config.hidden, depth=config.depth)
     data = PRETRAIN.sample(config.n_data, generator)
     optimizer = Adam(model.parameters(), config.lr, config.steps, warmup=config.steps // 20)
     losses = []
-    for _ in tqdm(range(config.steps), desc="pretrain", disable=not progress, leave=False):
+    for _ in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
         x0 = data[torch.randint(len(data), (config.batch,), generator=generator)]
         t, noise = draw_t_and_noise(config.batch, generator)
-        err, _ = denoising_error(model, scheduler, x0, t, noise)
+        err = error(model, x0, t, noise) if error else denoising_error(model, scheduler, x0, t, noise)[0]
         loss = err.mean()
         optimizer.zero_grad()
         loss.backward()
