@@ -58,7 +58,8 @@ test: $(VENV)/.all-installed
 # portable kernels with one thread (whatever the CPU would pick by default: AVX-512, AVX2, NEON): a tolerance fitted to
 # one CPU's last bits fails here, not on a user's machine (docs/testing.md). CI runs it after `make test`.
 KERNEL_TESTS ?= tests/test_toy.py tests/test_train_distributed.py tests/test_global_batch.py tests/test_golden.py \
-	tests/test_identities.py tests/test_numerics.py tests/test_train_resume.py tests/test_flow.py
+	tests/test_identities.py tests/test_numerics.py tests/test_train_resume.py tests/test_flow.py \
+	tests/test_flow_train.py tests/test_toy_flow.py tests/test_data_stream_resume.py
 KERNELS ?= default
 test-kernels: $(VENV)/.all-installed
 	ATEN_CPU_CAPABILITY=$(KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup $(KERNEL_TESTS)

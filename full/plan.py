@@ -3,8 +3,8 @@
     python -m full.presets sd15-dpo-full --plan --engine ddp --num_processes 8
     python -m full.presets sdxl-dpo-full --plan --engine zero3
 
-Memory per GPU in bytes, from the parameter shapes of the real architectures (full/models/configs/*.json built on the
-meta device: nothing is downloaded or allocated). N UNet parameters, P processes, w bytes of the weight dtype:
+Memory per GPU in bytes, from the parameter shapes of the real architectures (full/models/footprint.py builds
+full/models/configs/*.json on the meta device: nothing is downloaded or allocated). N UNet parameters, P processes, w bytes of the weight dtype:
 ddp keeps 4N fp32 weights + 4N gradients + the optimizer state S whole (+ 4N DDP buckets when P > 1); zero2 a w-byte
 module + the fp32 master weights, gradients (w bytes) and S split P ways; zero3 the module split too; fsdp fp32 flat
 shards of all three. S: AdamW 2 fp32 moments per element; Adafactor (no first moment) a row and a column second
@@ -13,23 +13,28 @@ where Adafactor cannot factor. Shared rows: the frozen reference (w bytes per we
 outside the engine), the EMA (fp32), the VAE and text encoders, and the activations: ESTIMATED by tracing one forward
 on the meta device and summing what autograd saves (attention counted as flash attention saves it).
 docs/full_finetuning.md explains each row; tests/test_plan.py checks the exact rows against real tensors.
+
+The rectified-flow families (sd3: SD3.5-medium, flux: FLUX.1-dev; docs/flow_matching.md) are planned the same way
+with their transformer in the UNet's place: its architecture, the 16-channel VAE and the T5-XXL encoder are in
+full/models/configs too (the published config.json's architecture keys), the LoRA on the family's attention targets
+(`Family.lora_targets`), and the activations traced through the transformer at its T5 length.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-import torch
+from full.models.footprint import activation_bytes_per_image, buffer_count, count, parameter_shapes
 
-CONFIG_DIR = Path(__file__).resolve().parent / "models" / "configs"
 FAMILIES = {"sd15": ("sd15_unet", ("vae", "clip_text_l14")),
-            "sdxl": ("sdxl_unet", ("vae", "clip_text_l14", "clip_text_bigg14"))}
-RESOLUTION = {"sd15": 512, "sdxl": 1024}  # when a run does not say
-VAE_FACTOR = 8  # both VAEs downsample 3 times
+            "sdxl": ("sdxl_unet", ("vae", "clip_text_l14", "clip_text_bigg14")),
+            "sd3": ("sd35m_transformer",
+                    ("flow_vae", "clip_text_l14_projection", "clip_text_bigg14", "t5_xxl_encoder")),
+            "flux": ("flux1_transformer", ("flow_vae", "clip_text_l14", "t5_xxl_encoder"))}
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}  # when a run does not say
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow transformers: planned from their own configs below
+TEXT_TOKENS = {"sd3": 77, "flux": 512}  # T5 tokens (--max_sequence_length defaults, full/models/flow_families.py)
 IMAGES_PER_EXAMPLE = {"paired": 2, "binary": 1, "self_play": 2, "online": 2}  # a method row's data kind -> UNet images
 GIB = 2 ** 30
 
@@ -56,54 +61,13 @@ def engine(name: str) -> Engine:
     return ENGINES[name]
 
 
-# ---- Parameter shapes from configs (meta device)
+def denoiser_word(family: str) -> str:
+    """What the trained network is called in a plan: the UNet, or the flow families' transformer."""
+    return "transformer" if family in FLOW_FAMILIES else "UNet"
 
 
-def load_config(name: str) -> dict:
-    """A config of full/models/configs (its `_class_name` kept; other `_` keys dropped)."""
-    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
-    return {k: v for k, v in raw.items() if not k.startswith("_") or k == "_class_name"}
-
-
-def _build_on_meta(config: dict, dtype=torch.float32):
-    kind, values = config.get("_class_name", "UNet2DConditionModel"), {k: v for k, v in config.items() if k[0] != "_"}
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            if kind.startswith("CLIPText"):
-                import transformers
-
-                return getattr(transformers, kind)(transformers.CLIPTextConfig(**values))
-            import diffusers
-
-            return getattr(diffusers, kind).from_config(values)
-    finally:
-        torch.set_default_dtype(default)
-
-
-@lru_cache(maxsize=16)
-def _shapes(config_json: str, lora_rank: int | None) -> tuple[tuple[int, ...], ...]:
-    model = _build_on_meta(json.loads(config_json))
-    if lora_rank is None:
-        return tuple(tuple(p.shape) for p in model.parameters())
-    from full.models.lora import LORA_TARGET_MODULES
-
-    shapes = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGET_MODULES):
-            shapes += [(lora_rank, module.in_features), (module.out_features, lora_rank)]  # peft's lora_A, lora_B
-    return tuple(shapes)
-
-
-def parameter_shapes(config: dict | str, lora_rank: int | None = None) -> tuple[tuple[int, ...], ...]:
-    """The shapes of a model's parameters (``lora_rank``: of a LoRA on its attention projections instead)."""
-    config = load_config(config) if isinstance(config, str) else config
-    return _shapes(json.dumps(dict(config), sort_keys=True, default=list), lora_rank)
-
-
-def count(shapes) -> int:
-    return sum(math.prod(shape) for shape in shapes)
+def config_source(name: str) -> str:
+    return f"full/models/configs/{name}.json"
 
 
 # ---- Optimizer state
@@ -126,81 +90,6 @@ def optimizer_state_bytes(shapes, optimizer: str) -> int:
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: adamw, adafactor, adamw_8bit")
     return total
-
-
-# ---- Activations (estimated)
-
-
-class _FlashLikeAttention(torch.autograd.Function):
-    """What flash / memory-efficient attention keeps for the backward: q, k, v, the output, the log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # never called: the trace stops after the forward
-        raise NotImplementedError
-
-
-@lru_cache(maxsize=16)
-def _traced(config_json: str, resolution: int, checkpointing: bool) -> int:
-    import torch.nn.functional as F
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    config = json.loads(config_json)
-    unet = _build_on_meta(config, torch.bfloat16)
-    side = resolution // VAE_FACTOR
-    meta = {"device": "meta", "dtype": torch.bfloat16}
-    kwargs = {"encoder_hidden_states": torch.empty(1, 77, config["cross_attention_dim"], **meta)}
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled, **meta),
-                                       "time_ids": torch.empty(1, 6, **meta)}
-    params = {id(p) for p in unet.parameters()}
-    seen, kept, stack = set(), [], [None]
-    saved: dict = {None: 0}
-    unit_inputs = 0
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(t) not in seen and id(base) not in params:
-            seen.add(id(t))
-            kept.append(t)  # alive until the trace ends, so ids are not reused
-            saved[stack[-1]] = saved.get(stack[-1], 0) + t.numel() * t.element_size()
-        return t
-
-    def enter(module, args):
-        nonlocal unit_inputs
-        stack.append(module)
-        unit_inputs += args[0].numel() * args[0].element_size()  # what a checkpointed unit keeps: its input
-
-    units = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]  # checkpointed
-    hooks = [h for m in units for h in (m.register_forward_pre_hook(enter),
-                                        m.register_forward_hook(lambda *_: stack.pop() and None))]
-    real_sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: _FlashLikeAttention.apply(q, k, v)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(torch.empty(1, config["in_channels"], side, side, **meta), torch.tensor([500], device="meta"),
-                 **kwargs)
-    finally:
-        F.scaled_dot_product_attention = real_sdpa
-        for hook in hooks:
-            hook.remove()
-    inside = [v for k, v in saved.items() if k is not None]
-    if checkpointing:  # kept: what is saved outside the units, each unit's input, and one unit recomputed at a time
-        return saved[None] + unit_inputs + max(inside, default=0)
-    return saved[None] + sum(inside)
-
-
-def activation_bytes_per_image(unet_config: dict | str, resolution: int, checkpointing: bool) -> int:
-    """ESTIMATED bytes autograd keeps for one image through the UNet (bf16), at ``resolution`` pixels."""
-    config = load_config(unet_config) if isinstance(unet_config, str) else unet_config
-    return _traced(json.dumps(dict(config), sort_keys=True, default=list), resolution, checkpointing)
 
 
 # ---- Memory per GPU
@@ -241,12 +130,31 @@ def trained_rows(shapes, engine_name: str, processes: int, optimizer: str, mixed
     return [weights, grads, Row("optimizer state", flat, f"{optimizer} on a flat 1-D shard 1/{p}")]
 
 
+def model_denoiser_config(settings: dict, family: str) -> tuple[dict | None, str]:
+    """A flow family's transformer config read from the run's own pipeline (``pretrained_model_name_or_path``: SD3
+    medium, SD3.5 medium and large are all `sd3`, from 2B to 8B parameters), and where it came from; (None, "") for
+    a preset or a UNet family (planned from their published architecture)."""
+    pretrained = settings.get("pretrained_model_name_or_path")
+    if family not in FLOW_FAMILIES or not pretrained:
+        return None, ""
+    from full.models.families import get_family
+
+    fam = get_family(family)
+    raw = fam.denoiser_class().load_config(pretrained, subfolder=fam.denoiser, revision=settings.get("revision"))
+    return {k: v for k, v in raw.items() if not k.startswith("_") or k == "_class_name"}, \
+        f"{pretrained}/{fam.denoiser}/config.json"
+
+
 def memory_rows(family: str, settings: dict, engine_name: str, processes: int, *, images: int,
-                with_reference: bool) -> list[Row]:
+                with_reference: bool, denoiser_config: dict | None = None) -> list[Row]:
     """Per-GPU memory of a run: ``settings`` are the trainer's flag values (train_mode, optimizer, mixed_precision,
-    rank, use_ema, cached_dir, resolution, gradient_checkpointing); ``images`` the UNet images per micro-batch."""
+    rank, use_ema, cached_dir, resolution, gradient_checkpointing; a flow family's max_sequence_length); ``images``
+    the UNet images per micro-batch; ``denoiser_config``: the trained network's config instead of the family's."""
+    if family not in FAMILIES:
+        raise ValueError(f"no plan for model family {family!r}; planned: {', '.join(FAMILIES)}")
     unet_name, frozen_names = FAMILIES[family]
-    unet_shapes = parameter_shapes(unet_name)
+    unet_name = denoiser_config or unet_name
+    unet_shapes, word = parameter_shapes(unet_name), denoiser_word(family)
     n, w = count(unet_shapes), weight_bytes(settings.get("mixed_precision"))
     full = settings.get("train_mode", "lora") == "full"
     optimizer = settings.get("optimizer") or "adamw"
@@ -259,19 +167,32 @@ def memory_rows(family: str, settings: dict, engine_name: str, processes: int, *
     if full:
         rows = trained_rows(unet_shapes, engine_name, processes, optimizer, settings.get("mixed_precision"))
         if with_reference:
-            rows.append(Row("frozen reference UNet", w * n, "weight dtype, whole on every GPU (outside the engine)"))
+            rows.append(Row(f"frozen reference {word}", w * n,
+                            "weight dtype, whole on every GPU (outside the engine)"))
     else:
-        lora = parameter_shapes(unet_name, lora_rank=settings.get("rank") or 8)
-        rows = [Row("frozen base UNet", w * n, "weight dtype; the reference is this UNet with adapters off")]
+        targets = None
+        if family in FLOW_FAMILIES:
+            from full.models.families import get_family
+
+            targets = get_family(family).lora_targets
+        lora = parameter_shapes(unet_name, lora_rank=settings.get("rank") or 8, targets=targets)
+        rows = [Row(f"frozen base {word}", w * n, f"weight dtype; the reference is this {word} with adapters off")]
         rows += [Row(r.label.replace("trained", "LoRA"), r.bytes, r.note, r.estimated)
                  for r in trained_rows(lora, engine_name, processes, optimizer, settings.get("mixed_precision"))]
+    buffers = buffer_count(unet_name)
+    if buffers:
+        rows.append(Row(f"{word} buffers", w * buffers * (2 if full and with_reference else 1),
+                        "fixed position table, weight dtype" + (", in the policy and the reference copy"
+                                                                if full and with_reference else "")))
     if settings.get("use_ema"):
         rows.append(Row("EMA", 4 * n, "fp32 copy of the trained weights (diffusers EMAModel)"))
     if not settings.get("cached_dir"):
         frozen = sum(count(parameter_shapes(name)) for name in frozen_names)
-        rows.append(Row("VAE + text encoders", w * frozen, "weight dtype; 0 with --cached_dir"))
+        rows.append(Row("VAE + text encoders", w * frozen, "weight dtype; 0 with --cached_dir" if family not in
+                        FLOW_FAMILIES else f"weight dtype; {family}'s published VAE, CLIP and T5-XXL encoders"))
     per_image = activation_bytes_per_image(unet_name, settings.get("resolution") or RESOLUTION[family],
-                                           bool(settings.get("gradient_checkpointing")))
+                                           bool(settings.get("gradient_checkpointing")),
+                                           settings.get("max_sequence_length") or TEXT_TOKENS.get(family, 77))
     rows.append(Row("activations", per_image * images,
                     f"{images} image(s) x {per_image / GIB:.2f} GiB, bf16, "
                     f"{'with' if settings.get('gradient_checkpointing') else 'without'} gradient checkpointing",
@@ -311,22 +232,23 @@ def describe(settings: dict, *, family: str, method: str, engine_name: str, proc
     per_example = IMAGES_PER_EXAMPLE[row.data]
     effective = processes * batch * accumulation
     lr = settings["learning_rate"] * (effective if settings.get("scale_lr") else 1)
+    denoiser_config, source = model_denoiser_config(settings, family)
     rows = memory_rows(family, settings, engine_name, processes, images=batch * per_example,
-                       with_reference=row.reference(options))
+                       with_reference=row.reference(options), denoiser_config=denoiser_config)
     total, steps = sum(r.bytes for r in rows), None if settings.get("num_train_epochs") else settings["max_train_steps"]
     unit = "pairs" if per_example == 2 else "images"
     lines = [title or f"{family} {method}, --train_mode {settings.get('train_mode', 'lora')}",
              f"engine       {engine_name}: {engine(engine_name).title}; {processes} process(es)",
              f"batch        {processes} x {batch} per GPU x {accumulation} accumulation = {effective} {unit} per "
-             f"optimizer step ({effective * per_example} UNet images)",
+             f"optimizer step ({effective * per_example} {denoiser_word(family)} images)",
              f"steps        {steps} optimizer steps = {steps * effective:,} {unit} seen" if steps else
              "steps        from --num_train_epochs and the data size",
              "learning     " + (f"{settings['learning_rate']:g} x {effective} (--scale_lr) = {lr:.4g}"
                                 if settings.get("scale_lr") else f"{lr:.4g} (not scaled)")
              + f"; optimizer {settings.get('optimizer') or 'adamw'}",
              f"schedule     {schedule_text(settings, lr)}",
-             f"UNet         {count(parameter_shapes(FAMILIES[family][0])):,} parameters "
-             f"(full/models/configs/{FAMILIES[family][0]}.json)",
+             f"{denoiser_word(family):<13}{count(parameter_shapes(denoiser_config or FAMILIES[family][0])):,} "
+             f"parameters ({source or config_source(FAMILIES[family][0])})",
              "", f"memory per GPU ({engine_name}, {processes} process(es), "
                  f"resolution {settings.get('resolution') or RESOLUTION[family]}):"]
     for r in rows:

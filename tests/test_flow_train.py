@@ -12,7 +12,12 @@ What is proved:
   `StableDiffusion3Pipeline` / `FluxPipeline` with exactly the trained weights and changes its samples;
 * SPIN runs two iterations on SD3 (each starting at log 2, the second against the first's LoRA) and one on FLUX
   (its packed samples unpacked); `--train_mode full` on SD3 saves a `transformer/` folder diffusers loads;
-* SPO, the latent cache, `--beta_dpo`, a flow flag on SD1.5 and SPIN's full mode are refused with one line each.
+* SPO, the latent cache, `--beta_dpo`, a flow flag on SD1.5 and SPIN's full mode are refused with one line each;
+* a DPO run on SD3 killed inside step 3 (after checkpoint-2) and resumed ends with exactly the LoRA of the
+  uninterrupted run (tests/test_train_resume.py's kill, reused);
+* a golden value per family: one fixed DPO step (a fixed non-zero LoRA, fixed latents and draws) gives stored noise-
+  equivalent errors and loss, recomputed here in float64 with the weight written out, and the trainer's float32 step
+  matches both; the weight (1 - sigma) or the raw velocity error would fail it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from full.models import flow
 from full.models.families import call_denoiser, get_family
 from full.trainers.denoise import StepInputs, denoise
 from minipref import per_sample_mse
+from tests.conftest import train_argv
+from tests.test_train_resume import FLAGS as RESUME_FLAGS
+from tests.test_train_resume import killed_inside_step_3, lora_weights
 
 LOG2 = math.log(2)
 FAST = ["--max_sequence_length", "16"]  # T5 tokens: the scripts' 77 / 512 cost time and test nothing more here
@@ -216,3 +224,238 @@ def test_what_a_family_cannot_run_is_one_line(request, pickapic_parquet, run_tra
             spin.main(spin_argv(request.getfixturevalue("tiny_sd3"), pickapic_parquet, tmp_path, steps=2,
                                 iterations=1) + ["--train_mode", "full"])
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kill and resume (tests/test_train_resume.py's kill inside step 3, on SD3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_sd3_run_resumes_to_the_uninterrupted_lora(tiny_sd3, pickapic_parquet, tmp_path, monkeypatch):
+    """Same process, same kernels, same inputs: deterministic by construction (docs/testing.md), so the resumed LoRA
+    is held to the SD1.5 resume test's 1e-7. What the flow family adds to resume: its sigma draws (logit-normal on
+    the shifted table) come from the same per-item generators as the noise, so steps 3-4 must redraw exactly the
+    uninterrupted run's sigmas; their losses are compared exactly below."""
+    from full.run import checkpoints
+    from full.trainers import offline as train
+
+    uninterrupted = train.main(train_argv(tiny_sd3, pickapic_parquet, tmp_path / "a", "dpo", *FAST, *RESUME_FLAGS,
+                                          steps=4))
+    assert uninterrupted["global_step"] == 4 and uninterrupted["family"] == "sd3"
+
+    argv = train_argv(tiny_sd3, pickapic_parquet, tmp_path / "b", "dpo", *FAST, *RESUME_FLAGS, steps=4)
+    killed_inside_step_3(monkeypatch, argv)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
+    assert not (tmp_path / "b" / models.LORA_WEIGHT_NAME).exists()
+
+    resumed = train.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["global_step"] == 4
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and any("add_k_proj" in key for key in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+    # the weights moved between the checkpoint and the end: the comparison is not vacuous
+    mid = lora_weights(tmp_path / "b" / "checkpoint-2")
+    assert any((mid[k] - a[k]).abs().max() > 1e-5 for k in a)
+    # the resumed run's last two losses are the uninterrupted run's (same draws of sigma and noise)
+    assert [h["loss"] for h in resumed["history"]][-2:] == [h["loss"] for h in uninterrupted["history"]][-2:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A golden value per family: one fixed DPO step, recomputed by hand in float64 and stored
+# ----------------------------------------------------------------------------------------------------------------
+
+GOLDEN_BETA = 5000.0
+# `fixed_dpo_step`'s float64 values (by hand), recorded with torch 2.13 / AVX-512 / 1 thread: the pairs' two sigmas
+# (winners and losers share them), the noise-equivalent errors (1 - sigma)^2 err_v of the 4 images [w0, w1, l0, l1]
+# under the LoRA'd policy and the reference, and the DPO loss at beta 5000.
+GOLDEN = {
+    "sd3": {"sigmas": (0.6279069781303406, 0.8181818127632141),
+            "err": (0.341795262284, 0.0799824074951, 0.34628868345, 0.0762964421142),
+            "ref_err": (0.342046342602, 0.0800414061216, 0.346506355634, 0.0763590657449),
+            "loss": 0.674973708233},
+    "flux": {"sigmas": (0.3630000054836273, 0.33799999952316284),
+             "err": (0.987705009721, 1.06959892548, 0.996618845748, 1.04892590457),
+             "ref_err": (0.987850604247, 1.06951005284, 0.996632309131, 1.04916880727),
+             "loss": 0.866532986869},
+}
+# Tolerances, from `fixed_dpo_step` under ATEN_CPU_CAPABILITY=default, avx2, avx512 x OMP_NUM_THREADS=1, 2 (x86 with
+# AVX-512; the sigmas were identical in all six):
+# - the float64 recomputation against the stored numbers: the errors moved by up to 8.9e-9 relative and the loss by
+#   3.7e-8 (both on the default kernels; the float32 prompt embeddings are its only float32 input).
+#   GOLDEN_ERR_RTOL = 1e-6 (110x), GOLDEN_LOSS_ATOL = 1e-6 (27x). The policy's errors differ from the reference's by
+#   1e-4..7e-4 relative, so the LoRA's effect is pinned to about 1%;
+# - the trainer (float32) against the float64 recomputation: errors up to 1.1e-7 relative, the loss up to 4.2e-5
+#   (FLUX; beta/2 = 2500 times float32 rounding of errors of size ~1). TRAINER_ERR_RTOL = 1e-5 (90x),
+#   TRAINER_LOSS_ATOL = 4e-4 (10x).
+# The broken formulas the golden must catch (asserted below): the weight (1 - sigma) instead of (1 - sigma)^2, and the
+# raw velocity error (a constant beta): the errors then move by 0.51..29 relative and the loss by 0.022 (SD3,
+# (1 - sigma)) to 0.33 (FLUX, raw), 55x TRAINER_LOSS_ATOL or more.
+GOLDEN_ERR_RTOL, GOLDEN_LOSS_ATOL = 1e-6, 1e-6
+TRAINER_ERR_RTOL, TRAINER_LOSS_ATOL = 1e-5, 4e-4
+
+
+def fixed_dpo_step(model: str, family: str) -> dict:
+    """One DPO step on fixed inputs, as the trainer computes it and by hand in float64.
+
+    Fixed: the tiny pipeline (seed 0), a rank-4 LoRA on the family's targets whose A and B are drawn from a seeded
+    generator (so the policy differs from the reference: B = 0 would give log 2), latents drawn from seed 0, two
+    pairs with their captions, and the per-item generators of items 0 and 1 (seeds 10, 11). The trainer's side is the
+    real path: `denoise` with the LoRA weights' reference (`full.run.weights`), the DPO row of the method table. The
+    hand side takes from `full/models/flow.py` only the draw of sigma (`sample_timesteps`) and FLUX's packing, and
+    writes the rest out: x_t = (1 - sigma) x0 + sigma eps, v = eps - x0, err_v, the weight (1 - sigma)^2 and
+    -log sigmoid(-(beta/2)((e_w - e_ref_w) - (e_l - e_ref_l))), in float64 (the transformer copied to float64; the
+    prompt embeddings are the float32 ones the trainer uses, as inputs)."""
+    import copy
+
+    import minipref as core
+    from full.models.lora import add_lora
+    from full.run.weights import reference_forward, weights_for
+    from full.trainers.objective import resolve_objective
+
+    parts = models.load_components(model, options={"max_sequence_length": 16})
+    fam, transformer = get_family(family), parts.unet
+    add_lora(transformer, rank=4, target_modules=fam.lora_targets)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:  # fixed, not the global RNG's: A ~ N(0, 1/4), B ~ N(0, 0.02^2)
+                param.copy_(torch.randn(param.shape, generator=g) * (0.5 if "lora_A" in name else 0.02))
+    latents = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(0))  # 2 pairs, winners first
+    prompt = fam.encode_prompts(parts, ["a photo of a cat", "a bowl of fruit"] * 2, "cpu")
+    generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(2)]  # noqa: E731
+    inputs = StepInputs(latents, prompt, None, 2)
+
+    trained = weights_for("lora", parts, family)
+    reference = reference_forward(lambda: trained.as_reference(transformer))
+    with torch.no_grad():
+        pred, ref_pred, target = denoise(transformer, reference, parts.noise_scheduler, family, inputs,
+                                         with_reference=True, generator=generators(), weight_dtype=torch.float32)
+        method = core.get_method("dpo")
+        options = {option.name: option.default for option in method.options}  # the flags' defaults
+        out = resolve_objective(method, options, GOLDEN_BETA, "--beta", family).loss(pred, ref_pred, target, inputs)
+    trainer = {"err": per_sample_mse(pred, target).double(), "ref_err": per_sample_mse(ref_pred, target).double(),
+               "loss": float(out.loss)}
+
+    # by hand, float64
+    gens = generators()
+    noise = torch.cat([torch.randn((1, 8, 16, 16), generator=g) for g in gens]).double().repeat(2, 1, 1, 1)
+    sampling = flow.SD3_SCRIPT_SAMPLING if family == "sd3" else flow.FLUX_SCRIPT_SAMPLING
+    timesteps, sigmas = (torch.cat(d).repeat(2) for d in zip(*[
+        flow.sample_timesteps(parts.noise_scheduler.schedule, 1, sampling, generator=g) for g in gens]))
+    sigmas = sigmas.double()
+    x0, s = latents.double(), sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    net = copy.deepcopy(transformer).double()
+    kwargs = {"encoder_hidden_states": prompt.hidden.double(), "pooled_projections": prompt.pooled.double()}
+    if family == "flux":
+        kwargs |= {"txt_ids": torch.zeros(prompt.hidden.shape[1], 3, dtype=torch.float64),
+                   "img_ids": flow.flux_latent_image_ids(4, 16, 16, dtype=torch.float64),
+                   "guidance": torch.full((4,), 3.5, dtype=torch.float64)}
+
+    def velocity(adapters: bool):
+        (net.enable_adapters if adapters else net.disable_adapters)()
+        with torch.no_grad():
+            if family == "sd3":
+                return call_denoiser(net, noisy, timesteps.double(), kwargs)
+            packed = call_denoiser(net, flow.pack_flux_latents(noisy), timesteps.double() / 1000, kwargs)
+            return flow.unpack_flux_latents(packed, 16, 16)
+
+    v = noise - x0
+    err_v = {k: ((velocity(k) - v) ** 2).mean(dim=(1, 2, 3)) for k in (True, False)}  # policy, reference
+    weight = (1 - sigmas) ** 2
+    err, ref_err = weight * err_v[True], weight * err_v[False]
+    hand = {"err": err, "ref_err": ref_err, "loss": dpo_loss_by_hand(err, ref_err), "sigmas": sigmas,
+            "err_v": err_v[True], "ref_err_v": err_v[False]}
+    return {"trainer": trainer, "hand": hand}
+
+
+def dpo_loss_by_hand(err: torch.Tensor, ref_err: torch.Tensor, beta: float = GOLDEN_BETA) -> float:
+    """-log sigmoid(-(beta/2)((e_w - e_ref_w) - (e_l - e_ref_l))), mean over the 2 pairs (winners first)."""
+    margin = -(beta / 2) * ((err[:2] - ref_err[:2]) - (err[2:] - ref_err[2:]))
+    return float(-torch.nn.functional.logsigmoid(margin).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_golden_dpo_step(request, family):
+    step = fixed_dpo_step(model_dir(request, family), family)
+    hand, trainer, golden = step["hand"], step["trainer"], GOLDEN[family]
+    f64 = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    # the trainer computes what the formula written out by hand computes
+    torch.testing.assert_close(trainer["err"], hand["err"], rtol=TRAINER_ERR_RTOL, atol=0)
+    torch.testing.assert_close(trainer["ref_err"], hand["ref_err"], rtol=TRAINER_ERR_RTOL, atol=0)
+    assert trainer["loss"] == pytest.approx(hand["loss"], abs=TRAINER_LOSS_ATOL)
+    # ... and both are the stored numbers
+    assert hand["sigmas"][:2].tolist() == list(golden["sigmas"])
+    torch.testing.assert_close(hand["err"], f64(golden["err"]), rtol=GOLDEN_ERR_RTOL, atol=0)
+    torch.testing.assert_close(hand["ref_err"], f64(golden["ref_err"]), rtol=GOLDEN_ERR_RTOL, atol=0)
+    assert hand["loss"] == pytest.approx(golden["loss"], abs=GOLDEN_LOSS_ATOL)
+    assert trainer["loss"] == pytest.approx(golden["loss"], abs=TRAINER_LOSS_ATOL)
+    assert abs(golden["loss"] - LOG2) > 0.01  # the policy is not the reference: the margin matters
+    # the broken formulas fail: the weight (1 - sigma), the raw velocity error
+    sigmas = hand["sigmas"]
+    for weight in (1 - sigmas, torch.ones_like(sigmas)):
+        err, ref_err = weight * hand["err_v"], weight * hand["ref_err_v"]
+        assert ((err - f64(golden["err"])).abs() / f64(golden["err"])).max() > 1e4 * GOLDEN_ERR_RTOL
+        assert abs(dpo_loss_by_hand(err, ref_err) - golden["loss"]) > 10 * TRAINER_LOSS_ATOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: `python -m full.presets sd3-dpo --plan` and `full.train --dry_run` on a flow model (full/plan.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plan_rows(text: str) -> dict[str, int]:
+    """The memory rows of a printed plan: label -> bytes."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and " GiB " in line:
+            label, rest = line[2:26].strip(), line.split(" GiB ", 1)[1]
+            rows[label] = int(rest.split(" B ", 1)[0].replace(",", ""))
+    return rows
+
+
+@pytest.mark.parametrize("name,parameters", [("sd3-dpo", 2_243_171_520), ("flux-kto", 11_901_408_320)])
+def test_a_flow_preset_prints_its_plan(capsys, name, parameters):
+    """The published architectures on the meta device: FLUX.1-dev's 11.9B parameters, SD3.5-medium's 2.24B plus its
+    fixed 384^2 x 1536 position table (a buffer; 2.47B together, its published size)."""
+    from full import plan, presets
+
+    assert presets.main([name, "--plan"]) == 0
+    text = capsys.readouterr().out
+    lines = {line[:12].strip(): line[12:].strip() for line in text.splitlines() if line[:12].strip()}
+    preset = presets.load_preset(name)
+    effective = preset["train_batch_size"] * preset["gradient_accumulation_steps"]
+    assert lines["batch"].startswith(f"1 x {preset['train_batch_size']} per GPU x "
+                                     f"{preset['gradient_accumulation_steps']} accumulation = {effective} ")
+    assert lines["learning"].startswith(f"{preset['learning_rate']:g} (not scaled)")
+    assert lines["transformer"].startswith(f"{parameters:,} parameters")
+    rows = plan_rows(text)
+    assert rows["frozen base transformer"] == 2 * parameters  # bf16
+    assert {"LoRA weights", "optimizer state", "VAE + text encoders", "activations", "total"} <= rows.keys()
+    if name == "sd3-dpo":
+        assert plan.buffer_count("sd35m_transformer") == 384 * 384 * 1536 == rows["transformer buffers"] // 2
+    assert "T5-XXL" in text and "[ESTIMATED]" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_on_a_flow_model_plans_its_own_transformer_and_trains_nothing(request, pickapic_parquet, tmp_path,
+                                                                               capsys, family):
+    """--dry_run reads the run's own transformer config (the tiny one here): the printed parameter count and the LoRA
+    rows are the bytes of the real transformer and of a real peft LoRA on the family's targets (`add_*_proj`,
+    `to_add_out` included: the UNet's four targets alone would miss them)."""
+    from full.models.lora import add_lora, lora_parameters
+    from full.presets import load_preset
+    from full.trainers import offline
+
+    model = model_dir(request, family)
+    argv = train_argv(model, pickapic_parquet, tmp_path / "out", "dpo", "--preset", f"{family}-dpo", "--dry_run")
+    assert offline.main(argv) == {}
+    text = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    transformer = get_family(family).denoiser_class().from_pretrained(model, subfolder="transformer")
+    assert f"transformer  {sum(p.numel() for p in transformer.parameters()):,} parameters" in text
+    add_lora(transformer, rank=load_preset(f"{family}-dpo")["rank"], target_modules=get_family(family).lora_targets)
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora_parameters(transformer))
+    rows = plan_rows(text)
+    assert rows["LoRA weights"] == rows["gradients"] == lora_bytes

@@ -90,3 +90,51 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_sd15, tiny_c
         update_two = torch.load(tmp_path / f"{name}-2" / UPDATE_NAME)
         difference = relative_difference(update_one, update_two)
         assert difference < UPDATE_RTOL, (name, difference)
+
+
+# The same equality for DPO on a rectified-flow model (tiny SD3, tests/test_flow_train.py's pipeline): each item draws
+# its sigma (logit-normal on the shifted table) and noise from its own generator, so 2 processes x 2 pairs see the
+# draws of 1 process x 4 pairs. Measured (SGD, this test's runs; the launched processes have 1 thread each, the
+# one-process run OMP_NUM_THREADS; x86 with AVX-512), |one - two|:
+#   ATEN_CPU_CAPABILITY   threads   step-1 loss   step-2 loss   update (relative)
+#   default               1         0             6.0e-8        1.0e-6
+#   default               2         0             8.8e-5        2.1e-5
+#   avx2                  1         0             1.9e-5        1.6e-5
+#   avx2                  2         0             3.7e-5        7.0e-5
+#   avx512                1         0             3.0e-8        9.3e-7
+#   avx512                2         0             4.7e-6        1.8e-6
+# Step 1 is log 2 exactly (the LoRA starts as a no-op), as for SD1.5. SD3_STEP2_LOSS_ATOL = 5e-4, 5.7x the largest
+# (DPO's loss moves by 9e-4 in this SGD step); SD3_UPDATE_RTOL = 1e-3, 14x the largest. The wrong variant tried: the
+# one-process run with other draws of sigma and noise (--seed 1) differs in its update by 1.15 relative, 1000x
+# SD3_UPDATE_RTOL.
+SD3_STEP2_LOSS_ATOL = 5e-4
+SD3_UPDATE_RTOL = 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_for_dpo_on_sd3(tiny_sd3, pickapic_parquet, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from full.trainers import offline
+    from tests.sgd_runs import UPDATE_NAME, relative_difference, use_sgd, write_update
+
+    def argv(batch):
+        argv = train_argv(tiny_sd3, pickapic_parquet, tmp_path / f"sd3-{batch}", "dpo", "--max_sequence_length", "16",
+                          steps=2)
+        argv[argv.index("--train_batch_size") + 1] = str(batch)
+        return argv
+
+    launch_two(str(ROOT / "tests" / "distributed_driver.py"), json.dumps([argv(2)]), "sgd", timeout=600)
+    use_sgd(monkeypatch)
+    one = offline.main(argv(4))
+    assert one["family"] == "sd3"
+    write_update(tmp_path / "sd3-4")
+    two = json.loads((tmp_path / "sd3-2" / "history.json").read_text())
+    losses_one, losses_two = [h["loss"] for h in one["history"]], [h["loss"] for h in two]
+    assert len(losses_two) == 2 and losses_one[0] == pytest.approx(losses_two[0], rel=STEP1_LOSS_RTOL)
+    assert losses_one[1] == pytest.approx(losses_two[1], abs=SD3_STEP2_LOSS_ATOL)
+    difference = relative_difference(torch.load(tmp_path / "sd3-4" / UPDATE_NAME),
+                                      torch.load(tmp_path / "sd3-2" / UPDATE_NAME))
+    assert difference < SD3_UPDATE_RTOL, difference

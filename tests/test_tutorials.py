@@ -83,6 +83,13 @@ def test_01_policy(tmp_path):
     assert abs(chain["one_t_mean"] - chain["closed_form_mean"]) < 4 * chain["one_t_se"] and chain["jensen_min_gap"] >= 0
     end = r["reverse_chain_end"]  # the reverse chains end on the pretraining Gaussian N((0.5, 0.8), 0.04 I)
     assert abs(end["mean"][0] - 0.5) < 0.05 and abs(end["mean"][1] - 0.8) < 0.05
+    flow = r["flow"]  # the rectified-flow section: err_eps = (1 - sigma)^2 err_v, DPO at the reference, beta's scale
+    assert flow["identity_gap"] < 1e-12 and flow["wrong_weight_gap"] > 0.5 and flow["reward_gap"] < 1e-9
+    assert flow["loss_at_reference"] == pytest.approx(math.log(2), abs=1e-12)
+    sd3, flux = flow["scale"]["SD3"], flow["scale"]["FLUX.1"]  # the text: "about 0.11 ... beta_v ~ 560; ... 1670"
+    assert abs(sd3["second_moment"] - 0.1126) < 5 * sd3["se"] * 1.05 + 5e-5 and 540 < sd3["beta_v_for_5000"] < 580
+    assert abs(flux["second_moment"] - 0.3336) < 5 * flux["se"] * 1.05 + 5e-5 and 1620 < flux["beta_v_for_5000"] < 1720
+    assert 0.7 < sd3["median_sigma"] < 0.8  # "median sigma about 0.75"
     sol = r["solutions"]
     assert math.isclose(sol["1"]["beta_same_kl"], 20000.0) and sol["2"]["mean_0.03"] / sol["2"]["mean_0.1"] < 0.17
     assert 10 < sol["3"]["gap_x10"] / sol["3"]["gap"] < 100

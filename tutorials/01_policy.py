@@ -96,9 +96,10 @@ import lesson
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 import minipref
+from full.models import flow
 from toy.data import DESIRABLE, UNDESIRABLE
 
 QUICK = lesson.QUICK
@@ -564,6 +565,110 @@ lesson.check("the same beta = 5000 is a 4x smaller KL weight at SDXL's 4 x 128 x
              bool(np.allclose(kl_ratio, 4.0, rtol=1e-12)), f"ratio {kl_ratio.min():.6f} to {kl_ratio.max():.6f}")
 
 # %% [markdown]
+# ## On a rectified-flow model (SD3, SD3.5, FLUX.1)
+#
+# SD3 and FLUX.1 are trained by rectified flow (docs/flow_matching.md has the derivation and the sources): the noise
+# level is $\sigma \in (0, 1]$, the noised latent $x_\sigma = (1 - \sigma) x_0 + \sigma \epsilon$, and the network
+# predicts the velocity $v = \epsilon - x_0$. Which terms of the bound above change? At a fixed $x_\sigma$ a velocity
+# and a noise are two names for one prediction: from the noising line $\epsilon = x_\sigma + (1 - \sigma) v$, so a
+# velocity $v_\theta$ implies the noise $\epsilon_\theta = x_\sigma + (1 - \sigma) v_\theta$, off by
+# $\epsilon_\theta - \epsilon = (1 - \sigma)(v_\theta - v)$. Squared and averaged:
+#
+# $$\mathrm{err}_\epsilon = (1 - \sigma)^2\, \mathrm{err}_v, \qquad
+# r = -\frac{\beta}{2}(\mathrm{err}_\epsilon - \mathrm{err}_{\epsilon,\mathrm{ref}})
+#   = -\frac{\beta (1 - \sigma)^2}{2}(\mathrm{err}_v - \mathrm{err}_{v,\mathrm{ref}}).$$
+#
+# So the error (a velocity error), $x_\sigma$ and the draw of $\sigma$ change; the reward, the sigmoid, the shared
+# $(\sigma, \epsilon)$ of a pair and the reference do not. The reverse-step Gaussians the reward is a log-ratio of
+# are those of the stochastic sampler with the flow's marginals (Flow-GRPO's SDE form, *Flow-GRPO: Training Flow
+# Matching Models via Online RL*, arXiv:2505.05470); with $k_t$ held constant as above, $\beta$ keeps its SD scale
+# on the noise-equivalent error, and on the velocity error the weight is $\beta_\sigma = \beta (1 - \sigma)^2$. It
+# is 0 at $\sigma = 1$ (at pure noise every velocity implies the right noise) and $\beta$ near $\sigma = 0$.
+# `full.train` hands the core exactly $\epsilon_\theta$, so every objective runs unchanged (`full/models/flow.py`).
+# First, on random tensors in float64: the identity, the wrong weight $(1 - \sigma)$, and DPO at the reference.
+
+# %%
+g_flow = torch.Generator().manual_seed(0)
+B_FLOW, LATENT = 256, (16, 8, 8)  # SD3 / FLUX latents have 16 channels
+x0_f = torch.randn(B_FLOW, *LATENT, generator=g_flow, dtype=torch.float64)
+eps_f = torch.randn(B_FLOW, *LATENT, generator=g_flow, dtype=torch.float64)
+sigma_f = torch.rand(B_FLOW, generator=g_flow, dtype=torch.float64)
+x_sigma = flow.add_noise(x0_f, eps_f, sigma_f)  # (1 - sigma) x0 + sigma eps
+v_true = flow.velocity_target(x0_f, eps_f)  # eps - x0
+
+
+def a_velocity_model(noise_scale: float) -> torch.Tensor:
+    """A model's velocity prediction: the true velocity plus an error of the given size."""
+    return v_true + noise_scale * torch.randn(B_FLOW, *LATENT, generator=g_flow, dtype=torch.float64)
+
+
+v_theta, v_ref = a_velocity_model(0.3), a_velocity_model(0.3)
+err_v, ref_err_v = flow.velocity_error(v_theta, x0_f, eps_f), flow.velocity_error(v_ref, x0_f, eps_f)
+err_eps = minipref.per_sample_mse(flow.noise_from_velocity(x_sigma, v_theta, sigma_f), eps_f)  # the implied noise
+ref_err_eps = minipref.per_sample_mse(flow.noise_from_velocity(x_sigma, v_ref, sigma_f), eps_f)
+identity_gap = ((err_eps - (1 - sigma_f) ** 2 * err_v).abs() / err_eps).max().item()
+wrong_gap = ((err_eps - (1 - sigma_f) * err_v).abs() / err_eps).max().item()
+lesson.check_range("err_eps = (1 - sigma)^2 err_v for the noise a velocity implies (max relative gap, float64)",
+                   identity_gap, high=1e-12)
+lesson.check_range("... and the weight (1 - sigma) is not it", wrong_gap, low=0.5)
+reward_eps = minipref.implicit_reward(err_eps, ref_err_eps, 5000.0)  # -(beta/2)(err_eps - ref_err_eps)
+beta_sigma = 5000.0 * (1 - sigma_f) ** 2  # beta (1 - sigma)^2 on the velocity errors, per sample
+reward_v = -(beta_sigma / 2) * (err_v - ref_err_v)
+reward_gap = ((reward_v - reward_eps).abs() / reward_eps.abs()).max().item()
+lesson.check_range("the reward from velocity errors with beta (1 - sigma)^2 is the eps-form reward with beta, sample "
+                   "by sample (max relative gap)", reward_gap, high=1e-9)
+half = B_FLOW // 2  # the first half as winners, the second as losers
+at_reference = minipref.dpo_loss(err_eps[:half], err_eps[half:], err_eps[:half], err_eps[half:], beta=5000.0)
+lesson.check_close("DPO at the reference is log 2 with flow errors", at_reference.loss.item(), math.log(2),
+                   abs_tol=1e-12)
+
+# %% [markdown]
+# **How $\beta$'s scale relates to the SD convention.** minipref keeps the SD convention above: $\beta$ on the
+# noise-equivalent error, 5000 for the Diffusion-DPO recipe. Another convention puts a constant $\beta_v$ on the raw
+# velocity error (SimpleTuner's Flow-DPO), i.e. $\beta_{SD}(\sigma) = \beta_v / (1 - \sigma)^2$ per step: the
+# high-noise steps weighted up, a different objective. A rough match between the two (**a heuristic of ours, not a
+# paper's**) gives both the same *average* weight over the trained $\sigma$: $\beta_v = \beta_{SD}\,
+# \mathbb E[(1 - \sigma)^2]$, with $\sigma$ drawn as the diffusers training scripts draw it. SD3's script draws
+# $u$ logit-normal(0, 1) into a table shifted by 3, so most draws are at high noise; FLUX's draws $u$ uniformly
+# from the unshifted table. docs/flow_matching.md §3 measured 0.1126 (SD3) and 0.3336 (FLUX; 1/3 in the continuum)
+# with 200,000 draws; here the same draws, fewer in quick mode.
+
+# %%
+N_SIGMA = 20_000 if QUICK else 200_000
+DOC_SECOND_MOMENT = {"SD3": 0.1126, "FLUX.1": 0.3336}  # docs/flow_matching.md §3
+schedules = {  # the schedulers' configs as SD3 and FLUX.1 ship them; training draws from the table as it is
+    "SD3": (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), flow.SD3_SCRIPT_SAMPLING),
+    "FLUX.1": (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                               base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                               max_image_seq_len=4096), flow.FLUX_SCRIPT_SAMPLING)}
+flow_scale = {}
+for name, (scheduler_f, sampling) in schedules.items():
+    _, sigmas_drawn = flow.sample_timesteps(flow.training_schedule(scheduler_f.config), N_SIGMA, sampling,
+                                            generator=torch.Generator().manual_seed(0))
+    w = (1 - sigmas_drawn.double()) ** 2
+    mean, se = w.mean().item(), (w.std() / math.sqrt(N_SIGMA)).item()
+    flow_scale[name] = {"second_moment": mean, "se": se, "beta_v_for_5000": 5000 * mean,
+                        "median_sigma": sigmas_drawn.median().item()}
+    print(f"{name:7} E[(1 - sigma)^2] = {mean:.4f} +- {se:.4f} (median sigma {sigmas_drawn.median():.3f}); "
+          f"beta_SD = 5000 ~ beta_v = {5000 * mean:.0f}")
+    # the docs' 200,000-draw estimate has its own standard error, about se * sqrt(N_SIGMA / 200,000)
+    tolerance = 5 * se * math.sqrt(1 + N_SIGMA / 200_000) + 5e-5  # + the docs' rounding to 4 digits
+    lesson.check_close(f"{name}: E[(1 - sigma)^2] under the script's sampling is docs/flow_matching.md's", mean,
+                       DOC_SECOND_MOMENT[name], abs_tol=tolerance)
+lesson.check_close("FLUX.1: uniform u on the unshifted table gives 1/3, the continuum's E[u^2]",
+                   flow_scale["FLUX.1"]["second_moment"], 1 / 3, abs_tol=5 * flow_scale["FLUX.1"]["se"] + 1e-3)
+lesson.check("SD3 trains mostly at high noise: its average weight is about 3x smaller than FLUX.1's",
+             2.5 < flow_scale["FLUX.1"]["second_moment"] / flow_scale["SD3"]["second_moment"] < 3.5,
+             f"ratio {flow_scale['FLUX.1']['second_moment'] / flow_scale['SD3']['second_moment']:.2f}")
+
+# %% [markdown]
+# **Reading it.** With the SD convention, SD3's sampling puts most draws where $(1 - \sigma)^2$ is small (median
+# $\sigma$ about 0.75), so on average a velocity error counts about 0.11 of its size, and $\beta_{SD} = 5000$ is, on
+# average, a constant $\beta_v \approx 560$ on velocity errors; for FLUX.1 $\approx 1670$. These numbers translate
+# between the two conventions on average only: per step they weight $\sigma$ differently, and which one trains a
+# flow model better is not settled by anything here (docs/flow_matching.md §3, §5).
+
+# %% [markdown]
 # ## Takeaways
 #
 # * One reverse step of DDPM is a Gaussian policy whose variance does not depend on the model, so the log-ratio of
@@ -574,6 +679,10 @@ lesson.check("the same beta = 5000 is a 4x smaller KL weight at SDXL's 4 x 128 x
 #   $(t, x_t)$ at a time; holding $k_t$ constant folds $\beta_{KL} T k_t D$ into Diffusion-DPO's $\beta$.
 # * $\beta$ is therefore a KL weight times a timestep weight times an element count; its value is tuned, not
 #   derived, and the same $\beta$ at another resolution is another KL weight.
+# * On a rectified-flow model (SD3, FLUX.1) only the error changes: the noise a velocity implies is off by
+#   $(1 - \sigma)$ times the velocity's error, so $\mathrm{err}_\epsilon = (1 - \sigma)^2 \mathrm{err}_v$ and the
+#   SD-scale $\beta$ becomes $\beta (1 - \sigma)^2$ on velocity errors: about 0.11 $\beta$ (SD3's sampling) or
+#   $\beta / 3$ (FLUX.1's) on average.
 #
 # ## Exercises
 #
@@ -598,6 +707,9 @@ lesson.save_results("01_policy", {
                 "median": float(np.median(sd_kD)), "T_times_mean": float(1000 * sd_kD.mean())},
     "sdxl_kl_weight_ratio": float(kl_ratio.mean()),
     "reverse_chain_end": {"mean": ends.mean(0).tolist(), "std": ends.std(0).tolist()},
+    "flow": {"identity_gap": identity_gap, "wrong_weight_gap": wrong_gap, "reward_gap": reward_gap,
+             "loss_at_reference": at_reference.loss.item(), "draws": N_SIGMA,
+             "scale": flow_scale},
 })
 
 # %% [markdown]
