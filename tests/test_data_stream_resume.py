@@ -103,3 +103,9 @@ def test_the_loader_keeps_each_process_place_and_falls_back_to_skipping_without_
     for other in ({"processes": [None]}, {"processes": [state["processes"][0]] * 2}):  # no place; 2 processes saved
         skipped, skipped_read = resumed(other)
         assert skipped == rest and skipped_read > read  # read again from the start of the epoch
+
+
+def test_a_stream_refuses_a_checkpoint_object_that_is_not_its_place(source):
+    loader = StreamingLoader(rows_of(source), batch_size=3, device="cpu")
+    with pytest.raises(ValueError, match="no stream position"):
+        loader.load_state_dict({"decay": 0.999, "shadow_params": []})  # an EMA's state at the stream's index

@@ -206,15 +206,27 @@ def test_spo_is_refused_on_a_flow_model_with_one_line(tiny_sd3, tiny_clip, tmp_p
     assert "\n" not in message and "deterministic" in message and "2505.05470" in message
 
 
-@pytest.mark.parametrize("case", ["cache", "beta_dpo", "flow_flag_on_sd15", "spin_full"])
+@pytest.mark.parametrize("case", ["cache", "beta_dpo", "flow_flag_on_sd15", "spin_full", "resolution", "build_cache",
+                                  "train_spm"])
 def test_what_a_family_cannot_run_is_one_line(request, pickapic_parquet, run_train, tmp_path, case):
-    from full.trainers import spin
+    from full import cache
+    from full.trainers import spin, spm
 
     expected = {"cache": "--cached_dir", "beta_dpo": "--beta", "flow_flag_on_sd15": "--weighting_scheme",
-                "spin_full": "--train_mode full"}[case]
+                "spin_full": "--train_mode full", "resolution": "multiple of 16", "build_cache": "--cached_dir",
+                "train_spm": "deterministic"}[case]
     with pytest.raises(ValueError) as error:
         if case == "cache":
             run_train(request.getfixturevalue("tiny_sd3"), None, tmp_path, "dpo", cached_dir=str(tmp_path / "c"))
+        elif case == "resolution":  # 40 px: 5 x 5 latents, which the 2x2 patches cannot tile
+            run_train(request.getfixturevalue("tiny_flux"), pickapic_parquet, tmp_path, "dpo", "--resolution", "40")
+        elif case == "build_cache":  # refused before a row is read or the model loads
+            cache.main(["--pretrained_model_name_or_path", request.getfixturevalue("tiny_sd3"), "--dataset_name",
+                        pickapic_parquet, "--method", "dpo", "--output_dir", str(tmp_path / "c")])
+        elif case == "train_spm":
+            spm.main(["--spm_model_name_or_path", request.getfixturevalue("tiny_clip"), "--dataset_name",
+                      pickapic_parquet, "--pretrained_model_name_or_path", request.getfixturevalue("tiny_sd3"),
+                      "--output_dir", str(tmp_path / "spm"), "--report_to", "none", "--max_train_steps", "1"])
         elif case == "beta_dpo":
             run_train(request.getfixturevalue("tiny_flux"), pickapic_parquet, tmp_path, "dpo", "--beta_dpo", "5000")
         elif case == "flow_flag_on_sd15":

@@ -166,3 +166,14 @@ def test_resuming_with_another_global_batch_layout_is_refused(tmp_path):
     output_dir.check_checkpoint(checkpoint, identity)  # the same run: accepted
     with pytest.raises(ValueError, match=r"another global batch layout: num_processes 2 \(now 1\)"):
         output_dir.check_checkpoint(checkpoint, identity | {"num_processes": 1})
+
+
+def test_what_a_checkpoint_holds_besides_the_weights_is_part_of_the_run():
+    """accelerate loads a checkpoint's extra objects (the stream's place, the EMA) by position only: a resume that
+    switches --streaming or --use_ema would load one into the other, so the record names both. A record written
+    before they were recorded had them off."""
+    now = {"method": "dpo", "streaming": False, "use_ema": True}
+    assert output_dir.differences({"method": "dpo", "streaming": False, "use_ema": True}, now) == []
+    assert output_dir.differences({"method": "dpo"}, now) == ["use_ema False (now True)"]
+    assert output_dir.differences({"method": "dpo", "streaming": True, "use_ema": True}, now) == [
+        "streaming True (now False)"]

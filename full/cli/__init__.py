@@ -252,9 +252,15 @@ def apply_preset(parser: argparse.ArgumentParser, argv, method: str | None, extr
 
 
 def check_model_family(args, family: str) -> None:
-    """A preset is for one model family."""
+    """A preset is for one model family; the resolution fits the family's latent grid."""
+    from full.models.families import get_family
+
     if getattr(args, "preset_family", family) != family:
         raise ValueError(f"--preset {args.preset} is for {args.preset_family}, the model is {family}")
+    multiple = get_family(family).resolution_multiple
+    if getattr(args, "resolution", None) and args.resolution % multiple:
+        raise ValueError(f"--resolution {args.resolution}: {family} takes a multiple of {multiple} pixels (its latents "
+                         f"are {multiple} pixels a side), e.g. {args.resolution // multiple * multiple or multiple}")
 
 
 def quiet_logging() -> None:

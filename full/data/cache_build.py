@@ -132,7 +132,7 @@ def encode_batch(parts, batch: dict, indices: list[int], config: CacheConfig, ki
     prompt = models.encode_prompts(parts, captions, device)
     item = {"latents": latents.reshape(b, n, *latents.shape[1:]),
             "prompt_embeds": prompt.hidden.reshape(b, n, *prompt.hidden.shape[1:])}
-    if parts.family == "sdxl":
+    if models.get_family(parts.family).uses_time_ids:  # SDXL: its pooled embedding and micro-conditioning
         item["pooled"] = prompt.pooled.reshape(b, n, -1)
         item["time_ids"] = models.sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
                                                 config.data.resolution)  # (B, n, 6)
@@ -230,6 +230,8 @@ def build_cache(config: CacheConfig) -> Path:
     from full.progress import progress_bar
 
     state, data, model = process_state(), config.data, config.model
+    # the family first (its model_index.json only): a model the cache cannot serve fails before any row is read
+    models.get_family(models.detect_family(model.pretrained_model_name_or_path, model.revision)).refuse("cache")
     kind = data_kind_for(data.method)
     if kind != "pairs" and config.clip_model_name_or_path:
         raise ValueError("--clip_model_name_or_path: Diff-contrast embeddings are for pairs")

@@ -194,7 +194,10 @@ class StreamingLoader:
         return {"processes": self.gather([self.rows.state()])}
 
     def load_state_dict(self, state: dict) -> None:
-        processes = state.get("processes", [])
+        if not isinstance(state, dict) or "processes" not in state:  # another object's file at this index
+            raise ValueError("the checkpoint holds no stream position where a --streaming run keeps it: it was "
+                             "written by a run without --streaming (resume without it, or start a new output_dir)")
+        processes = state["processes"]
         self.saved = processes[self.process_index] if len(processes) == self.num_processes else None
 
     def set_epoch(self, epoch: int) -> None:

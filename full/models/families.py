@@ -67,6 +67,7 @@ class Family:
     denoiser: str  # the pipeline attribute that is trained: "unet" or "transformer"
     denoiser_class_name: str
     default_resolution: int  # the pipeline's native size
+    resolution_multiple: int = 8  # the pixels per latent: the VAE's factor (times a transformer's patch size)
     option_defaults_of: str  # whose column of a method option's per-family default applies (`Option.family_default`)
     beta_dpo: tuple[float, str] | None = None  # (factor, diffusers script) of `--beta_dpo`; None: no such script
     card_tags: tuple[str, ...] = ()

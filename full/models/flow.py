@@ -20,14 +20,15 @@ FLUX packs its latents into 2x2 patches; ``pack_flux_latents`` / ``unpack_flux_l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import Tensor
 
 from minipref import per_sample_mse
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: `import full.models` stays light (the command lines)
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 __all__ = ["TimestepSampling", "SD3_SCRIPT_SAMPLING", "FLUX_SCRIPT_SAMPLING", "training_schedule", "sample_timesteps",
            "loss_weighting", "add_noise", "velocity_target", "velocity_error", "x0_from_velocity",
@@ -64,7 +65,7 @@ SD3_SCRIPT_SAMPLING = TimestepSampling("logit_normal")
 FLUX_SCRIPT_SAMPLING = TimestepSampling("none")
 
 
-def training_schedule(scheduler_config: Mapping[str, Any]) -> FlowMatchEulerDiscreteScheduler:
+def training_schedule(scheduler_config: Mapping[str, Any]) -> "FlowMatchEulerDiscreteScheduler":
     """The scheduler copy the scripts draw training timesteps from (``noise_scheduler_copy``), never ``set_timesteps``.
 
     Its ``timesteps`` run from ``num_train_timesteps`` down to 1 and ``sigmas = timesteps / num_train_timesteps``.
@@ -72,10 +73,12 @@ def training_schedule(scheduler_config: Mapping[str, Any]) -> FlowMatchEulerDisc
     ``sigma = shift s / (1 + (shift - 1) s)``; with ``use_dynamic_shifting=True`` (FLUX.1) training sees the
     unshifted table, as in the FLUX script.
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
 
 
-def sample_timesteps(schedule: FlowMatchEulerDiscreteScheduler, batch_size: int, sampling: TimestepSampling,
+def sample_timesteps(schedule: "FlowMatchEulerDiscreteScheduler", batch_size: int, sampling: TimestepSampling,
                      generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
     """``(timesteps, sigmas)``, each shape ``(B,)``, drawn as the diffusers SD3/FLUX scripts draw them.
 
@@ -85,6 +88,8 @@ def sample_timesteps(schedule: FlowMatchEulerDiscreteScheduler, batch_size: int,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
     u = compute_density_for_timestep_sampling(
         weighting_scheme=sampling.weighting_scheme, batch_size=batch_size, logit_mean=sampling.logit_mean,
         logit_std=sampling.logit_std, mode_scale=sampling.mode_scale, generator=generator,
@@ -104,6 +109,8 @@ def loss_weighting(weighting_scheme: str, sigmas: Tensor) -> Tensor:
     ``sigma_sqrt``: ``sigma^-2``; ``cosmap``: ``2 / (pi (1 - 2 sigma + 2 sigma^2))``; any other scheme: 1. Because it is
     one number per sample, ``mean(w (pred - target)^2) = w * per_sample_mse(pred, target)``.
     """
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
 
 
@@ -204,6 +211,8 @@ def pack_flux_latents(latents: Tensor) -> Tensor:
     batch, channels, height, width = latents.shape
     if height % 2 or width % 2:
         raise ValueError(f"FLUX packs 2x2 patches: latent height and width must be even, got {height}x{width}")
+    from diffusers import FluxPipeline
+
     return FluxPipeline._pack_latents(latents, batch, channels, height, width)
 
 
@@ -213,6 +222,8 @@ def unpack_flux_latents(packed: Tensor, latent_height: int, latent_width: int) -
     That method takes the image size in pixels and the VAE's factor and computes the latent size as
     ``2 * (pixels // (2 * factor))``; any factor gives back the latent size, so we pass factor 1 and latent sizes.
     """
+    from diffusers import FluxPipeline
+
     return FluxPipeline._unpack_latents(packed, latent_height, latent_width, 1)
 
 
@@ -223,4 +234,6 @@ def flux_latent_image_ids(batch_size: int, latent_height: int, latent_width: int
     One id per 2x2 token: in the installed diffusers the caller halves the latent size (the pipeline does; older
     versions, which the FLUX training script was written against, halved inside), so we pass ``H // 2, W // 2``.
     """
+    from diffusers import FluxPipeline
+
     return FluxPipeline._prepare_latent_image_ids(batch_size, latent_height // 2, latent_width // 2, device, dtype)

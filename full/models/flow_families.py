@@ -47,6 +47,7 @@ class FlowTraining:
 class FlowFamily(Family):
     denoiser = "transformer"
     default_resolution = 1024  # SD3.5 and FLUX.1's native size (the dreambooth scripts default to 512)
+    resolution_multiple = 16  # the VAE's factor 8 x the transformer's 2x2 patches (FLUX: packed 2x2 latents)
     option_defaults_of = "sdxl"  # our choice: a method option's per-family default is SDXL's (the large-model column)
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # the SD3 and FLUX dreambooth scripts'
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")  # attention layers
@@ -88,6 +89,9 @@ class FlowFamily(Family):
         if getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
             guidance = options.get("flux_guidance_scale")
             guidance = 3.5 if guidance is None else guidance  # train_dreambooth_lora_flux.py --guidance_scale
+        elif options.get("flux_guidance_scale") is not None:
+            raise ValueError(f"--flux_guidance_scale: the transformer of {pretrained} has no guidance embedding "
+                             "(guidance_embeds false, as FLUX.1-schnell); drop the flag")
         return FlowTraining(flow.training_schedule(config), self.sampling(options),
                             options.get("max_sequence_length") or self.script_sequence_length, guidance)
 
@@ -101,6 +105,9 @@ class FlowFamily(Family):
             tokenizer_name = name.replace("text_encoder", "tokenizer")
             tokenizers.append(transformers.AutoTokenizer.from_pretrained(pretrained, subfolder=tokenizer_name,
                                                                          revision=revision))
+            if not (index.get(name) or [None, None])[1]:  # e.g. SD3 saved without T5: "text_encoder_3": [null, null]
+                raise ValueError(f"{pretrained} has no {name} (its model_index.json); {self.name} trains with all "
+                                 f"of {', '.join(self.encoder_names)}")
             encoder_class = getattr(transformers, index[name][1])  # CLIPTextModel(WithProjection), T5EncoderModel
             encoders.append(encoder_class.from_pretrained(pretrained, subfolder=name, variant=variant,
                                                           revision=revision))

@@ -116,7 +116,7 @@ class GeneratedLatents:
 
 
 def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, accelerator, output_dir: Path, dtype,
-                       opponent) -> dict:
+                       opponent, *, denoiser: str) -> dict:
     """Opponent samples for every row, one shard per `--generation_batch_size` prompts, each process a share.
 
     A shard is written to a temporary name and renamed, so it either exists complete or not at all; a rerun of the
@@ -150,7 +150,8 @@ def generate_iteration(pipe, rows, iteration: int, config: GenerationConfig, acc
                        main_process=accelerator.is_main_process)
     for j, chunk in bar:
         generator = torch.Generator(device).manual_seed((config.seed * 1_000_003 + iteration) * 1_000_033 + j)
-        with opponent.playing(iteration) as pipe.unet, autocast:  # theta_k samples (the LoRA: its adapter)
+        with opponent.playing(iteration) as theta_k, autocast:  # theta_k samples (the LoRA: its adapter)
+            setattr(pipe, denoiser, theta_k)  # the family's network: pipe.unet or pipe.transformer
             latents = pipe([r["caption"] for r in chunk], num_inference_steps=config.generation_steps,
                            guidance_scale=config.generation_guidance_scale, height=config.resolution,
                            width=config.resolution, generator=generator, output_type="latent").images  # (b, 4, h, w)

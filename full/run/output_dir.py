@@ -54,12 +54,18 @@ def run_identity(config: RunConfig, family: str | None, num_processes: int) -> d
         "num_processes": num_processes,
         "train_batch_size": config.train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        # what a checkpoint holds besides the weights: accelerate loads its extra objects by position only
+        "streaming": bool(config.flag("streaming")),
+        "use_ema": bool(config.flag("use_ema")),
     }
 
 
 def differences(recorded: dict, identity: dict) -> list[str]:
-    return [f"{key} {recorded.get(key)!r} (now {value!r})" for key, value in identity.items()
-            if recorded.get(key) != value]
+    """The entries that differ; a switch a record predates (``streaming``, ``use_ema``) counts as off."""
+    def was(key, value):
+        return recorded.get(key, False if isinstance(value, bool) else None)
+
+    return [f"{key} {was(key, value)!r} (now {value!r})" for key, value in identity.items() if was(key, value) != value]
 
 
 def read_record(folder: Path) -> dict | None:

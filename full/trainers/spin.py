@@ -226,7 +226,7 @@ def run(args) -> dict:
                                  "resume from a checkpoint of that run's output_dir")
             opponent.load(snapshot)
         generated = generate_iteration(pipe, rows, iteration, generation, accelerator, output_dir, weight_dtype,
-                                       opponent)
+                                       opponent, denoiser=fam.denoiser)
         dataset.generated = GeneratedLatents(generated["directory"])
         reference = reference_forward(lambda k=iteration: opponent.playing(k))  # the reference is theta_k
         end, first = (iteration + 1) * args.steps_per_iteration, len(training.history)

@@ -118,7 +118,8 @@ class NoisyPairImages:
     def __init__(self, args, device, weight_dtype):
         from diffusers import DDPMScheduler
 
-        from full.models.pipeline import load_components, place_components
+        from full.models.families import get_family
+        from full.models.pipeline import detect_family, load_components, place_components
 
         self.args, self.device, self.weight_dtype, self.parts = args, device, weight_dtype, None
         if args.pixel_space:
@@ -127,6 +128,8 @@ class NoisyPairImages:
                               if args.pretrained_model_name_or_path else
                               DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
         else:
+            # SPO's noising and step scores are DDPM's: a flow model is refused in one line before it loads
+            get_family(detect_family(args.pretrained_model_name_or_path)).refuse("spo")
             self.parts = load_components(args.pretrained_model_name_or_path,
                                          with_text_encoders=args.x0_estimate == "model")
             place_components(self.parts, device, weight_dtype, fixed_vae=False)
