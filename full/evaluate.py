@@ -30,6 +30,9 @@ def build_parser() -> cli.Parser:
     g = p.add_argument_group("generation")
     g.add_argument("--base_model", "--base-model", help="diffusers pipeline directory or hub id (needed by the generate stage)")
     g.add_argument("--lora", action="append", default=[], help="NAME=DIR (or DIR) of a diffusers-format LoRA; repeatable")
+    g.add_argument("--full_model", "--full-model", action="append", default=[],
+                   help="NAME=DIR (or DIR) of a --train_mode full output: its unet/ (or transformer/) folder replaces "
+                        "the base model's; repeatable")
     g.add_argument("--base_name", "--base-name", default="base", help="name of the model without LoRA in tables")
     g.add_argument("--no_base", "--no-base", action="store_true", help="do not evaluate the base model itself")
     g.add_argument("--prompts", default="paper000",

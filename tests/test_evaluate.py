@@ -719,3 +719,42 @@ def test_a_scorer_built_from_a_missing_local_path_never_asks_the_hub(monkeypatch
                           ("pickscore", {"model": "./no_such_pickscore", "processor": "./no_such_processor"})):
         with pytest.raises(ValueError, match=r"could not load CLIP model .*'\./no_such_\w+' does not exist"):
             scorers.build_scorer(name, **options)
+
+
+def test_a_full_fine_tune_is_drawn_with_its_own_unet_and_the_base_is_put_back(tmp_path, tiny_sd15, capsys):
+    """`--full_model NAME=DIR`: the UNet a `--train_mode full` run saves (DIR/unet) replaces the base model's while
+    that model's images are drawn; the manifest knows it by its weights; a folder without one is one line."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from full.eval.generate import ModelSpec
+    from full.eval.loras import denoiser_of, full_model_folder
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    full = tmp_path / "full"
+    unet.save_pretrained(full / "unet")
+    out = tmp_path / "eval"
+    argv = ["--out", str(out), "--base-model", tiny_sd15, "--full_model", f"tuned={full}", "--prompts", "paper000",
+            "--max-prompts", "1", "--seeds", "1", "--steps", "2", "--device", "cpu", "--stages", "generate"]
+    evaluate.main(argv)
+    rows = {r["model"]: r for r in evaluate.read_manifest(out)}
+    assert rows["tuned"]["full_model"] == str(full) and rows["tuned"]["lora_sha256"] and rows["base"]["full_model"] is None
+    tuned, base = (np.asarray(Image.open(out / rows[m]["path"]), dtype=int) for m in ("tuned", "base"))
+    assert np.abs(tuned - base).max() > 10  # the fine-tuned UNet drew it
+    capsys.readouterr()
+    evaluate.main(argv)
+    assert "generated 0 new image(s)" in capsys.readouterr().out  # the same weights: nothing to draw again
+
+    original = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    pipe = SimpleNamespace(unet=original)
+    spec = ModelSpec("tuned", None, full_model=str(full), **full_model_folder("tuned", str(full)))
+    with denoiser_of(pipe, spec):
+        assert pipe.unet is not original and torch.equal(pipe.unet.conv_in.weight, unet.conv_in.weight)
+    assert pipe.unet is original  # the base model's UNet is back for the next model
+    with pytest.raises(SystemExit, match=r"full model 'x': .* has no unet/ or transformer/ folder"):
+        evaluate.main([*argv[:4], "--full_model", f"x={tmp_path / 'eval'}", *argv[6:]])

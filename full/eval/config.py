@@ -22,6 +22,7 @@ class EvalConfig:
     # generate
     base_model: str | None = None
     lora: list[str] = field(default_factory=list)  # NAME=DIR (or DIR) of diffusers-format LoRAs
+    full_model: list[str] = field(default_factory=list)  # NAME=DIR of --train_mode full outputs (DIR/unet, ...)
     base_name: str = "base"
     no_base: bool = False
     prompts: str = "paper000"

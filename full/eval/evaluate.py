@@ -172,7 +172,7 @@ def run(config: EvalConfig) -> dict | None:
     if "generate" in stages:
         if not config.base_model:
             raise ValueError("the generate stage needs --base-model / --base_model (a diffusers pipeline dir or hub id)")
-        models = parse_models(config.lora, config.base_name, not config.no_base)
+        models = parse_models(config.lora, config.base_name, not config.no_base, full_models=config.full_model)
         prompts = load_prompts(config.prompts, config.prompt_column, config.max_prompts)
         models = resolve_loras(models, config.base_model)  # a bad --lora stops here, before any model loads
         seeds = list(range(config.seed_start, config.seed_start + config.seeds))

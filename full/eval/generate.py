@@ -8,17 +8,19 @@ import csv
 import json
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from full.eval.loras import HUB_ID, check_family, file_sha256, load_lora, resolve_weight_file
+from full.eval.loras import (HUB_ID, check_family, denoiser_of, file_sha256, full_model_folder, load_lora,
+                             resolve_weight_file)
 from full.paths import missing_local_path
 from full.progress import progress_bar
 
 PROMPT_SETS_DIR = Path(__file__).resolve().parent / "prompts"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 # Settings that must agree between a resumed run and the images already in the manifest.
-SETTING_KEYS = ("base_model", "lora", "lora_scale", "scheduler", "steps", "guidance", "height", "width",
+SETTING_KEYS = ("base_model", "lora", "lora_scale", "full_model", "scheduler", "steps", "guidance", "height", "width",
                 "negative_prompt", "dtype")
 # What the weights were (full/eval/loras.py): an image whose row differs from this run's was drawn by other weights
 # at the same path (a LoRA retrained in place) and is drawn again, not reused.
@@ -110,7 +112,9 @@ class ModelSpec:
     name: str
     lora: str | None  # None for the base model
     weights: str | None = None  # the LoRA's weight file, once resolved (`resolve_loras`)
-    sha256: str | None = None  # of that file: the LoRA's identity in the manifest
+    sha256: str | None = None  # of that file (of a full model's weight files): its identity in the manifest
+    full_model: str | None = None  # a --train_mode full output whose denoiser folder replaces the base model's
+    denoiser: str | None = None  # that folder's name, "unet" or "transformer" (`resolve_loras`)
 
 
 def lora_spec(spec: str) -> tuple[str, str]:
@@ -119,8 +123,10 @@ def lora_spec(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (Path(spec.rstrip("/")).name, spec)
 
 
-def parse_models(loras: list[str], base_name: str = "base", include_base: bool = True) -> list[ModelSpec]:
-    """`--lora NAME=DIR` (or just `DIR`, named after its folder) -> [base, lora...], validated."""
+def parse_models(loras: list[str], base_name: str = "base", include_base: bool = True, *,
+                 full_models: list[str] = ()) -> list[ModelSpec]:
+    """`--lora NAME=DIR` (or just `DIR`, named after its folder) and `--full_model NAME=DIR` -> [base, lora...,
+    full...], validated."""
     models = [ModelSpec(base_name, None)] if include_base else []
     for spec in loras:
         name, path = lora_spec(spec)
@@ -129,6 +135,9 @@ def parse_models(loras: list[str], base_name: str = "base", include_base: bool =
         if not os.path.exists(path) and not is_hub_id:
             raise ValueError(f"LoRA {name!r}: {path!r} does not exist (expected a directory from a trainer or a hub id)")
         models.append(ModelSpec(name, path))
+    for spec in full_models:
+        name, path = lora_spec(spec)
+        models.append(ModelSpec(name, None, full_model=path))
     names = [m.name for m in models]
     for name in names:
         if not NAME_PATTERN.match(name):
@@ -145,7 +154,9 @@ def resolve_loras(models: list[ModelSpec], base_model: str) -> list[ModelSpec]:
     all before any model loads, so a bad --lora is one line instead of a failure after the other models' images."""
     resolved = []
     for model in models:
-        if model.lora is not None:
+        if model.full_model is not None:
+            model = replace(model, **full_model_folder(model.name, model.full_model))
+        elif model.lora is not None:
             weights = resolve_weight_file(model.name, model.lora)
             check_family(model.name, weights, base_model)
             model = replace(model, weights=str(weights), sha256=file_sha256(weights))
@@ -228,7 +239,8 @@ def check_resumable(existing: list[dict], models: list[ModelSpec], prompts: list
         if row["prompt_id"] in prompt_text and prompt_text[row["prompt_id"]] != row["prompt"]:
             raise ValueError(f"{manifest_path} has prompt id {row['prompt_id']!r} as {row['prompt']!r}, but this "
                              f"run's prompt set has {prompt_text[row['prompt_id']]!r}; use a new --out")
-        wanted = {**settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None}
+        wanted = {**settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None,
+                  "full_model": model.full_model}
         for key in SETTING_KEYS:
             if row.get(key) != wanted[key]:
                 raise ValueError(f"{manifest_path} has {row['model']!r} images made with {key}={row.get(key)!r}, "
@@ -258,8 +270,6 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
     Under `accelerate launch` process ``p`` of ``P`` takes every P-th image of each model (if missing) and records it in
     ``manifest.part-<p>.jsonl``; each image's noise comes from its own seed, so the images are those of one process.
     """
-    import torch
-
     manifest_path = out / "manifest.jsonl"
     existing = read_manifest(out)
     check_resumable(existing, models, prompts, settings, lora_scale, manifest_path)
@@ -281,31 +291,44 @@ def generate(pipe, models: list[ModelSpec], prompts: list[tuple[str, str]], seed
         for model in models:
             if not jobs[model.name]:
                 continue
-            if model.lora is not None:
-                load_lora(pipe, model.name, model.lora, model.weights, lora_scale, settings.get("base_model"))
-            (out / "images" / model.name).mkdir(parents=True, exist_ok=True)
-            todo = jobs[model.name]
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                # One CPU generator per image: its noise depends on (seed) only, not on batch or device.
-                generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
-                result = pipe(prompt=[p for _, p, _ in batch], generator=generators,
-                              negative_prompt=[settings["negative_prompt"]] * len(batch) if settings["negative_prompt"] else None,
-                              num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                              height=settings["height"], width=settings["width"])
-                nsfw = getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
-                for (pid, prompt, seed), image, flagged in zip(batch, result.images, nsfw):
-                    rel = Path("images") / model.name / f"{file_stem(pid)}_seed{seed}.png"
-                    image.save(out / rel)
-                    row = {"model": model.name, "prompt_id": pid, "prompt": prompt, "seed": seed, "path": str(rel),
-                           **settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None,
-                           **identity(model, settings), "nsfw": flagged}
-                    manifest.write(json.dumps(row) + "\n")
-                    manifest.flush()  # resumable: every finished image is recorded at once
-                made += len(batch)
-                bar.update(len(batch))
-            if model.lora is not None:
-                pipe.unload_lora_weights()
+            with ExitStack() as weights:  # the model's weights on the pipeline, taken off again at the end
+                if model.lora is not None:
+                    load_lora(pipe, model.name, model.lora, model.weights, lora_scale, settings.get("base_model"))
+                    weights.callback(pipe.unload_lora_weights)
+                if model.full_model is not None:
+                    weights.enter_context(denoiser_of(pipe, model))
+                made += _generate_model(pipe, model, jobs[model.name], out, manifest, bar, settings=settings,
+                                        batch_size=batch_size, lora_scale=lora_scale)
+    return made
+
+
+def _generate_model(pipe, model: ModelSpec, todo: list, out: Path, manifest, bar, *, settings: dict, batch_size: int,
+                    lora_scale: float) -> int:
+    """The images ``todo`` of one model, with its weights on ``pipe``; each recorded in ``manifest`` as it is saved."""
+    import torch
+
+    made = 0
+    (out / "images" / model.name).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        # One CPU generator per image: its noise depends on (seed) only, not on batch or device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+        result = pipe(prompt=[p for _, p, _ in batch], generator=generators,
+                      negative_prompt=[settings["negative_prompt"]] * len(batch) if settings["negative_prompt"] else None,
+                      num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                      height=settings["height"], width=settings["width"])
+        nsfw = getattr(result, "nsfw_content_detected", None) or [None] * len(batch)
+        for (pid, prompt, seed), image, flagged in zip(batch, result.images, nsfw):
+            rel = Path("images") / model.name / f"{file_stem(pid)}_seed{seed}.png"
+            image.save(out / rel)
+            row = {"model": model.name, "prompt_id": pid, "prompt": prompt, "seed": seed, "path": str(rel),
+                   **settings, "lora": model.lora, "lora_scale": lora_scale if model.lora else None,
+                   "full_model": model.full_model,
+                   **identity(model, settings), "nsfw": flagged}
+            manifest.write(json.dumps(row) + "\n")
+            manifest.flush()  # resumable: every finished image is recorded at once
+        made += len(batch)
+        bar.update(len(batch))
     return made
 
 

@@ -193,3 +193,36 @@ def load_lora(pipe, name: str, lora: str, weights: str | None, scale: float, bas
     except Exception as error:  # OSError, ValueError, torch's RuntimeError on a shape mismatch, ...
         raise ValueError(f"could not load LoRA {name!r} from {lora!r} into the base model {base_model!r} "
                          f"({type(error).__name__}: {_first_line(error)}); is it a LoRA of this model?") from error
+
+
+# ----------------------------------------------------------------------------------------------
+# A fully fine-tuned model (--train_mode full): its denoiser folder in place of the base model's.
+
+
+DENOISER_FOLDERS = ("unet", "transformer")  # what `--train_mode full` writes (full/run/weights.py), per family
+
+
+def full_model_folder(name: str, path: str) -> dict:
+    """The denoiser folder of a full fine-tuning output and the sha256 of its weight files, or one line naming it."""
+    folders = [d for d in DENOISER_FOLDERS if (Path(path) / d / "config.json").is_file()]
+    if not folders:
+        raise ValueError(f"full model {name!r}: {path!r} has no unet/ or transformer/ folder with a config.json "
+                         "(expected the output_dir of a --train_mode full run; a LoRA goes with --lora)")
+    files = sorted((Path(path) / folders[0]).glob("*.safetensors")) + sorted((Path(path) / folders[0]).glob("*.bin"))
+    if not files:
+        raise ValueError(f"full model {name!r}: {Path(path) / folders[0]} holds no weight file")
+    digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)};" for f in files).encode()).hexdigest()
+    return {"denoiser": folders[0], "sha256": digest}
+
+
+@contextlib.contextmanager
+def denoiser_of(pipe, model):
+    """The pipeline with ``model``'s (a `full.eval.generate.ModelSpec`) fine-tuned denoiser in place of the base
+    model's, restored afterwards."""
+    base = getattr(pipe, model.denoiser)
+    tuned = type(base).from_pretrained(model.full_model, subfolder=model.denoiser, torch_dtype=base.dtype)
+    setattr(pipe, model.denoiser, tuned.to(base.device))
+    try:
+        yield pipe
+    finally:
+        setattr(pipe, model.denoiser, base)
