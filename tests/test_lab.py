@@ -209,7 +209,9 @@ def test_quick_lab_every_method_writes_a_lora_that_evaluate_loads(quick_lab):
         if row["scorer"].endswith("Rater"):
             reward.setdefault(row["model"], []).append(row["score"])
     for name, entry in results["methods"].items():
-        assert (out / "train" / name / "pytorch_lora_weights.safetensors").is_file(), name
+        full = "--train_mode full" in entry["command"]  # dpo_full: the whole UNet, evaluated with --full_model
+        weights = "unet/config.json" if full else "pytorch_lora_weights.safetensors"
+        assert (out / "train" / name / weights).is_file(), name
         assert 0.0 <= entry["win_rate"] <= 1.0 and entry["ci"][0] <= entry["win_rate"] <= entry["ci"][1], name
         assert 0.0 <= entry["fidelity"] <= 1.0
         # full.evaluate drew this method's images with its LoRA loaded: they are not the base model's
@@ -218,6 +220,7 @@ def test_quick_lab_every_method_writes_a_lora_that_evaluate_loads(quick_lab):
     manifest = [json.loads(line) for line in (out / "eval" / "manifest.jsonl").read_text().splitlines()]
     assert {r["prompt"].startswith("good image, ") for r in manifest if r["model"] == "csft"} == {True}
     assert {r["prompt"].startswith("a ") for r in manifest if r["model"] != "csft"} == {True}
+    assert {r["full_model"] is not None for r in manifest if r["model"] == "dpo_full"} == {True}
     assert 0.0 <= results["base"]["fidelity"] <= 1.0 and results["wall_s"] > 0
     assert (out / "lab.png").is_file()
 

@@ -8,6 +8,7 @@ docs/replication.md). Not every objective moves it (docs/lab.md, Results).
     python -m full.lab --out runs/lab-quick --quick
     python -m full.lab --out runs/lab --methods dpo,sft,dpo_swapped
     python -m full.lab --out runs/lab --methods all,sft_seed1     # every method, and SFT again with --seed 1
+    python -m full.lab --out runs/lab-sd3 --family sd3            # a tiny SD3 pretrained with flow matching
 
 See full/lab/run.py for what it writes and docs/lab.md for the results.
 """
@@ -19,7 +20,7 @@ from dataclasses import replace
 
 from full.cli import Parser
 from full.lab.methods import all_methods, method_named
-from full.lab.presets import FULL, QUICK
+from full.lab.presets import FLOW_FULL, FLOW_QUICK, FULL, QUICK
 
 
 def is_method(name: str) -> bool:
@@ -40,10 +41,14 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale of every sample the lab draws (default: the preset's, "
                              "3); new data, LoRAs and evaluation in --out")
+    parser.add_argument("--family", choices=("sd15", "sd3"), default="sd15",
+                        help="sd15: the UNet lab (docs/lab.md); sd3: the same world on a tiny SD3-shaped transformer "
+                             "pretrained with flow matching, arms dpo, kto_kahneman_tversky, sft, dpo_swapped by "
+                             "default (docs/lab_flow.md)")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate",
                         help="accelerate: each trainer as `accelerate launch -m ...`; inprocess: its main(argv)")
     args = parser.parse_args(argv)
-    lab = QUICK if args.quick else FULL
+    lab = {"sd15": (FULL, QUICK), "sd3": (FLOW_FULL, FLOW_QUICK)}[args.family][args.quick]
     if args.guidance is not None:
         if not args.guidance >= 1.0:
             parser.error(f"--guidance must be at least 1 (1 = no guidance), got {args.guidance}")

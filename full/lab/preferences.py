@@ -34,9 +34,11 @@ from full.lab.shapes import TRAIN_CAPTIONS
 
 
 def load_pipeline(model_dir, lora_dir=None):
-    from diffusers import StableDiffusionPipeline
+    """Any lab pipeline, SD1.5- or SD3-shaped, as diffusers reads its model_index.json (the lab saves no safety
+    checker)."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir))
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)

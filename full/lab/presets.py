@@ -69,6 +69,11 @@ class LabConfig:
     measured: tuple = ("sft", "dpo", "dpo_swapped")
     smoke_steps: int = 0  # 0: off, every method trains its full preset
     smoke_rows: int = 18
+    # the model family the lab pretrains: "sd15" (full/lab/pretrain.py, a UNet) or "sd3" (full/lab/pretrain_flow.py,
+    # an SD3-shaped transformer trained with flow matching; docs/lab_flow.md)
+    family: str = "sd15"
+    # flags every trainer of this lab gets on top of the presets (the sd3 lab: the T5 length its pipeline samples with)
+    trainer_flags: tuple = ()
 
 
 FULL = LabConfig("full", FULL_PRETRAIN, images_per_caption=64)
@@ -108,3 +113,36 @@ FAMILIES = {
     "spo": dict(flags={"learning_rate": 1e-3, "train_batch_size": 8, "beta": 10.0},
                 reason="paper 003's beta and clip; the lr of the other families"),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flow lab (`python -m full.lab --family sd3`, docs/lab_flow.md): the same world, data recipe, presets and
+# evaluation on a tiny SD3-shaped pipeline pretrained with the rectified-flow loss (full/lab/pretrain_flow.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowPretrainConfig(PretrainConfig):
+    """The UNet lab's pretraining settings (VAE, pool, steps, batch, lr, dropout, EMA: the same numbers, so the two
+    labs differ in the denoiser and its loss only) and the transformer's shape."""
+
+    transformer_layers: int = 4  # SD3-medium 24 joint blocks; a few are enough for 36 captions
+    transformer_heads: int = 2
+    transformer_head_dim: int = 32  # width 64 = the UNet lab's text width
+    clip_text_width: int = 32  # each of SD3's two CLIP encoders; concatenated 64 = the T5 width = joint_attention_dim
+    # T5 tokens: the pipeline's own default (StableDiffusion3Pipeline.__call__ max_sequence_length=256), which
+    # full.evaluate samples with; the trainers get --max_sequence_length 256 to match (the SD3 pipeline passes no
+    # attention mask, so the number of pad tokens changes the conditioning)
+    t5_length: int = 256
+
+
+FLOW_FULL_PRETRAIN = FlowPretrainConfig()
+FLOW_QUICK_PRETRAIN = FlowPretrainConfig(**{k: v for k, v in vars(QUICK_PRETRAIN).items()})
+FLOW_METHODS = ("dpo", "kto_kahneman_tversky", "sft", "dpo_swapped")
+FLOW_TRAINER_FLAGS = (("max_sequence_length", FLOW_FULL_PRETRAIN.t5_length),)
+FLOW_FULL = replace(FULL, name="full-sd3", pretrain=FLOW_FULL_PRETRAIN, family="sd3", methods=FLOW_METHODS,
+                    trainer_flags=FLOW_TRAINER_FLAGS)
+# the quick flow lab trains every arm (and NAME_seed<N>) a fifth of its preset: no 4-step smoke runs, every row is
+# measured
+FLOW_QUICK = replace(QUICK, name="quick-sd3", pretrain=FLOW_QUICK_PRETRAIN, family="sd3", methods=FLOW_METHODS,
+                     trainer_flags=FLOW_TRAINER_FLAGS, smoke_steps=0)

@@ -129,6 +129,14 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def ema_update(ema: list, params: list, step: int, ema_decay: float) -> None:
+    """EMA with a warm-up: decay min(d, (1 + step) / (10 + step)), so early weights are forgotten quickly."""
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    for average, p in zip(ema, params):
+        average.lerp_(p.detach(), 1 - decay)
+
+
 def optimizer_step(optimizer, loss, peak_lr: float, step: int, total: int, clip_params=None) -> None:
     """This step's learning rate (5% warm-up, cosine to 10%), backward, optional clipping at norm 1, AdamW step."""
     for group in optimizer.param_groups:
@@ -216,11 +224,7 @@ def train_unet(parts: dict, means, stds, captions, scaling_factor: float, config
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         loss = (unet(noisy, timesteps, context).sample - noise).pow(2).mean()
         optimizer_step(optimizer, loss, config.unet_lr, step, config.unet_steps, clip_params=params)
-        # EMA with a warm-up: decay min(d, (1 + step) / (10 + step)), so early weights are forgotten quickly
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for average, p in zip(ema, params):
-                average.lerp_(p.detach(), 1 - decay)
+        ema_update(ema, params, step, config.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         log("unet", step + 1, config.unet_steps, loss=running)
     with torch.no_grad():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -62,8 +62,8 @@ def cached(path: Path, marker: str, config: dict) -> bool:
 
 def ensure_pretrained(out: Path, lab: LabConfig, progress: Progress) -> tuple[Path, Path]:
     from full.lab.clip import pretrain_clip
-    from full.lab.pretrain import cache_key, pretrain
 
+    cache_key, pretrain = family_pretraining(lab)
     config = cache_key(lab.pretrain)
     model, clip = out / "model", out / "clip"
     bar = StepLog(progress)
@@ -82,6 +82,21 @@ def ensure_pretrained(out: Path, lab: LabConfig, progress: Progress) -> tuple[Pa
         (clip / "clip.json").write_text(json.dumps(report, indent=1))
         progress.timed("clip", report["clip_seconds"])
     return model, clip
+
+
+# How each model family's lab model is pretrained: the UNet, or the SD3-shaped transformer trained with flow matching
+# (docs/lab_flow.md). Everything after the pretraining is the same for both.
+PRETRAINING = {"sd15": "full.lab.pretrain", "sd3": "full.lab.pretrain_flow"}
+
+
+def family_pretraining(lab: LabConfig):
+    """`(cache_key, pretrain)` of the lab's model family (`PRETRAINING`)."""
+    import importlib
+
+    if lab.family not in PRETRAINING:
+        raise ValueError(f"unknown lab family {lab.family!r}; choose one of {', '.join(PRETRAINING)}")
+    module = importlib.import_module(PRETRAINING[lab.family])
+    return module.cache_key, module.pretrain
 
 
 class StepLog:
@@ -103,8 +118,7 @@ class StepLog:
 
 def ensure_preference_data(out: Path, lab: LabConfig, model: Path, progress: Progress) -> dict:
     """The base model's rated samples (cached while the model and the data settings are unchanged)."""
-    from full.lab.pretrain import cache_key
-
+    cache_key, _ = family_pretraining(lab)
     settings = ("images_per_caption", "sample_steps", "guidance", "tie_rate", "label_noise", "desirable_quantile")
     config = {"model": cache_key(lab.pretrain), **{name: getattr(lab, name) for name in settings}}
     if cached(out / "data", "data.json", config):
@@ -154,8 +168,10 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
                 (spm / "lab_spm.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
         target = out / "train" / method.name
         argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
+        argv += methods_lib.flag_list(dict(lab.trainer_flags))  # the lab family's own flags (sd3: T5 length)
         entry = {"lora": str(target), "family": method.family, "prompt_prefix": method.prompt_prefix,
-                 "command": f"{method.entry} " + " ".join(argv)}
+                 "command": f"{method.entry} " + " ".join(argv),
+                 "weights": "--full_model" if method.flags.get("train_mode") == "full" else "--lora"}
         # A LoRA trained by this very command on this data is reused (the data's cache clears train/ when it changes)
         if cached(target, "lab_train.json", entry["command"]):
             progress(f"train {method.name}: cached in {target}")
@@ -214,7 +230,8 @@ def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher:
                 "--batch_size", "64", "--device", "cpu", "--stages", "generate,score",
                 "--scorers", ",".join(scorers)]
         argv += [] if "base" in run["models"] else ["--no_base"]
-        argv += [arg for name in run["models"] if name != "base" for arg in ("--lora", f"{name}={trained[name]['lora']}")]
+        argv += [arg for name in run["models"] if name != "base"  # a LoRA, or a whole UNet (--train_mode full)
+                 for arg in (trained[name].get("weights", "--lora"), f"{name}={trained[name]['lora']}")]
         methods_lib.run_entry("full.evaluate", argv, launcher=launcher, threads=threads,
                               log_file=out / "logs" / f"eval_{run['name']}.log")
 
