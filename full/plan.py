@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from full.models.families import get_family
 from full.models.footprint import activation_bytes_per_image, buffer_count, count, parameter_shapes
 
 FAMILIES = {"sd15": ("sd15_unet", ("vae", "clip_text_l14")),
@@ -32,9 +33,6 @@ FAMILIES = {"sd15": ("sd15_unet", ("vae", "clip_text_l14")),
             "sd3": ("sd35m_transformer",
                     ("flow_vae", "clip_text_l14_projection", "clip_text_bigg14", "t5_xxl_encoder")),
             "flux": ("flux1_transformer", ("flow_vae", "clip_text_l14", "t5_xxl_encoder"))}
-RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}  # when a run does not say
-FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow transformers: planned from their own configs below
-TEXT_TOKENS = {"sd3": 77, "flux": 512}  # T5 tokens (--max_sequence_length defaults, full/models/flow_families.py)
 IMAGES_PER_EXAMPLE = {"paired": 2, "binary": 1, "self_play": 2, "online": 2}  # a method row's data kind -> UNet images
 GIB = 2 ** 30
 
@@ -63,7 +61,12 @@ def engine(name: str) -> Engine:
 
 def denoiser_word(family: str) -> str:
     """What the trained network is called in a plan: the UNet, or the flow families' transformer."""
-    return "transformer" if family in FLOW_FAMILIES else "UNet"
+    return {"unet": "UNet"}.get(get_family(family).denoiser, get_family(family).denoiser)
+
+
+def is_flow(family: str) -> bool:
+    """A rectified-flow transformer (SD3, FLUX): planned from the run's own config, its T5 length, its LoRA targets."""
+    return get_family(family).denoiser == "transformer"
 
 
 def config_source(name: str) -> str:
@@ -135,10 +138,8 @@ def model_denoiser_config(settings: dict, family: str) -> tuple[dict | None, str
     medium, SD3.5 medium and large are all `sd3`, from 2B to 8B parameters), and where it came from; (None, "") for
     a preset or a UNet family (planned from their published architecture)."""
     pretrained = settings.get("pretrained_model_name_or_path")
-    if family not in FLOW_FAMILIES or not pretrained:
+    if not is_flow(family) or not pretrained:
         return None, ""
-    from full.models.families import get_family
-
     fam = get_family(family)
     raw = fam.denoiser_class().load_config(pretrained, subfolder=fam.denoiser, revision=settings.get("revision"))
     return {k: v for k, v in raw.items() if not k.startswith("_") or k == "_class_name"}, \
@@ -170,12 +171,7 @@ def memory_rows(family: str, settings: dict, engine_name: str, processes: int, *
             rows.append(Row(f"frozen reference {word}", w * n,
                             "weight dtype, whole on every GPU (outside the engine)"))
     else:
-        targets = None
-        if family in FLOW_FAMILIES:
-            from full.models.families import get_family
-
-            targets = get_family(family).lora_targets
-        lora = parameter_shapes(unet_name, lora_rank=settings.get("rank") or 8, targets=targets)
+        lora = parameter_shapes(unet_name, lora_rank=settings.get("rank") or 8, targets=get_family(family).lora_targets)
         rows = [Row(f"frozen base {word}", w * n, f"weight dtype; the reference is this {word} with adapters off")]
         rows += [Row(r.label.replace("trained", "LoRA"), r.bytes, r.note, r.estimated)
                  for r in trained_rows(lora, engine_name, processes, optimizer, settings.get("mixed_precision"))]
@@ -188,11 +184,12 @@ def memory_rows(family: str, settings: dict, engine_name: str, processes: int, *
         rows.append(Row("EMA", 4 * n, "fp32 copy of the trained weights (diffusers EMAModel)"))
     if not settings.get("cached_dir"):
         frozen = sum(count(parameter_shapes(name)) for name in frozen_names)
-        rows.append(Row("VAE + text encoders", w * frozen, "weight dtype; 0 with --cached_dir" if family not in
-                        FLOW_FAMILIES else f"weight dtype; {family}'s published VAE, CLIP and T5-XXL encoders"))
-    per_image = activation_bytes_per_image(unet_name, settings.get("resolution") or RESOLUTION[family],
-                                           bool(settings.get("gradient_checkpointing")),
-                                           settings.get("max_sequence_length") or TEXT_TOKENS.get(family, 77))
+        rows.append(Row("VAE + text encoders", w * frozen, "weight dtype; 0 with --cached_dir" if not is_flow(family)
+                        else f"weight dtype; {family}'s published VAE, CLIP and T5-XXL encoders"))
+    fam = get_family(family)
+    text_tokens = settings.get("max_sequence_length") or getattr(fam, "script_sequence_length", 77)  # T5's, or CLIP's
+    per_image = activation_bytes_per_image(unet_name, settings.get("resolution") or fam.default_resolution,
+                                           bool(settings.get("gradient_checkpointing")), text_tokens)
     rows.append(Row("activations", per_image * images,
                     f"{images} image(s) x {per_image / GIB:.2f} GiB, bf16, "
                     f"{'with' if settings.get('gradient_checkpointing') else 'without'} gradient checkpointing",
@@ -250,7 +247,7 @@ def describe(settings: dict, *, family: str, method: str, engine_name: str, proc
              f"{denoiser_word(family):<13}{count(parameter_shapes(denoiser_config or FAMILIES[family][0])):,} "
              f"parameters ({source or config_source(FAMILIES[family][0])})",
              "", f"memory per GPU ({engine_name}, {processes} process(es), "
-                 f"resolution {settings.get('resolution') or RESOLUTION[family]}):"]
+                 f"resolution {settings.get('resolution') or get_family(family).default_resolution}):"]
     for r in rows:
         mark = "~" if r.estimated else " "
         lines.append(f"  {r.label:<24}{mark}{r.bytes / GIB:8.2f} GiB {r.bytes:>16,} B  {r.note}"

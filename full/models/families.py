@@ -272,18 +272,21 @@ def _all() -> dict[str, Any]:
     return {f.name: f for f in (SD15, SDXL, SD3, FLUX)}
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: dict[str, Family] = {}  # filled on first use: flow_families imports this module
+
+
+def _table() -> dict[str, Family]:
+    if not FAMILIES:
+        FAMILIES.update(_all())
+    return FAMILIES
 
 
 def get_family(name: str) -> Family:
-    if not FAMILIES:
-        FAMILIES.update(_all())
-    if name not in FAMILIES:
+    if name not in _table():
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
 def family_of_index(index: dict) -> Family | None:
     """The family whose pipeline `model_index.json` this is, or None."""
-    get_family("sd15")
-    return next((f for f in FAMILIES.values() if f.matches(index)), None)
+    return next((f for f in _table().values() if f.matches(index)), None)

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from full.models.config import ModelConfig
-from full.models.families import get_family
+from full.models.families import Family, get_family
 
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper 000, Sec. 4)
+LORA_TARGET_MODULES = list(Family.lora_targets)  # the UNet families' attention projections (paper 000, Sec. 4)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_weights(dir)` looks for
 
 

@@ -28,8 +28,7 @@ from torch import Tensor
 from full.models.families import PromptEmbeds, family_of_index, get_family, training_target  # noqa: F401
 from full.paths import missing_local_path
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
-DEFAULT_RESOLUTION = {name: get_family(name).default_resolution for name in FAMILIES}
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")  # the names in `full.models.families.FAMILIES` (public: `full.models.FAMILIES`)
 WEIGHT_DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

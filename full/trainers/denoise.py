@@ -22,7 +22,7 @@ from torch import Tensor
 import minipref
 from full.models.config import ModelConfig
 from full.models import pipeline as models
-from full.models.families import call_denoiser, draw_noise_and_timesteps, get_family  # noqa: F401
+from full.models.families import call_denoiser, get_family
 
 
 @dataclass
