@@ -35,7 +35,7 @@ from full.trainers.denoise import StepInputs, denoise
 from minipref import per_sample_mse
 from tests.conftest import train_argv
 from tests.test_train_resume import FLAGS as RESUME_FLAGS
-from tests.test_train_resume import killed_inside_step_3, lora_weights
+from tests.test_train_resume import kill_and_resume
 
 LOG2 = math.log(2)
 FAST = ["--max_sequence_length", "16"]  # T5 tokens: the scripts' 77 / 512 cost time and test nothing more here
@@ -248,27 +248,9 @@ def test_a_killed_sd3_run_resumes_to_the_uninterrupted_lora(tiny_sd3, pickapic_p
     is held to the SD1.5 resume test's 1e-7. What the flow family adds to resume: its sigma draws (logit-normal on
     the shifted table) come from the same per-item generators as the noise, so steps 3-4 must redraw exactly the
     uninterrupted run's sigmas; their losses are compared exactly below."""
-    from full.run import checkpoints
-    from full.trainers import offline as train
-
-    uninterrupted = train.main(train_argv(tiny_sd3, pickapic_parquet, tmp_path / "a", "dpo", *FAST, *RESUME_FLAGS,
-                                          steps=4))
-    assert uninterrupted["global_step"] == 4 and uninterrupted["family"] == "sd3"
-
-    argv = train_argv(tiny_sd3, pickapic_parquet, tmp_path / "b", "dpo", *FAST, *RESUME_FLAGS, steps=4)
-    killed_inside_step_3(monkeypatch, argv)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
-    assert not (tmp_path / "b" / models.LORA_WEIGHT_NAME).exists()
-
-    resumed = train.main(argv + ["--resume_from_checkpoint", "latest"])
-    assert resumed["global_step"] == 4
-    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
-    assert a.keys() == b.keys() and any("add_k_proj" in key for key in a)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
-    # the weights moved between the checkpoint and the end: the comparison is not vacuous
-    mid = lora_weights(tmp_path / "b" / "checkpoint-2")
-    assert any((mid[k] - a[k]).abs().max() > 1e-5 for k in a)
+    uninterrupted, resumed, lora = kill_and_resume(tiny_sd3, pickapic_parquet, tmp_path, monkeypatch,
+                                                   (*FAST, *RESUME_FLAGS))
+    assert uninterrupted["family"] == "sd3" and any("add_k_proj" in key for key in lora)
     # the resumed run's last two losses are the uninterrupted run's (same draws of sigma and noise)
     assert [h["loss"] for h in resumed["history"]][-2:] == [h["loss"] for h in uninterrupted["history"]][-2:]
 
