@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65536  # rows per Arrow chunk of the cheap checks: a few MB of labels and offsets at a time
 CHECK_FORMAT = 1
-# what Python's str.strip() strips: a caption of these only is empty (`full.data.sources.is_empty_caption`)
-WHITESPACE = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
 SCHEMAS = {  # label column, its allowed values, the reason a row with another label is skipped, image columns
     "pairs": ("label_0", (0.0, 0.5, 1.0), "bad label_0 (not 0, 0.5 or 1)", ("jpg_0", "jpg_1")),
     "feedback": ("label", (0.0, 1.0), "bad label (not 0/1 or a bool)", ("image",)),
@@ -191,6 +190,13 @@ def _labels(column, allowed) -> tuple[np.ndarray, np.ndarray]:
     return values, np.isin(values, allowed)
 
 
+@cache
+def whitespace() -> str:
+    """What Python's str.strip() strips: a caption of these only is empty (`full.data.sources.is_empty_caption`).
+    Computed once, when captions are first checked (a scan of every code point: ~0.1 s, not at import)."""
+    return "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+
+
 def _captions(column) -> tuple[np.ndarray, np.ndarray]:
     """(the caption is text; it is empty or whitespace only)."""
     import pyarrow as pa
@@ -201,7 +207,7 @@ def _captions(column) -> tuple[np.ndarray, np.ndarray]:
         column, t = column.cast(pa.large_string()), pa.large_string()
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         return np.zeros(len(column), dtype=bool), np.zeros(len(column), dtype=bool)
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim(column, characters=WHITESPACE)), 0)
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim(column, characters=whitespace())), 0)
     return _mask(column.is_valid()), _mask(empty)
 
 
