@@ -168,7 +168,9 @@ def run_step(parts, optimizer, batch, method, objective, cached, generator, dtyp
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     with autocast:
         inputs = step_inputs(parts, batch, method, cached)
-        pred, ref_pred, target = denoise(parts.unet, parts.unet, parts.noise_scheduler, "sd15", inputs,
+        # the reference as the LoRA trainer makes it: the same UNet with its adapter off, no graph
+        reference = lambda x, t, c: models.reference_forward(parts.unet, x, t, c)  # noqa: E731
+        pred, ref_pred, target = denoise(parts.unet, reference, parts.noise_scheduler, "sd15", inputs,
                                          with_reference=objective.needs_reference, generator=generator,
                                          weight_dtype=dtype)
         out = objective.loss(pred, ref_pred, target, inputs)

@@ -116,19 +116,46 @@ def test_measured_claims_follow_the_data_and_a_claim_stated_backwards_is_reverse
                              (0, 1), "median")
 
 
-def test_cost_ratios_per_seed_charge_spo_its_preference_model():
+def test_cost_ratios_read_cpu_seconds_and_the_benchmark_and_charge_spo_its_preference_model():
     claim = claims_lib.claim_named("004-step-cost")
-    trained = {replicate.seeded(arm, s): {"seconds": secs, "command": f"full.train --max_train_steps 300 --x {arm}"}
-               for s in (0, 1, 2) for arm, secs in (("dspo", 90.0 + s), ("dpo", 90.0))}
-    ratios = replicate.ratio_per_seed(claim, trained, {}, (0, 1, 2), spm_seconds=0.0)
-    assert ratios == pytest.approx([1.0, 91 / 90, 92 / 90])
+    # the step cost comes from one full.bench run per seed (its uncached step, the lab's mode), not from wall times
+    bench = [{"steps": {"dspo/uncached": {"ms": 90.0 + s}, "dpo/uncached": {"ms": 90.0}}} for s in (0, 1, 2)]
+    assert replicate.ratio_per_seed(claim, {}, {}, (0, 1, 2), 0.0, bench) == pytest.approx([1.0, 91 / 90, 92 / 90])
+    with pytest.raises(ValueError, match="needs a full.bench run per seed"):
+        replicate.ratio_per_seed(claim, {}, {}, (0, 1, 2), 0.0, bench[:2])
     spo = claims_lib.claim_named("003-spo-efficiency")
     rater = synthetic_scores(0.02, seeds=(0,))[claims_lib.SCORES["rater"][0]]
     rater["spo"] = rater["dpo"]
-    trained = {"spo": {"seconds": 50.0, "command": "full.spo --num_epochs 4"},
-               "dpo": {"seconds": 100.0, "command": "full.train --max_train_steps 300"}}
-    assert replicate.ratio_per_seed(spo, trained, rater, (0,), spm_seconds=50.0) == pytest.approx([1.0])
+    # CPU seconds, not wall seconds: the wall times below would give 100/50 = 2
+    trained = {"spo": {"seconds": 500.0, "cpu_seconds": 50.0, "command": "full.spo --num_epochs 4"},
+               "dpo": {"seconds": 100.0, "cpu_seconds": 100.0, "command": "full.train --max_train_steps 300"}}
+    assert replicate.ratio_per_seed(spo, trained, rater, (0,), spm_cpu_seconds=50.0) == pytest.approx([1.0])
+    trained["dpo"]["cpu_seconds"] = None  # cached before CPU times were kept: refused, not read as 0
+    with pytest.raises(ValueError, match="no CPU time on record"):
+        replicate.ratio_per_seed(spo, trained, rater, (0,), spm_cpu_seconds=50.0)
     assert replicate.measure_ratio([float("nan")], n_resamples=10)["estimate"] is None
+
+
+def test_the_caption_rater_wants_the_size_its_caption_asks_for():
+    from PIL import Image
+
+    from full.lab import rater, shapes
+
+    def score(shape: str, background: str, size: float, prefix: str = "") -> float:
+        scene = shapes.Scene("blue", shape, background, 0.2 if background == "dark" else 0.7, size, 16, 16)
+        return rater.CaptionRater().score([Image.fromarray(shapes.render(scene))], [prefix + scene.caption])[0]
+
+    wants_large = {("circle", "dark"), ("circle", "light"), ("triangle", "dark")}
+    for shape in shapes.SHAPES:
+        for background in shapes.BACKGROUNDS:
+            small, large = score(shape, background, 9), score(shape, background, 19)
+            assert (large > small) == ((shape, background) in wants_large), (shape, background)
+    assert score("square", "dark", 10, "good image, ") == score("square", "dark", 10)  # CSFT's prefix is not read
+    # half the held-out captions want larger shapes, half smaller: "bigger" alone wins about half of them
+    held_out = [shapes.parse_caption(c) for c in shapes.HELD_OUT_CAPTIONS]
+    assert sum(rater.CaptionRater.LARGER_IS_BETTER[s, b] for _, s, b in held_out) * 2 == len(held_out)
+    with pytest.raises(ValueError, match="unknown lab rater 'taste'; choose one of size, caption"):
+        rater.rater_named("taste")
 
 
 def test_out_of_range_flags_sizes_the_pretraining_never_drew():
@@ -160,6 +187,13 @@ def test_paper_setting_arms_change_the_objective_not_the_scale(tmp_path):
     assert value(kto, "--desirable_ratio") == "0.8" and value(kto, "--beta") == "10000.0" and value(kto, "--seed") == "2"
     for flag in ("--learning_rate", "--max_train_steps", "--train_batch_size"):
         assert value(kto, flag) == value(lab_kto, flag) == value(bce, flag)
+    contrast, dspo, spo, lab_spo = argv("contrast_paper"), argv("dspo_paper"), argv("spo_paper"), argv("spo")
+    assert value(contrast, "--beta") == "2000.0" and value(argv("contrast"), "--beta") == "5000.0"  # paper 002
+    assert value(dspo, "--beta") == "0.001" and value(dspo, "--dspo_gamma") == "1.0"  # paper 004 App. D.3
+    # paper 003: its own rank, batch and threshold; its lr 6e-5 times the lab's LoRA factor (1e-3 / 1e-4)
+    assert [value(spo, f) for f in ("--rank", "--train_batch_size", "--threshold", "--learning_rate")] == \
+        ["4", "10", "0.3", "0.0006"]
+    assert value(lab_spo, "--threshold") == "0.1" and value(lab_spo, "--rank") == "8"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,9 +210,11 @@ def test_every_claim_names_trainable_arms_a_kind_and_a_paper_value():
         assert (claim.ratio in claims_lib.RATIOS) == claim.kind.startswith("ratio"), claim
         for arm in (claim.a, claim.b):
             assert arm == "base" or method_named(arm).name == arm
-    arms = replicate.replication_arms(replicate.FULL_REPLICATION)
-    assert len(arms) == 3 * len(claims_lib.arms_of(claims_lib.CLAIMS))
-    assert {m.seed for m in arms} == {0, 1, 2}
+    by_track = replicate.replication_arms(replicate.FULL_REPLICATION)
+    arms = [m for methods in by_track.values() for m in methods]
+    assert len(arms) == 3 * len(claims_lib.arms_of(claims_lib.CLAIMS)) and set(by_track) <= set(claims_lib.TRACKS)
+    assert {m.seed for m in arms} == {0, 1, 2} and len({m.name for m in arms}) == len(arms)
+    assert all(m.name.startswith("caption_") for m in by_track["caption"])  # a track's arms are its own models
     assert all(m.flags.get("checkpointing_steps") == 100 for m in arms if m.entry == "full.train")
 
 
@@ -226,7 +262,8 @@ def test_quick_replication_trains_each_seed_evaluates_and_applies_the_rule(quick
     result = run_replication(tmp_path, lab_dir, config, launcher="inprocess", quiet=True)
     saved = json.loads((tmp_path / "replication.json").read_text())
     assert saved["rule"] == claims_lib.RULE and [r["id"] for r in saved["claims"]] == list(config.claim_ids)
-    assert set(result["arms"]) == {"dpo", "dpo_seed1"}  # seed 0 is the quick lab's own LoRA, seed 1 trained here
+    # seed 0 is the quick lab's own LoRA, seed 1 trained here; the caption track's arms are models of their own
+    assert set(result["arms"]) == {"dpo", "dpo_seed1", "caption_dpo", "caption_dpo_seed1"}
     for row in saved["claims"]:
         lab = row["lab"]
         assert lab["seeds"] == 2 and len(lab["per_seed"]) == 2 and lab["ci"][0] <= lab["estimate"] <= lab["ci"][1]
@@ -234,7 +271,34 @@ def test_quick_replication_trains_each_seed_evaluates_and_applies_the_rule(quick
     scores = replicate.read_scores(tmp_path / "eval" / "scores.jsonl")
     assert set(scores) == {spec for spec, _ in claims_lib.SCORES.values()}
     assert set(scores[claims_lib.SCORES["rater"][0]]) == {"base", "dpo", "dpo_seed1"}
+    assert set(scores[claims_lib.SCORES["caption_rater"][0]]) == {"base", "caption_dpo", "caption_dpo_seed1"}
     # the two seeds are two different LoRAs: their samples differ
     rater = scores[claims_lib.SCORES["rater"][0]]
     assert rater["dpo"] != rater["dpo_seed1"]
     assert (tmp_path / "replication.png").is_file() and "000-dpo-base" in (tmp_path / "replication.md").read_text()
+
+    # The caption track's data: the same base samples, labelled by the caption. Where a caption wants smaller shapes
+    # its pair labels are the size rater's reversed; elsewhere the same (the flip noise and the ties are drawn alike).
+    import pyarrow.parquet as pq
+
+    from full.lab.rater import CaptionRater
+    from full.lab.shapes import parse_caption
+
+    size, caption = (pq.read_table(d / "data" / "pairs.parquet").to_pydict() for d in (lab_dir, tmp_path / "caption"))
+    assert json.loads((tmp_path / "caption" / "data" / "data.json").read_text())["rater"] == "caption"
+    assert np.allclose(np.abs(caption["score_0"]), size["score_0"], atol=1e-6)  # the same images, same areas
+    larger = np.array([CaptionRater.LARGER_IS_BETTER[parse_caption(c)[1:]] for c in caption["caption"]])
+    expected = np.where(larger, size["label_0"], 1.0 - np.asarray(size["label_0"]))
+    assert 0 < larger.sum() < len(larger) and np.array_equal(caption["label_0"], expected)
+
+    # A second run trains and evaluates nothing (every model's weights already evaluated) and says the same
+    record = json.loads((tmp_path / "eval" / "evaluated.json").read_text())
+    again = run_replication(tmp_path, lab_dir, config, launcher="inprocess", quiet=True)
+    assert json.loads((tmp_path / "eval" / "evaluated.json").read_text()) == record
+    assert again["claims"] == result["claims"]
+    # ... and a model whose weights changed (here: its record's digest) is evaluated again, alone
+    record["dpo_seed1"]["key"]["weights"] = "0" * 64
+    (tmp_path / "eval" / "evaluated.json").write_text(json.dumps(record))
+    run_replication(tmp_path, lab_dir, config, launcher="inprocess", quiet=True)
+    after = json.loads((tmp_path / "eval" / "evaluated.json").read_text())
+    assert [n for n in after if after[n]["dir"] != record[n]["dir"]] == ["dpo_seed1"]

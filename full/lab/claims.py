@@ -30,19 +30,25 @@ RULE = (
     "Clopper-Pearson interval on the captions where every resample gives the same value. HOLDS when the CI's lower "
     "end is above 0.5 and a majority of seeds (2 of 3) have W_s > 0.5; REVERSED when the upper end is below 0.5 and "
     "a majority have W_s < 0.5; otherwise INCONCLUSIVE. 'Not worse' claims (no alignment cost): HOLDS when the lower "
-    f"end is above {0.5 - NOT_WORSE_MARGIN:.2f}, REVERSED when the upper end is below 0.5. Ratio claims (cost): "
-    "the per-seed ratio A/B, 95% percentile bootstrap over seeds; 'A above B' HOLDS when the lower end is above 1 "
+    f"end is above {0.5 - NOT_WORSE_MARGIN:.2f}, REVERSED when the upper end is below 0.5. Ratio claims (cost, in "
+    "CPU seconds): the per-seed ratio A/B (the step cost: one full.bench run per seed), 95% percentile bootstrap over "
+    "seeds; 'A above B' HOLDS when the lower end is above 1 "
     "and a majority of seeds are above 1, REVERSED when the upper end is below 1 and a majority are below; 'equal' "
     f"HOLDS when the CI lies inside [{EQUAL_BAND[0]}, {EQUAL_BAND[1]}], REVERSED when it lies outside it. Fewer "
-    "seeds than the run's minimum: INCONCLUSIVE. Every claim is reported whatever its verdict; no arm is re-run "
-    "or re-tuned after its result is seen.")
+    "seeds than the run's minimum: INCONCLUSIVE. Claims on the caption rater's data are judged by the same rule on "
+    "its score. Every claim is reported whatever its verdict; no arm is re-run or re-tuned after its result is seen.")
 
 # What each claim's `score` names: the scorer full.evaluate writes (full/lab/rater.py), and how a caption's samples
 # are summarised. The median is Diffusion-KTO's protocol (paper 001 App. A); a 0/1 flag is summarised by its mean
 # (the median of eight 0/1 flags would hide a drift in up to three of them).
 SCORES = {"rater": ("full.lab.rater:Rater", "median"),
+          "caption_rater": ("full.lab.rater:CaptionRater", "median"),
           "fidelity": ("full.lab.rater:Fidelity", "median"),
           "out_of_range": ("full.lab.rater:OutOfRange", "mean")}
+# Which preference data a claim's arms train on, and the scores its models are evaluated with. "size": the lab's
+# data (the rater prefers larger shapes); "caption": the same base samples labelled by the harder CaptionRater
+# (bigger or smaller is better by the caption), where a method must read the caption to please it.
+TRACKS = {"size": ("rater", "fidelity", "out_of_range"), "caption": ("caption_rater", "fidelity", "out_of_range")}
 KINDS = ("wins", "not_worse", "ratio_above", "ratio_equal")
 RATIOS = ("step_seconds", "gain_per_second")
 
@@ -58,15 +64,16 @@ class Claim:
     b: str
     score: str = "rater"  # one of SCORES, for the win-rate kinds
     ratio: str = ""  # one of RATIOS, for the ratio kinds
+    track: str = "size"  # one of TRACKS: which preference data A and B trained on
 
     @property
     def metric(self) -> str:
         if self.kind in ("ratio_above", "ratio_equal"):
-            return {"step_seconds": "wall seconds per training step, A/B",
+            return {"step_seconds": "CPU seconds per training step (full.bench, one thread), A/B",
                     "gain_per_second": "(mean area gain over base) per training CPU second, A/B"}[self.ratio]
-        what = {"rater": "rater (area)", "fidelity": "caption fidelity", "out_of_range": "share outside the "
-                "pretraining's size range"}[self.score]
-        return f"W(A, B), {what}"
+        what = {"rater": "rater (area)", "caption_rater": "caption rater (area, signed by the caption)",
+                "fidelity": "caption fidelity", "out_of_range": "share outside the pretraining's size range"}[self.score]
+        return f"W(A, B), {what}" + (f"; trained on the {self.track} rater's data" if self.track != "size" else "")
 
 
 C = Claim
@@ -117,6 +124,25 @@ CLAIMS = [
       "wins", "dspo", "dspo_ref"),
     C("004-step-cost", "004 Table 3", "DSPO costs what DPO costs per step", "4.18 vs 4.15 min per step",
       "ratio_equal", "dspo", "dpo", ratio="step_seconds"),
+    # The same headline comparisons with the arm at its paper's own objective settings (methods.paper_setting_methods)
+    C("002-contrast-dpo-paper", "002 Table 1", "Diff-contrast > Diffusion-DPO (contrast at the paper's beta 2000)",
+      "HPS win rate 73.4%", "wins", "contrast_paper", "dpo"),
+    C("003-spo-dpo-paper", "003 Fig. 6", "SPO > Diffusion-DPO (SPO at the paper's rank 4, batch 10, threshold 0.3, "
+      "lr scaled)", "users: 52.8% general preference (SDXL)", "wins", "spo_paper", "dpo"),
+    C("004-dspo-dpo-paper", "004 Table 1", "DSPO > Diffusion-DPO (DSPO at the paper's lambda 0.001, gamma 1)",
+      "PickScore win rate vs base 73.6 vs 71.6", "wins", "dspo_paper", "dpo"),
+    # The harder rater: the headline comparisons again, every arm trained on the caption rater's pairs and feedback
+    C("000-dpo-base-caption", "000 Table 1", "Diffusion-DPO > base (caption-dependent rater)",
+      "PickScore 21.34 vs 21.25", "wins", "dpo", "base", "caption_rater", track="caption"),
+    C("001-kto-dpo-caption", "001 Table 1", "Diffusion-KTO > Diffusion-DPO (caption-dependent rater; KTO at the "
+      "paper's ratio 0.8, beta)", "PickScore win rate 59.6%", "wins", "kto_paper", "dpo", "caption_rater",
+      track="caption"),
+    C("002-contrast-dpo-caption", "002 Table 1", "Diff-contrast > Diffusion-DPO (caption-dependent rater)",
+      "HPS win rate 73.4%", "wins", "contrast", "dpo", "caption_rater", track="caption"),
+    C("003-spo-dpo-caption", "003 Fig. 6", "SPO > Diffusion-DPO (caption-dependent rater)",
+      "users: 52.8% general preference (SDXL)", "wins", "spo", "dpo", "caption_rater", track="caption"),
+    C("004-dspo-dpo-caption", "004 Table 1", "DSPO > Diffusion-DPO (caption-dependent rater)",
+      "PickScore win rate vs base 73.6 vs 71.6", "wins", "dspo", "dpo", "caption_rater", track="caption"),
 ]
 del C
 
@@ -128,9 +154,9 @@ def claim_named(claim_id: str) -> Claim:
     return found[claim_id]
 
 
-def arms_of(claims) -> list[str]:
-    """The trained arms the claims need, in first-use order ("base" is not trained)."""
-    return list(dict.fromkeys(arm for c in claims for arm in (c.a, c.b) if arm != "base"))
+def arms_of(claims) -> list[tuple[str, str]]:
+    """The trained arms the claims need, as (track, arm) in first-use order ("base" is not trained)."""
+    return list(dict.fromkeys((c.track, arm) for c in claims for arm in (c.a, c.b) if arm != "base"))
 
 
 def verdict(kind: str, ci, per_seed, *, min_seeds: int = 3) -> str:

@@ -93,7 +93,17 @@ def paper_setting_methods() -> list[Method]:
     return [Method("bce_paper", "bce", "reference", {"beta": 1.0}),
             # paper 001 App. A: desirable ratio 0.8 and beta 5000 in its code's scale = 10000 in ours
             Method("kto_paper", "kto", "reference", {"utility": "kahneman_tversky", "desirable_ratio": 0.8,
-                                                     "beta": 10000.0})]
+                                                     "beta": 10000.0}),
+            # paper 002 App. D: beta 2000 for SD1.5 (the lab's preset keeps Diffusion-DPO's 5000; tau 0.01 in both)
+            Method("contrast_paper", "contrast", "reference", {"beta": 2000.0}),
+            # paper 004 App. D.3 and Sec. 3: lambda (= our beta) 0.001 and gamma 1, at which DSPO is SFT on the
+            # winners to within ~1e-5 (docs/conventions.md I8); the preset's beta 5000 with gamma 1/(2 beta) is not
+            Method("dspo_paper", "dspo", "dspo", {"dspo_variant": "dspo", "beta": 0.001, "dspo_gamma": 1.0}),
+            # paper 003 Sec. 5.1 and its authors' SD1.5 config: rank 4, batch 10, threshold 0.3 and lr 6e-5, scaled
+            # by the lab's LoRA factor: every lab arm trains at 10x paper 000's LoRA lr (1e-3 for 1e-4, a 1M-parameter
+            # model moved in 300 steps instead of 10000), so SPO's 6e-5 becomes 6e-4
+            Method("spo_paper", "spo", "spo", {"rank": 4, "train_batch_size": 10, "threshold": 0.3,
+                                               "learning_rate": 6e-4})]
 
 
 SEED_SUFFIX = re.compile(r"(?P<name>\w+)_seed(?P<seed>\d+)")
@@ -141,7 +151,7 @@ def trainer_argv(method: Method, lab: LabConfig, model: Path, clip: Path, spm: P
         flags.pop("max_train_steps")
         flags.update(prompts_file=data["prompts"], spm_model_name_or_path=spm, num_inference_steps=lab.sample_steps,
                      guidance_scale=lab.guidance, sample_batch_size=9, num_epochs=max(1, round(4 * lab.train_scale)),
-                     threshold=0.1)
+                     threshold=method.flags.get("threshold", 0.1))
         if smoke:  # one collect phase of 9 prompts, every pair kept (a 4-step preference model is not yet sure)
             flags.update(max_train_samples=9, threshold=0.0)
     return flag_list(flags)
@@ -156,28 +166,39 @@ def spm_argv(lab: LabConfig, model: Path, clip: Path, pairs: Path, out: Path) ->
                       "num_validation_pairs": 8 if smoke else 64, "seed": 0})
 
 
-def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path, threads: int | None = None) -> float:
-    """Run one entry point; returns wall seconds. `launcher`: "accelerate" (a subprocess, as users do) or "inprocess".
-    `threads`: the subprocess's torch threads (OMP_NUM_THREADS), for running several at once on a few cores."""
-    start = time.perf_counter()
+def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path,
+              threads: int | None = None) -> tuple[float, float]:
+    """Run one entry point; returns (wall seconds, CPU seconds). `launcher`: "accelerate" (a subprocess, as users
+    do) or "inprocess". `threads`: the subprocess's torch threads (OMP_NUM_THREADS), for running several at once on
+    a few cores. The CPU seconds (user + system of the process and its children, from `os.wait4`; in process:
+    `time.process_time`) are what a cost comparison reads: a busy neighbour on a shared machine stretches the wall
+    time of a one-thread run, not the CPU time it needs."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if launcher == "inprocess":
         module = importlib.import_module(entry)
         # full.spo exposes main_requiring_pairs (an SPO run that kept no pair is an error)
         main = getattr(module, "main", None) or getattr(module, "main_requiring_pairs")
         main(argv)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
-    # the preference model's trainer and the evaluation are plain scripts; the trainers are accelerate programs
-    plain = entry in ("full.train_spm", "full.evaluate")
+    # the preference model's trainer, the evaluation and the benchmark are plain scripts; the trainers are
+    # accelerate programs
+    plain = entry in ("full.train_spm", "full.evaluate", "full.bench")
     command = ([sys.executable, "-m", entry] if plain else [*launch, "-m", entry]) + argv
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log_file, "w") as log:
         log.write(" ".join(command) + "\n\n")
         log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)  # the rusage of the launcher and what it waited for
+        except BaseException:
+            process.kill()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
         tail = log_file.read_text()[-1500:]
-        raise RuntimeError(f"{entry} failed with exit status {done.returncode}; see {log_file}:\n{tail}")
-    return time.perf_counter() - start
+        raise RuntimeError(f"{entry} failed with exit status {process.returncode}; see {log_file}:\n{tail}")
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime

@@ -105,8 +105,9 @@ def convert(*argv: str) -> str:
 
 def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: int, guidance: float,
                          tie_rate: float, label_noise: float, desirable_quantile: float, seed: int = 10_000,
-                         log=print) -> dict:
-    """Sample, rate, write `pairs.parquet`, `pairs_swapped.parquet` and `feedback.parquet` under `out_dir`."""
+                         rater: str = "size", log=print) -> dict:
+    """Sample, rate (by `rater`, a name of `rater.RATERS`), write `pairs.parquet`, `pairs_swapped.parquet` and
+    `feedback.parquet` under `out_dir`."""
     if images_per_caption < 2 or images_per_caption % 2:
         raise ValueError(f"images_per_caption must be even and >= 2, got {images_per_caption}")
     out_dir = Path(out_dir)
@@ -115,7 +116,7 @@ def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: 
     # seeds from 10000 on: the evaluation draws seeds 0.., so no evaluated image is a training image
     seeds = [seed + i for i in range(len(prompts))]
     images = sample_images(pipe, prompts, seeds, steps=steps, guidance=guidance, log=log)
-    scores = rater_lib.Rater().score(images, prompts)
+    scores = rater_lib.rater_named(rater)().score(images, prompts)
     first, second = slice(0, None, 2), slice(1, None, 2)  # consecutive samples of one caption
     label_0 = rater_lib.label_pairs(scores[first], scores[second], tie_rate=tie_rate, label_noise=label_noise,
                                     seed=seed)
@@ -134,7 +135,7 @@ def make_preference_data(model_dir, out_dir, *, images_per_caption: int, steps: 
     prompts_file.write_text("".join(c + "\n" for c in TRAIN_CAPTIONS))
     summary = {"pairs": str(pairs), "pairs_swapped": str(swapped), "feedback": str(feedback),
                "prompts": str(prompts_file),
-               "n_pairs": len(captions), "n_ties": int((label_0 == 0.5).sum()), "tie_rate": tie_rate,
+               "rater": rater, "n_pairs": len(captions), "n_ties": int((label_0 == 0.5).sum()), "tie_rate": tie_rate,
                "label_noise": label_noise, "desirable_quantile": desirable_quantile,
                "desirable_threshold": threshold, "converter": "python -m full.data convert " + " ".join(converter),
                "converter_says": converter_says, "base_mean_score": float(np.mean(scores)),

@@ -74,6 +74,9 @@ class LabConfig:
     family: str = "sd15"
     # flags every trainer of this lab gets on top of the presets (the sd3 lab: the T5 length its pipeline samples with)
     trainer_flags: tuple = ()
+    # who labels the preference data (full/lab/rater.py, RATERS): "size" (bigger is better, the lab's) or "caption"
+    # (the replication's harder one: the caption decides whether bigger or smaller is better)
+    rater: str = "size"
 
 
 FULL = LabConfig("full", FULL_PRETRAIN, images_per_caption=64)

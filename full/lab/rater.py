@@ -48,6 +48,41 @@ class Rater:
         return [reader.read(image).area for image in images]
 
 
+class CaptionRater:
+    """The harder preference (the replication table's second rater): whether bigger or smaller is better depends on
+    the caption. Circles are better large and squares small; triangles large on a dark background and small on a
+    light one. The score is +area where larger is wanted and -area where smaller is, so a method that learned
+    "bigger" from the first rater wins about half the captions here and loses the rest: a model must read the
+    caption's shape (and, for triangles, its background) to please this rater. The shape and background are the
+    caption's, not the image's: drawing a small circle where a square was asked does not pass as a small square."""
+
+    name = "lab_caption_rater"
+    LARGER_IS_BETTER = {("circle", "dark"): True, ("circle", "light"): True, ("square", "dark"): False,
+                        ("square", "light"): False, ("triangle", "dark"): True, ("triangle", "light"): False}
+
+    def __init__(self, **options):
+        self.options = options
+
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        _check(images, prompts)
+        out = []
+        for image, prompt in zip(images, prompts):
+            _, shape, background = parse_caption(prompt.removeprefix(GOOD_PREFIX))  # CSFT samples with a prefix
+            area = reader.read(image).area
+            out.append(area if self.LARGER_IS_BETTER[shape, background] else -area)
+        return out
+
+
+# The raters that can label the lab's preference data (LabConfig.rater)
+RATERS = {"size": Rater, "caption": CaptionRater}
+
+
+def rater_named(name: str):
+    if name not in RATERS:
+        raise ValueError(f"unknown lab rater {name!r}; choose one of {', '.join(RATERS)}")
+    return RATERS[name]
+
+
 class Fidelity:
     """1.0 when colour, shape and background read from the image are the caption's, else 0.0."""
 

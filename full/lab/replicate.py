@@ -16,7 +16,6 @@ finished run (and with `--docs FILE` writes it between the markers there): the d
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,27 +51,33 @@ class ReplicationConfig:
 
 
 FULL_REPLICATION = ReplicationConfig("full", FULL)
-# The quick lab trains sft / dpo / dpo_swapped 60 steps (the rest 4): its DPO with a second seed is also "measured"
+# The quick lab trains sft / dpo / dpo_swapped 60 steps (the rest 4): its DPO with a second seed is also "measured";
+# the caption rater's DPO arms run 4 steps (the track's machinery: its data, its names, its scorer)
 QUICK_REPLICATION = ReplicationConfig(
     "quick", replace(QUICK, measured=QUICK.measured + ("dpo_seed1",)), seeds=(0, 1),
-    claim_ids=("000-dpo-base", "000-dpo-fidelity"), min_seeds=2, checkpoint_every=0, train_in_lab=True,
-    n_resamples=2000, calibrate=False)
+    claim_ids=("000-dpo-base", "000-dpo-fidelity", "000-dpo-base-caption"), min_seeds=2, checkpoint_every=0,
+    train_in_lab=True, n_resamples=2000, calibrate=False)
 
 
-def seeded(arm: str, seed: int) -> str:
-    """The evaluated model of `arm` trained with `seed` (`methods.method_named`'s NAME_seed<N>); base is one model."""
-    return arm if arm == "base" or seed == 0 else f"{arm}_seed{seed}"
+def seeded(arm: str, seed: int, track: str = "size") -> str:
+    """The evaluated model of `arm` trained with `seed` (`methods.method_named`'s NAME_seed<N>) on `track`'s data
+    (claims.TRACKS; other than "size", the name starts with the track's: caption_dpo_seed1); base is one model."""
+    if arm == "base":
+        return arm
+    name = arm if seed == 0 else f"{arm}_seed{seed}"
+    return name if track == "size" else f"{track}_{name}"
 
 
-def replication_arms(config: ReplicationConfig) -> list:
-    """Every (arm, seed) the claims need, as `methods.Method`s; full.train arms save checkpoints when asked."""
-    arms = []
-    for arm in claims_lib.arms_of(config.claims):
+def replication_arms(config: ReplicationConfig) -> dict[str, list]:
+    """Every (arm, seed) the claims need, as `methods.Method`s named by `seeded`, by track; full.train arms save
+    checkpoints when asked."""
+    arms: dict[str, list] = {}
+    for track, arm in claims_lib.arms_of(config.claims):
         for seed in config.seeds:
-            method = methods_lib.method_named(seeded(arm, seed))
+            method = replace(methods_lib.method_named(seeded(arm, seed)), name=seeded(arm, seed, track))
             if config.checkpoint_every and method.entry == "full.train":
                 method = replace(method, flags={**method.flags, "checkpointing_steps": config.checkpoint_every})
-            arms.append(method)
+            arms.setdefault(track, []).append(method)
     return arms
 
 
@@ -98,11 +103,11 @@ def per_caption(scores: dict, aggregate: str) -> tuple[list[str], np.ndarray]:
     return ids, np.array([reduce(np.asarray(scores[i], dtype=np.float64)) for i in ids])
 
 
-def win_matrix(by_model: dict, a: str, b: str, seeds, aggregate: str) -> np.ndarray:
+def win_matrix(by_model: dict, a: str, b: str, seeds, aggregate: str, track: str = "size") -> np.ndarray:
     """(S, P) win indicators of A_s over B_s per caption (1, 0.5 on a tie, 0), s over the training seeds."""
     rows = []
     for seed in seeds:
-        name_a, name_b = seeded(a, seed), seeded(b, seed)
+        name_a, name_b = seeded(a, seed, track), seeded(b, seed, track)
         missing = [n for n in (name_a, name_b) if n not in by_model]
         if missing:
             raise ValueError(f"no scores for {missing}: evaluate every arm of the claim first")
@@ -144,44 +149,49 @@ def measure_ratio(per_seed: list[float], *, n_resamples: int, confidence: float 
             "ci_method": "percentile bootstrap over seeds", "seeds": len(values), "per_seed": values.tolist()}
 
 
-def steps_of(command: str) -> int | None:
-    found = re.search(r"--max_train_steps (\d+)", command)
-    return int(found[1]) if found else None
-
-
-def ratio_per_seed(claim, trained: dict, rater_scores: dict, seeds, spm_seconds: float) -> list[float]:
-    """Per seed, A's quantity over B's: seconds per step, or (mean area gain over base) per training second, where
-    SPO's seconds include its preference model's (trained once, charged to every seed: the paper counts it)."""
-    def quantity(arm: str, seed: int) -> float:
-        entry = trained[seeded(arm, seed)]
-        seconds = entry["seconds"] + (spm_seconds if entry["command"].startswith("full.spo") else 0.0)
+def ratio_per_seed(claim, trained: dict, rater_scores: dict, seeds, spm_cpu_seconds: float,
+                   bench: list | None = None) -> list[float]:
+    """Per seed, A's quantity over B's. "step_seconds": CPU seconds of one training step of A's and B's objective
+    in `bench` (one `python -m full.bench` run per seed: the trainer's step, one method after the other in one
+    process, one thread's CPU time), so a busy neighbour does not decide the row. "gain_per_second": the mean area
+    gain over base per CPU second of training (the arm's process, `run_entry`), SPO's including its preference
+    model's (trained once, charged to every seed: the paper counts it)."""
+    def quantity(arm: str, index: int, seed: int) -> float:
         if claim.ratio == "step_seconds":
-            return seconds / (steps_of(entry["command"]) or 1)
+            if bench is None or index >= len(bench):
+                raise ValueError(f"{claim.id}: needs a full.bench run per seed; got {0 if bench is None else len(bench)}")
+            return bench[index]["steps"][f"{methods_lib.method_named(arm).row}/uncached"]["ms"] / 1e3
+        entry = trained[seeded(arm, seed)]
+        if entry.get("cpu_seconds") is None:
+            raise ValueError(f"{claim.id}: {seeded(arm, seed)} has no CPU time on record; train it again")
+        seconds = entry["cpu_seconds"] + (spm_cpu_seconds if entry["command"].startswith("full.spo") else 0.0)
         mean = lambda model: np.mean([v for values in rater_scores[model].values() for v in values])  # noqa: E731
         return (mean(seeded(arm, seed)) - mean("base")) / seconds
 
     out = []
-    for seed in seeds:
-        a, b = quantity(claim.a, seed), quantity(claim.b, seed)
+    for index, seed in enumerate(seeds):
+        a, b = quantity(claim.a, index, seed), quantity(claim.b, index, seed)
         out.append(a / b if b > 0 else float("nan"))
     return out
 
 
-def measure_claims(config: ReplicationConfig, scores: dict, trained: dict, spm_seconds: float = 0.0) -> list[dict]:
+def measure_claims(config: ReplicationConfig, scores: dict, trained: dict, spm_cpu_seconds: float = 0.0,
+                   bench: list | None = None) -> list[dict]:
     rows = []
     for claim in config.claims:
         if claim.kind in ("wins", "not_worse"):
             scorer, aggregate = claims_lib.SCORES[claim.score]
-            indicators = win_matrix(scores[scorer], claim.a, claim.b, config.seeds, aggregate)
+            indicators = win_matrix(scores[scorer], claim.a, claim.b, config.seeds, aggregate, claim.track)
             lab = measure_win(indicators, n_resamples=config.n_resamples)
         else:
-            per_seed = ratio_per_seed(claim, trained, scores[claims_lib.SCORES["rater"][0]], config.seeds, spm_seconds)
+            per_seed = ratio_per_seed(claim, trained, scores[claims_lib.SCORES["rater"][0]], config.seeds,
+                                      spm_cpu_seconds, bench)
             lab = measure_ratio(per_seed, n_resamples=config.n_resamples)
         per_seed = [np.nan if v is None else v for v in lab["per_seed"]]
         verdict = claims_lib.verdict(claim.kind, lab["ci"], per_seed, min_seeds=config.min_seeds)
         rows.append({"id": claim.id, "paper": claim.paper, "claim": claim.claim, "paper_value": claim.paper_value,
-                     "metric": claim.metric, "kind": claim.kind, "a": claim.a, "b": claim.b, "lab": lab,
-                     "verdict": verdict})
+                     "metric": claim.metric, "kind": claim.kind, "a": claim.a, "b": claim.b, "track": claim.track,
+                     "lab": lab, "verdict": verdict})
     return rows
 
 

@@ -3,23 +3,29 @@ full/lab/replicate.py, the claims and the rule in full/lab/claims.py):
 
     LAB/model, LAB/clip, LAB/data   the lab's pretrained pipeline, CLIP and preference data (reused; made if missing)
     OUT/train/NAME/                 each (arm, seed)'s LoRA, cached by its command (quick: LAB/train, the lab's own)
-    OUT/eval/                       full.evaluate's images and scores.jsonl for every model
+    OUT/caption/data, train/        the caption rater's preference data (the same base samples) and its arms' LoRAs
+    OUT/bench/runN.json             full.bench's step times, one run per seed (the step-cost claim)
+    OUT/eval/batch-NNN/             full.evaluate's images and scores, evaluated once per model's weights
+    OUT/eval/scores.jsonl           every model's current scores (merged; OUT/eval/evaluated.json says from where)
     OUT/replication.json            rule, claims with estimate, CI, per-seed values and verdict, checkpoints, cost
     OUT/replication.md, .png        the table (replicate.markdown_table) and the figure
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from full.lab import claims as claims_lib
+from full.lab import methods as methods_lib
 from full.lab import run as lab_run
+from full.lab.presets import FAMILIES
 from full.lab.replicate import (ReplicationConfig, checkpoint_gains, markdown_table, measure_claims, read_scores,
-                                replication_arms)
+                                replication_arms, seeded)
 
 
 def checkpoint_models(trained: dict, step: int, seed0_names: set) -> tuple[dict, dict]:
@@ -42,31 +48,35 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     progress = lab_run.Progress(quiet)
     progress(f"replication '{config.name}': {len(config.claims)} claims, seeds {list(config.seeds)}, lab {lab_dir}")
     model, clip = lab_run.ensure_pretrained(lab_dir, config.lab, progress)
-    data = lab_run.ensure_preference_data(lab_dir, config.lab, model, progress)
     arms = replication_arms(config)
-    train_root = lab_dir if config.train_in_lab else out
-    start = time.perf_counter()
-    with progress_bar(total=len(arms), desc="train arms", unit="arm", disable=quiet) as bar:
-        trained = lab_run.train_all(train_root, config.lab, model, clip, data, launcher=launcher, progress=progress,
-                                    selected=arms, on_done=lambda name: bar.update(1))
+    # the arms whose CPU time a cost claim reads (a cached arm without one is trained again)
+    need_cpu = frozenset(seeded(arm, seed) for c in config.claims if c.ratio == "gain_per_second"
+                         for arm in (c.a, c.b) for seed in config.seeds)
+    start, trained, spm_cpu = time.perf_counter(), {}, 0.0
+    with progress_bar(total=sum(map(len, arms.values())), desc="train arms", unit="arm", disable=quiet) as bar:
+        for track, methods in arms.items():
+            root, data = track_data(track, out, lab_dir, config, model, progress)
+            trained.update(lab_run.train_all(root, replace(config.lab, rater=track), model, clip, data,
+                                             launcher=launcher, progress=progress, selected=methods,
+                                             on_done=lambda name: bar.update(1), need_cpu=need_cpu))
+            spm_file = root / "train" / "spm" / "lab_spm.json"
+            if track == "size" and spm_file.is_file():
+                spm_cpu = json.loads(spm_file.read_text()).get("cpu_seconds") or 0.0
     progress.timed("train", time.perf_counter() - start)
-    seed0 = {m.name for m in arms if m.seed == 0}
+    bench = step_benchmarks(out, config, progress)
+    seed0 = {seeded(arm, 0, track) for track, arm in claims_lib.arms_of(config.claims)}
     checkpoints, checkpoint_loras = checkpoint_models(trained, config.checkpoint_every, seed0)
-    scorers = tuple(dict.fromkeys(spec for spec, _ in claims_lib.SCORES.values()))
     start = time.perf_counter()
-    progress(f"evaluate base + {len(trained) + len(checkpoint_loras)} LoRAs with full.evaluate")
-    lab_run.evaluate(out, config.lab, model, {**trained, **checkpoint_loras}, launcher=launcher, scorers=scorers,
-                     report=False)
+    evaluate_cached(out, config, model, {**trained, **checkpoint_loras}, launcher, progress)
     progress.timed("evaluate", time.perf_counter() - start)
     scores = read_scores(out / "eval" / "scores.jsonl")
-    spm_file = train_root / "train" / "spm" / "lab_spm.json"
-    spm_seconds = json.loads(spm_file.read_text())["seconds"] if spm_file.is_file() else 0.0
-    rows = measure_claims(config, scores, trained, spm_seconds)
+    rows = measure_claims(config, scores, trained, spm_cpu, bench)
     result = {
         "rule": claims_lib.RULE, "min_seeds": config.min_seeds, "claims": rows,
         "checkpoints": checkpoint_gains(scores, checkpoints),
-        "arms": {name: {"seconds": e["seconds"], "command": e["command"]} for name, e in trained.items()},
-        "spm_seconds": spm_seconds,
+        "arms": {name: {"seconds": e["seconds"], "cpu_seconds": e.get("cpu_seconds"), "command": e["command"]}
+                 for name, e in trained.items()},
+        "spm_cpu_seconds": spm_cpu, "bench": bench,
         "config": {"name": config.name, "seeds": list(config.seeds), "checkpoint_every": config.checkpoint_every,
                    "n_resamples": config.n_resamples, "lab_dir": str(lab_dir),
                    "lab": {k: v for k, v in asdict(config.lab).items() if k != "pretrain"}},
@@ -84,6 +94,96 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("holds", "reversed", "inconclusive")}
     progress(f"wrote {out / 'replication.json'}: {counts} ({result['wall_s']:.0f}s)")
     return result
+
+
+def track_data(track: str, out: Path, lab_dir: Path, config: ReplicationConfig, model: Path, progress) -> tuple:
+    """(where the track's arms train, its preference data): the lab's own data for "size" (in OUT/train, or the
+    lab's train/ for the quick run); for another rater, the same base model's samples labelled by it, in OUT/TRACK."""
+    if track == "size":
+        data = lab_run.ensure_preference_data(lab_dir, config.lab, model, progress)
+        return (lab_dir if config.train_in_lab else out), data
+    root = out / track
+    return root, lab_run.ensure_preference_data(root, replace(config.lab, rater=track), model, progress)
+
+
+def step_benchmarks(out: Path, config: ReplicationConfig, progress) -> list:
+    """One `python -m full.bench` run per training seed for the step-cost claims: the trainer's own step of each
+    claim's objectives on full.bench's tiny UNet (the lab's model's size) at the lab's batch, one thread, one after
+    the other in one fresh process; its CPU time, which a busy neighbour does not stretch."""
+    rows = sorted({methods_lib.method_named(arm).row for c in config.claims if c.ratio == "step_seconds"
+                   for arm in (c.a, c.b)})
+    if not rows:
+        return []
+    batch = str(FAMILIES["reference"]["flags"]["train_batch_size"])
+    runs = []
+    for index, _ in enumerate(config.seeds):
+        path = out / "bench" / f"run{index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["--config", "tiny", "--resolution", "32", "--batch_size", batch, "--threads", "1", "--steps", "15",
+                "--warmup", "3", "--methods", *rows, "--out", str(path)]
+        # always a fresh process (in this one, full.bench would set the caller's torch threads to 1)
+        methods_lib.run_entry("full.bench", argv, launcher="accelerate", log_file=out / "logs" / f"bench{index}.log")
+        runs.append(json.loads(path.read_text()))
+    progress(f"full.bench: {len(runs)} runs of {', '.join(rows)}")
+    return runs
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a model's weights: a LoRA folder's pytorch_lora_weights.safetensors, else every .safetensors under
+    the folder (a pipeline, a whole UNet). Two trainings that wrote the same weights share their evaluation."""
+    path = Path(path)
+    lora = path / "pytorch_lora_weights.safetensors"
+    files = [lora] if lora.is_file() else sorted(path.rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def evaluate_cached(out: Path, config: ReplicationConfig, model: Path, models: dict, launcher: str, progress) -> None:
+    """full.evaluate on every model not yet evaluated with these weights, sampler settings and scorers; then
+    OUT/eval/scores.jsonl and manifest.jsonl merged from the batches that hold each model's current evaluation.
+
+    OUT/eval/evaluated.json records, per model, the key it was evaluated under (weights digest, prompt prefix,
+    sampler settings), its scorers and the batch folder (OUT/eval/batch-NNN) holding its images and scores. A
+    retrained arm with new weights, a new sampler setting or a missing scorer is evaluated again; nothing else."""
+    eval_dir = out / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    record_file = eval_dir / "evaluated.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    sampler = {"eval_seeds": config.lab.eval_seeds, "sample_steps": config.lab.sample_steps,
+               "guidance": config.lab.guidance}
+    specs = lambda names: list(dict.fromkeys(claims_lib.SCORES[s][0] for n in names  # noqa: E731
+                                             for s in claims_lib.TRACKS[n]))
+    tracks = {name: next((t for t in claims_lib.TRACKS if t != "size" and name.startswith(t + "_")), "size")
+              for name in models}
+    wanted = {name: {"key": {"weights": weights_digest(entry["lora"]), "prefix": entry["prompt_prefix"], **sampler},
+                     "scorers": specs([tracks[name]])} for name, entry in models.items()}
+    wanted["base"] = {"key": {"weights": weights_digest(model), "prefix": "", **sampler},
+                      "scorers": specs(sorted(set(tracks.values())))}
+    stale = [name for name, want in wanted.items() if name not in record or record[name]["key"] != want["key"]
+             or not set(want["scorers"]) <= set(record[name]["scorers"])]
+    progress(f"evaluate {len(stale)} of {len(wanted)} models with full.evaluate ({len(wanted) - len(stale)} cached)")
+    groups: dict = {}
+    for name in stale:
+        groups.setdefault(tuple(wanted[name]["scorers"]), []).append(name)
+    for scorers, names in groups.items():
+        batch = f"batch-{1 + max([int(b[6:]) for b in {r['dir'] for r in record.values()}] or [0]):03d}"
+        lab_run.evaluate(out, config.lab, model, {n: models[n] for n in names if n != "base"}, launcher=launcher,
+                         scorers=scorers, eval_dir=eval_dir / batch, report=False, with_base="base" in names)
+        record.update({n: {**wanted[n], "dir": batch} for n in names})
+        record_file.write_text(json.dumps(record, indent=1))  # a crash keeps the batches already done
+    for kind in ("scores", "manifest"):
+        with (eval_dir / f"{kind}.jsonl").open("w") as merged:
+            for batch in sorted({record[n]["dir"] for n in wanted}):
+                for line in (eval_dir / batch / f"{kind}.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    if row.get("model") in wanted and record[row["model"]]["dir"] == batch:
+                        if kind == "manifest":
+                            row["path"] = f"{batch}/{row['path']}"
+                        merged.write(json.dumps(row) + "\n")
 
 
 VERDICT_COLOURS = {"holds": "tab:green", "reversed": "tab:red", "inconclusive": "tab:gray"}

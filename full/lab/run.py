@@ -121,6 +121,8 @@ def ensure_preference_data(out: Path, lab: LabConfig, model: Path, progress: Pro
     cache_key, _ = family_pretraining(lab)
     settings = ("images_per_caption", "sample_steps", "guidance", "tie_rate", "label_noise", "desirable_quantile")
     config = {"model": cache_key(lab.pretrain), **{name: getattr(lab, name) for name in settings}}
+    if lab.rater != "size":  # (the size rater's data keep the key they were cached under)
+        config["rater"] = lab.rater
     if cached(out / "data", "data.json", config):
         progress(f"preference data: cached in {out / 'data'}")
         return json.loads((out / "data" / "data.json").read_text())
@@ -130,7 +132,7 @@ def ensure_preference_data(out: Path, lab: LabConfig, model: Path, progress: Pro
     data = preferences.make_preference_data(model, out / "data", images_per_caption=lab.images_per_caption,
                                             steps=lab.sample_steps, guidance=lab.guidance, tie_rate=lab.tie_rate,
                                             label_noise=lab.label_noise, desirable_quantile=lab.desirable_quantile,
-                                            log=progress)
+                                            rater=lab.rater, log=progress)
     data["config"] = config
     (out / "data" / "data.json").write_text(json.dumps(data, indent=1))
     progress.timed("preference data", time.perf_counter() - start)
@@ -146,9 +148,12 @@ def in_parallel(jobs: list, run, workers: int) -> list:
 
 
 def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *, launcher: str,
-              progress: Progress, selected: list | None = None, on_done=None) -> dict[str, dict]:
+              progress: Progress, selected: list | None = None, on_done=None, need_cpu: frozenset = frozenset()
+              ) -> dict[str, dict]:
     """Train every selected method (`selected`: Method objects; default `lab.methods` by name); returns
-    {name: {"lora": dir, "seconds": s, "command": ...}}. `on_done(name)` hears each finished (or cached) method."""
+    {name: {"lora": dir, "seconds": s, "cpu_seconds": s or None, "command": ...}}. `on_done(name)` hears each
+    finished (or cached) method. A cached LoRA of a method in `need_cpu` that has no CPU time on record (cached
+    before CPU times were kept) is trained again (so is SPO's preference model, for an SPO arm in it)."""
     if selected is None:
         names = lab.methods or [m.name for m in methods_lib.all_methods()]
         selected = [methods_lib.method_named(name) for name in names]  # in the order asked for
@@ -160,12 +165,17 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
 
     def train(method) -> dict:
         with spm_lock:
-            if method.entry == "full.spo" and not (spm / "spm_config.json").is_file():  # SPO's preference model first
+            spm_timed = "cpu_seconds" in json.loads((spm / "lab_spm.json").read_text()) \
+                if (spm / "lab_spm.json").is_file() else False
+            if method.entry == "full.spo" and (not (spm / "spm_config.json").is_file() or
+                                               (method.name in need_cpu and not spm_timed)):
+                shutil.rmtree(spm, ignore_errors=True)  # SPO's preference model first
                 argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
-                seconds = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
-                                                log_file=out / "logs" / "spm.log")
+                seconds, cpu = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
+                                                     log_file=out / "logs" / "spm.log")
                 progress.timed("train_spm", seconds)
-                (spm / "lab_spm.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
+                (spm / "lab_spm.json").write_text(json.dumps({"seconds": round(seconds, 1),
+                                                              "cpu_seconds": round(cpu, 1)}))
         target = out / "train" / method.name
         argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
         argv += methods_lib.flag_list(dict(lab.trainer_flags))  # the lab family's own flags (sd3: T5 length)
@@ -174,16 +184,19 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
                  "weights": "--full_model" if method.flags.get("train_mode") == "full" else "--lora"}
         # A LoRA trained by this very command on this data is reused (the data's cache clears train/ when it changes)
         if cached(target, "lab_train.json", entry["command"]):
-            progress(f"train {method.name}: cached in {target}")
-            if on_done is not None:
-                on_done(method.name)
-            return {**entry, "seconds": json.loads((target / "lab_train.json").read_text())["seconds"]}
+            record = json.loads((target / "lab_train.json").read_text())
+            if method.name not in need_cpu or record.get("cpu_seconds") is not None:
+                progress(f"train {method.name}: cached in {target}")
+                if on_done is not None:
+                    on_done(method.name)
+                return {**entry, "seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds")}
         shutil.rmtree(target, ignore_errors=True)
-        seconds = methods_lib.run_entry(method.entry, argv, launcher=launcher, threads=threads,
-                                        log_file=out / "logs" / f"{method.name}.log")
+        seconds, cpu = methods_lib.run_entry(method.entry, argv, launcher=launcher, threads=threads,
+                                             log_file=out / "logs" / f"{method.name}.log")
         progress.timed(f"train {method.name}", seconds)
-        entry["seconds"] = round(seconds, 1)
-        (target / "lab_train.json").write_text(json.dumps({"config": entry["command"], "seconds": entry["seconds"]}))
+        entry["seconds"], entry["cpu_seconds"] = round(seconds, 1), round(cpu, 1)
+        (target / "lab_train.json").write_text(json.dumps({"config": entry["command"], "seconds": entry["seconds"],
+                                                           "cpu_seconds": entry["cpu_seconds"]}))
         if on_done is not None:
             on_done(method.name)
         return entry
@@ -196,10 +209,11 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluation_runs(trained: dict, workers: int) -> list[dict]:
-    """How the models are split over full.evaluate runs: the base model and the LoRAs sampled with the plain
-    caption dealt over `workers` runs, and one run per prompt prefix (CSFT samples "good image, <caption>")."""
-    plain = ["base", *(name for name, entry in trained.items() if not entry["prompt_prefix"])]
+def evaluation_runs(trained: dict, workers: int, with_base: bool = True) -> list[dict]:
+    """How the models are split over full.evaluate runs: the base model (unless `with_base` is False) and the
+    LoRAs sampled with the plain caption dealt over `workers` runs, and one run per prompt prefix (CSFT samples
+    "good image, <caption>")."""
+    plain = ["base"] * with_base + [name for name, entry in trained.items() if not entry["prompt_prefix"]]
     runs = [{"name": f"part{i}", "prefix": "", "models": plain[i::workers]} for i in range(workers)]
     for prefix in dict.fromkeys(entry["prompt_prefix"] for entry in trained.values() if entry["prompt_prefix"]):
         models = [name for name, entry in trained.items() if entry["prompt_prefix"] == prefix]
@@ -208,17 +222,19 @@ def evaluation_runs(trained: dict, workers: int) -> list[dict]:
 
 
 def evaluate(out: Path, lab: LabConfig, model: Path, trained: dict, *, launcher: str,
-             scorers=tuple(SCORERS.values()), eval_dir: Path | None = None, report: bool = True) -> dict | None:
+             scorers=tuple(SCORERS.values()), eval_dir: Path | None = None, report: bool = True,
+             with_base: bool = True) -> dict | None:
     """full.evaluate on the held-out captions: generate (every LoRA loaded by it) and score in one or more runs,
     then one report over all of them (the runs' manifests and scores merged: a comparison pairs images by prompt
-    id and seed, so CSFT's prefixed prompts are compared with the base model's plain ones)."""
+    id and seed, so CSFT's prefixed prompts are compared with the base model's plain ones). `with_base` False: the
+    LoRAs only (the caller has the base model's scores)."""
     from full import evaluate as evaluate_entry
 
     eval_dir = eval_dir or out / "eval"
     shutil.rmtree(eval_dir, ignore_errors=True)  # a stale image of a retrained LoRA must not be reused
     eval_dir.mkdir(parents=True)
     workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
-    runs = evaluation_runs(trained, workers)
+    runs = evaluation_runs(trained, workers, with_base)
 
     def generate_and_score(run: dict) -> None:
         run_dir = eval_dir / run["name"]
