@@ -136,6 +136,35 @@ def test_cost_ratios_read_cpu_seconds_and_the_benchmark_and_charge_spo_its_prefe
     assert replicate.measure_ratio([float("nan")], n_resamples=10)["estimate"] is None
 
 
+def test_checkpoints_are_seed_zeros_saves_before_the_end_and_gains_read_the_tracks_rater(tmp_path):
+    from full.lab.replicate_run import checkpoint_models
+
+    trained = {}
+    for name, saved in (("dpo", (100, 200, 300)), ("dpo_seed1", (100, 200, 300)), ("spo", (97,)),
+                        ("caption_dpo", (100, 200, 300))):
+        for step in saved:
+            (tmp_path / name / f"checkpoint-{step}").mkdir(parents=True)
+            (tmp_path / name / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+        trained[name] = {"lora": str(tmp_path / name), "prompt_prefix": ""}
+    found, loras = checkpoint_models(trained, 100, {"dpo", "spo", "caption_dpo"})
+    # the last save is the final LoRA; seed 1 and SPO's end-of-run save (step 97) are not checkpoints to evaluate
+    assert found == {"dpo": {100: "dpo_step100", 200: "dpo_step200"},
+                     "caption_dpo": {100: "caption_dpo_step100", 200: "caption_dpo_step200"}}
+    assert loras["dpo_step200"]["lora"] == str(tmp_path / "dpo" / "checkpoint-200")
+    assert checkpoint_models(trained, 0, {"dpo"}) == ({}, {})
+    size, caption = claims_lib.SCORES["rater"][0], claims_lib.SCORES["caption_rater"][0]
+    flat = lambda v: {"p00": [v, v]}  # noqa: E731
+    scores = {size: {"base": flat(0.1), "dpo": flat(0.3), "dpo_step100": flat(0.2)},
+              caption: {"base": flat(-0.1), "caption_dpo": flat(0.1), "caption_dpo_step100": flat(0.0)}}
+    gains = replicate.checkpoint_gains(scores, {"dpo": {100: "dpo_step100"},
+                                                "caption_dpo": {100: "caption_dpo_step100"}})
+    assert gains == {"dpo": {"100": 0.1, "final": 0.2}, "caption_dpo": {"100": 0.1, "final": 0.2}}
+    from full.lab.replicate_run import checkpoint_figure
+
+    arms = {a: {"command": "full.train --max_train_steps 300"} for a in gains}
+    assert checkpoint_figure({"checkpoints": gains, "arms": arms}, tmp_path / "c.png").stat().st_size > 0
+
+
 def test_the_caption_rater_wants_the_size_its_caption_asks_for():
     from PIL import Image
 

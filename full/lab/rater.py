@@ -7,6 +7,10 @@ preference tuning's doing. A larger shape is also easy to see in a sample grid. 
 drawing something else (a blob that is no longer the captioned shape, colour spilling over the background);
 that is what the second scorer watches.
 
+**A harder preference: the caption decides.** `CaptionRater` (the replication table's second data track,
+docs/replication.md) wants circles large, squares small, and triangles large on a dark background but small on a
+light one: half the captions ask for the opposite of "bigger", so a method must read the caption to please it.
+
 **The caption check.** `Fidelity` scores 1 when the reader finds the caption's colour, shape *and* background in
 the image, else 0: its mean is the accuracy with which the model follows its prompts.
 

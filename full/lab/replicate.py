@@ -6,10 +6,12 @@ to head in the CPU image lab, judged by a rule fixed in advance (full/lab/claims
     python -m full.lab.replicate --table runs/replication/replication.json --docs docs/replication.md
 
 It reuses the lab's pretrained model, CLIP and preference data (`--lab`, default runs/lab; pretrained there when
-missing), trains every arm the claims need with each training seed through the same entry points as the lab
-(`full/lab/methods.py`; LoRAs cached in OUT/train by their command), evaluates all of them in one `full.evaluate`
-(18 held-out captions x 8 sample seeds, the rater, the caption check and the size-range check), and writes
-OUT/replication.json, OUT/replication.md (the table) and OUT/replication.png. `--table` prints the table of a
+missing), labels the same base samples again with the harder caption rater for the claims on that track
+(OUT/caption), trains every arm the claims need with each training seed through the same entry points as the lab
+(`full/lab/methods.py`; LoRAs cached in OUT/train by their command), times the step-cost claim's objectives with
+`python -m full.bench`, evaluates every model with `full.evaluate` (18 held-out captions x 8 sample seeds, the
+raters, the caption check and the size-range check; a model whose weights were evaluated before is not evaluated
+again), and writes OUT/replication.json, OUT/replication.md (the table) and OUT/replication.png. `--table` prints the table of a
 finished run (and with `--docs FILE` writes it between the markers there): the docs' table is generated, not typed.
 """
 
@@ -36,8 +38,8 @@ class ReplicationConfig:
     seeds: tuple = (0, 1, 2)  # training seeds; A and B of a comparison share each
     claim_ids: tuple = ()  # empty: every claim
     min_seeds: int = 3  # the rule's minimum for a verdict other than inconclusive
-    # full.train arms also save their LoRA every N steps; seed 0's at step N is evaluated (the reward gain before the
-    # end, so a saturated final does not hide an order); 0: none
+    # full.train arms also save their LoRA every N steps; seed 0's saved before the end are evaluated (the reward gain
+    # along the run, so a saturated final does not hide an order); 0: none
     checkpoint_every: int = 100
     # quick: train in the lab's own train/ so that the quick lab's seed-0 LoRAs (same commands) are reused
     train_in_lab: bool = False
@@ -195,12 +197,21 @@ def measure_claims(config: ReplicationConfig, scores: dict, trained: dict, spm_c
     return rows
 
 
+def track_of(model: str) -> str:
+    """The track (claims.TRACKS) whose data a model of `seeded`'s naming was trained on."""
+    return next((t for t in claims_lib.TRACKS if t != "size" and model.startswith(t + "_")), "size")
+
+
 def checkpoint_gains(scores: dict, checkpoints: dict) -> dict:
-    """Seed 0's mean area gain over the base model at each saved step and at the end: {arm: {step: gain}}."""
-    rater = scores[claims_lib.SCORES["rater"][0]]
-    mean = lambda model: float(np.mean([v for values in rater[model].values() for v in values]))  # noqa: E731
-    return {arm: {**{str(step): round(mean(name) - mean("base"), 4) for step, name in steps.items()},
-                  "final": round(mean(arm) - mean("base"), 4)} for arm, steps in checkpoints.items()}
+    """Seed 0's mean gain over the base model in its track's rater score (the size rater's area, the caption
+    rater's signed area) at each saved step and at the end: {arm: {step: gain, "final": gain}}."""
+    def gain(model: str, arm: str) -> float:
+        rater = scores[claims_lib.SCORES[claims_lib.TRACKS[track_of(arm)][0]][0]]
+        mean = lambda m: float(np.mean([v for values in rater[m].values() for v in values]))  # noqa: E731
+        return round(mean(model) - mean("base"), 4)
+
+    return {arm: {**{str(step): gain(name, arm) for step, name in steps.items()}, "final": gain(arm, arm)}
+            for arm, steps in checkpoints.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,18 +25,21 @@ from full.lab import methods as methods_lib
 from full.lab import run as lab_run
 from full.lab.presets import FAMILIES
 from full.lab.replicate import (ReplicationConfig, checkpoint_gains, markdown_table, measure_claims, read_scores,
-                                replication_arms, seeded)
+                                replication_arms, seeded, track_of)
 
 
-def checkpoint_models(trained: dict, step: int, seed0_names: set) -> tuple[dict, dict]:
-    """{arm: {step: model name}} and {model name: LoRA entry}: seed 0's LoRA saved at `step` (before the end; one
-    step only, to keep the evaluation's cost down), for every arm that saved one."""
+def checkpoint_models(trained: dict, every: int, seed0_names: set) -> tuple[dict, dict]:
+    """{arm: {step: model name}} and {model name: LoRA entry}: seed 0's LoRAs saved every `every` steps before the
+    end (the last checkpoint is the final LoRA), for every arm that saved them."""
     found, loras = {}, {}
     for name, entry in trained.items():
-        path = Path(entry["lora"]) / f"checkpoint-{step}"
-        if step and name in seed0_names and (path / "pytorch_lora_weights.safetensors").is_file():
-            found[name] = {step: f"{name}_step{step}"}
-            loras[f"{name}_step{step}"] = {**entry, "lora": str(path)}
+        if not every or name not in seed0_names:
+            continue
+        saved = sorted(int(p.name.split("-")[1]) for p in Path(entry["lora"]).glob("checkpoint-*")
+                       if (p / "pytorch_lora_weights.safetensors").is_file())
+        for step in [s for s in saved if s % every == 0][:-1]:
+            found.setdefault(name, {})[step] = f"{name}_step{step}"
+            loras[f"{name}_step{step}"] = {**entry, "lora": str(Path(entry["lora"]) / f"checkpoint-{step}")}
     return found, loras
 
 
@@ -91,6 +94,8 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     (out / "replication.json").write_text(json.dumps(result, indent=1))
     (out / "replication.md").write_text(markdown_table(result) + "\n")
     replication_figure(result, out / "replication.png")
+    if result["checkpoints"]:
+        checkpoint_figure(result, out / "checkpoints.png")
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("holds", "reversed", "inconclusive")}
     progress(f"wrote {out / 'replication.json'}: {counts} ({result['wall_s']:.0f}s)")
     return result
@@ -157,8 +162,7 @@ def evaluate_cached(out: Path, config: ReplicationConfig, model: Path, models: d
                "guidance": config.lab.guidance}
     specs = lambda names: list(dict.fromkeys(claims_lib.SCORES[s][0] for n in names  # noqa: E731
                                              for s in claims_lib.TRACKS[n]))
-    tracks = {name: next((t for t in claims_lib.TRACKS if t != "size" and name.startswith(t + "_")), "size")
-              for name in models}
+    tracks = {name: track_of(name) for name in models}
     wanted = {name: {"key": {"weights": weights_digest(entry["lora"]), "prefix": entry["prompt_prefix"], **sampler},
                      "scorers": specs([tracks[name]])} for name, entry in models.items()}
     wanted["base"] = {"key": {"weights": weights_digest(model), "prefix": "", **sampler},
@@ -215,5 +219,34 @@ def replication_figure(result: dict, path: Path) -> Path:
     ax.set_xlabel("lab estimate, 95% CI: win rate W(A, B) (0.5 = no difference); ratio rows: 0.5 + log2(A/B)/4")
     ax.legend(handles=[Patch(color=c, label=v) for v, c in VERDICT_COLOURS.items()], loc="lower left", fontsize=7)
     fig.subplots_adjust(left=0.3, right=0.68)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def checkpoint_figure(result: dict, path: Path) -> Path:
+    """Seed 0's gain over the base model along training, one line per arm, one panel per track: an order that a
+    saturated final hides shows before the end."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    by_track: dict = {}
+    for arm, gains in result["checkpoints"].items():
+        by_track.setdefault(track_of(arm), {})[arm] = gains
+    fig = Figure(figsize=(5.5 * len(by_track), 4.2))
+    for index, (track, arms) in enumerate(sorted(by_track.items(), key=lambda kv: kv[0] != "size")):
+        ax = fig.add_subplot(1, len(by_track), index + 1)
+        for arm, gains in arms.items():
+            found = re.search(r"--max_train_steps (\d+)", result["arms"][arm]["command"])
+            end = int(found[1]) if found else max(int(k) for k in gains if k != "final") + 1
+            steps = sorted(int(k) for k in gains if k != "final")
+            ax.plot([0, *steps, end], [0.0, *(gains[str(k)] for k in steps), gains["final"]], marker="o",
+                    label=arm.removeprefix(track + "_") if track != "size" else arm)
+        ax.axhline(0, color="black", lw=0.8)
+        score = claims_lib.SCORES[claims_lib.TRACKS[track][0]][0].split(":")[1]
+        ax.set_title(f"{track} rater's data: seed 0's gain over base ({score})", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
