@@ -172,7 +172,8 @@ def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path,
     do) or "inprocess". `threads`: the subprocess's torch threads (OMP_NUM_THREADS), for running several at once on
     a few cores. The CPU seconds (user + system of the process and its children, from `os.wait4`; in process:
     `time.process_time`) are what a cost comparison reads: a busy neighbour on a shared machine stretches the wall
-    time of a one-thread run, not the CPU time it needs."""
+    time of a one-thread run, not the CPU time it needs. They include the interpreters' start-up (a few seconds;
+    the accelerate launcher's too, for a trainer)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if launcher == "inprocess":
@@ -196,6 +197,7 @@ def run_entry(entry: str, argv: list[str], *, launcher: str, log_file: Path,
             _, status, usage = os.wait4(process.pid, 0)  # the rusage of the launcher and what it waited for
         except BaseException:
             process.kill()
+            process.wait()
             raise
         process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

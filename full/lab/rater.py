@@ -57,10 +57,12 @@ class CaptionRater:
     the caption. Circles are better large and squares small; triangles large on a dark background and small on a
     light one. The score is +area where larger is wanted and -area where smaller is, so a method that learned
     "bigger" from the first rater wins about half the captions here and loses the rest: a model must read the
-    caption's shape (and, for triangles, its background) to please this rater. The shape and background are the
-    caption's, not the image's: drawing a small circle where a square was asked does not pass as a small square."""
+    caption's shape (and, for triangles, its background) to please this rater. An image in which the reader finds no
+    shape, or another shape than the caption's, scores `FAILED`, below every drawing of the right shape: erasing the
+    shape, or drawing a small circle where a square was asked, does not pass as a small square."""
 
     name = "lab_caption_rater"
+    FAILED = -1.0  # |area| <= 1 for every drawing
     LARGER_IS_BETTER = {("circle", "dark"): True, ("circle", "light"): True, ("square", "dark"): False,
                         ("square", "light"): False, ("triangle", "dark"): True, ("triangle", "light"): False}
 
@@ -72,8 +74,11 @@ class CaptionRater:
         out = []
         for image, prompt in zip(images, prompts):
             _, shape, background = parse_caption(prompt.removeprefix(GOOD_PREFIX))  # CSFT samples with a prefix
-            area = reader.read(image).area
-            out.append(area if self.LARGER_IS_BETTER[shape, background] else -area)
+            found = reader.read(image)
+            if found.shape != shape:
+                out.append(self.FAILED)
+            else:
+                out.append(found.area if self.LARGER_IS_BETTER[shape, background] else -found.area)
         return out
 
 

@@ -158,6 +158,9 @@ def ratio_per_seed(claim, trained: dict, rater_scores: dict, seeds, spm_cpu_seco
     process, one thread's CPU time), so a busy neighbour does not decide the row. "gain_per_second": the mean area
     gain over base per CPU second of training (the arm's process, `run_entry`), SPO's including its preference
     model's (trained once, charged to every seed: the paper counts it)."""
+    if claim.track != "size":  # the cost arms, SPO's preference model and the rater read here are the size track's
+        raise ValueError(f"{claim.id}: cost claims are measured on the size rater's track, not {claim.track!r}")
+
     def quantity(arm: str, index: int, seed: int) -> float:
         if claim.ratio == "step_seconds":
             if bench is None or index >= len(bench):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ def checkpoint_models(trained: dict, every: int, seed0_names: set) -> tuple[dict
             continue
         saved = sorted(int(p.name.split("-")[1]) for p in Path(entry["lora"]).glob("checkpoint-*")
                        if (p / "pytorch_lora_weights.safetensors").is_file())
-        for step in [s for s in saved if s % every == 0][:-1]:
+        for step in [s for s in saved if s % every == 0 and s < saved[-1]]:  # the last save is at the end
             found.setdefault(name, {})[step] = f"{name}_step{step}"
             loras[f"{name}_step{step}"] = {**entry, "lora": str(Path(entry["lora"]) / f"checkpoint-{step}")}
     return found, loras
@@ -51,6 +52,7 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     progress = lab_run.Progress(quiet)
     progress(f"replication '{config.name}': {len(config.claims)} claims, seeds {list(config.seeds)}, lab {lab_dir}")
     model, clip = lab_run.ensure_pretrained(lab_dir, config.lab, progress)
+    forget_other_labs(out, lab_run.ensure_preference_data(lab_dir, config.lab, model, progress), progress)
     arms = replication_arms(config)
     # the arms whose CPU time a cost claim reads (a cached arm without one is trained again)
     need_cpu = frozenset(seeded(arm, seed) for c in config.claims if c.ratio == "gain_per_second"
@@ -101,6 +103,18 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     return result
 
 
+def forget_other_labs(out: Path, lab_data: dict, progress) -> None:
+    """OUT's trained arms and evaluations belong to one lab model and its data (their caches are keyed by command
+    and by weights, which do not name the model's contents): when the lab's data were made anew (a new model, new
+    data settings) since OUT was last used, they are removed."""
+    key_file, key = out / "lab_data.json", lab_data["config"]
+    if key_file.is_file() and json.loads(key_file.read_text()) != key:
+        progress(f"the lab's model or data changed since {out} was made: its arms and evaluations are removed")
+        for stale in ("train", "caption", "eval", "bench"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+    key_file.write_text(json.dumps(key))
+
+
 def track_data(track: str, out: Path, lab_dir: Path, config: ReplicationConfig, model: Path, progress) -> tuple:
     """(where the track's arms train, its preference data): the lab's own data for "size" (in OUT/train, or the
     lab's train/ for the quick run); for another rater, the same base model's samples labelled by it, in OUT/TRACK."""
@@ -114,7 +128,9 @@ def track_data(track: str, out: Path, lab_dir: Path, config: ReplicationConfig, 
 def step_benchmarks(out: Path, config: ReplicationConfig, progress) -> list:
     """One `python -m full.bench` run per training seed for the step-cost claims: the trainer's own step of each
     claim's objectives on full.bench's tiny UNet (the lab's model's size) at the lab's batch, one thread, one after
-    the other in one fresh process; its CPU time, which a busy neighbour does not stretch."""
+    the other in one fresh process; its CPU time, which a busy neighbour does not stretch. The tiny UNet stands in
+    for the lab's model (channels 32/64 as the lab's, but cross-attention width 32 against 64 and 16 x 16 latents
+    against 8 x 8): the row compares two objectives' steps on one network, not the lab's own step time."""
     rows = sorted({methods_lib.method_named(arm).row for c in config.claims if c.ratio == "step_seconds"
                    for arm in (c.a, c.b)})
     if not rows:
@@ -135,7 +151,7 @@ def step_benchmarks(out: Path, config: ReplicationConfig, progress) -> list:
 
 def weights_digest(path: Path) -> str:
     """sha256 of a model's weights: a LoRA folder's pytorch_lora_weights.safetensors, else every .safetensors under
-    the folder (a pipeline, a whole UNet). Two trainings that wrote the same weights share their evaluation."""
+    the folder (a pipeline, a whole UNet). A model retrained to the same weights keeps its evaluation."""
     path = Path(path)
     lora = path / "pytorch_lora_weights.safetensors"
     files = [lora] if lora.is_file() else sorted(path.rglob("*.safetensors"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -161,21 +160,22 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
     # Subprocesses run `lab.workers` at once with one thread each; in this process, one at a time.
     workers, threads = (lab.workers, 1) if launcher != "inprocess" else (1, None)
 
-    spm_lock = threading.Lock()  # several SPO seeds share one preference model: the first trains it
+    # SPO's preference model, shared by every SPO arm, is decided and trained before any arm starts (an arm that
+    # needs SPO's CPU time needs the model's too); the SPO arms of a model trained now are trained again
+    spo_names = {m.name for m in selected if m.entry == "full.spo"}
+    record = spm / "lab_spm.json"
+    timed = record.is_file() and json.loads(record.read_text()).get("cpu_seconds") is not None
+    retrain: set = set()
+    if spo_names and (not (spm / "spm_config.json").is_file() or (spo_names & need_cpu and not timed)):
+        shutil.rmtree(spm, ignore_errors=True)
+        argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
+        seconds, cpu = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
+                                             log_file=out / "logs" / "spm.log")
+        progress.timed("train_spm", seconds)
+        record.write_text(json.dumps({"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}))
+        retrain = spo_names
 
     def train(method) -> dict:
-        with spm_lock:
-            spm_timed = "cpu_seconds" in json.loads((spm / "lab_spm.json").read_text()) \
-                if (spm / "lab_spm.json").is_file() else False
-            if method.entry == "full.spo" and (not (spm / "spm_config.json").is_file() or
-                                               (method.name in need_cpu and not spm_timed)):
-                shutil.rmtree(spm, ignore_errors=True)  # SPO's preference model first
-                argv = methods_lib.spm_argv(lab, model, clip, Path(data["pairs"]), spm)
-                seconds, cpu = methods_lib.run_entry("full.train_spm", argv, launcher=launcher, threads=threads,
-                                                     log_file=out / "logs" / "spm.log")
-                progress.timed("train_spm", seconds)
-                (spm / "lab_spm.json").write_text(json.dumps({"seconds": round(seconds, 1),
-                                                              "cpu_seconds": round(cpu, 1)}))
         target = out / "train" / method.name
         argv = methods_lib.trainer_argv(method, lab, model, clip, spm, data, target)
         argv += methods_lib.flag_list(dict(lab.trainer_flags))  # the lab family's own flags (sd3: T5 length)
@@ -184,12 +184,12 @@ def train_all(out: Path, lab: LabConfig, model: Path, clip: Path, data: dict, *,
                  "weights": "--full_model" if method.flags.get("train_mode") == "full" else "--lora"}
         # A LoRA trained by this very command on this data is reused (the data's cache clears train/ when it changes)
         if cached(target, "lab_train.json", entry["command"]):
-            record = json.loads((target / "lab_train.json").read_text())
-            if method.name not in need_cpu or record.get("cpu_seconds") is not None:
+            done = json.loads((target / "lab_train.json").read_text())
+            if method.name not in retrain and (method.name not in need_cpu or done.get("cpu_seconds") is not None):
                 progress(f"train {method.name}: cached in {target}")
                 if on_done is not None:
                     on_done(method.name)
-                return {**entry, "seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds")}
+                return {**entry, "seconds": done["seconds"], "cpu_seconds": done.get("cpu_seconds")}
         shutil.rmtree(target, ignore_errors=True)
         seconds, cpu = methods_lib.run_entry(method.entry, argv, launcher=launcher, threads=threads,
                                              log_file=out / "logs" / f"{method.name}.log")
