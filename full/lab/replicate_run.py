@@ -252,11 +252,12 @@ def checkpoint_figure(result: dict, path: Path) -> Path:
     fig = Figure(figsize=(5.5 * len(by_track), 4.2))
     for index, (track, arms) in enumerate(sorted(by_track.items(), key=lambda kv: kv[0] != "size")):
         ax = fig.add_subplot(1, len(by_track), index + 1)
-        for arm, gains in arms.items():
+        for line, (arm, gains) in enumerate(arms.items()):
             found = re.search(r"--max_train_steps (\d+)", result["arms"][arm]["command"])
             end = int(found[1]) if found else max(int(k) for k in gains if k != "final") + 1
             steps = sorted(int(k) for k in gains if k != "final")
             ax.plot([0, *steps, end], [0.0, *(gains[str(k)] for k in steps), gains["final"]], marker="o",
+                    ls="-" if line < 10 else "--",  # matplotlib's 10 colours, then dashed
                     label=arm.removeprefix(track + "_") if track != "size" else arm)
         ax.axhline(0, color="black", lw=0.8)
         score = claims_lib.SCORES[claims_lib.TRACKS[track][0]][0].split(":")[1]
