@@ -356,7 +356,9 @@ def test_quick_replication_trains_each_seed_evaluates_and_applies_the_rule(quick
     assert drawn.sum() >= 10 and 0 < larger[drawn].sum() < drawn.sum()
     same_area = np.isclose(np.abs(caption["score_0"]), size["score_0"], atol=1e-6)[drawn]
     expected = np.where(larger, size["label_0"], 1.0 - np.asarray(size["label_0"]))
-    assert same_area.mean() >= 0.95 and (np.asarray(caption["label_0"]) == expected)[drawn].mean() >= 0.95
+    # the ties are each data set's closest 10% of pairs, which the failed images move: compare the decided pairs
+    decided = drawn & (np.asarray(size["label_0"]) != 0.5) & (np.asarray(caption["label_0"]) != 0.5)
+    assert same_area.mean() >= 0.95 and (np.asarray(caption["label_0"]) == expected)[decided].mean() >= 0.95
     one_failed = failed.sum(axis=0) == 1
     if one_failed.any():
         right_shape_wins = np.where(failed[1], 1.0, 0.0)  # label_0 = 1 when image 1 is the failed one
