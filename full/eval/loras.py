@@ -115,6 +115,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def files_sha256(files, root: Path) -> str:
+    """One sha256 for several weight files: of each file's path under `root` and its own sha256, in the given order."""
+    return hashlib.sha256("".join(f"{Path(f).relative_to(root)}:{file_sha256(Path(f))};" for f in files)
+                          .encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # Does it fit the base model? (Its header against the UNet's config: no tensor is read.)
 
@@ -208,11 +214,11 @@ def full_model_folder(name: str, path: str) -> dict:
     if not folders:
         raise ValueError(f"full model {name!r}: {path!r} has no unet/ or transformer/ folder with a config.json "
                          "(expected the output_dir of a --train_mode full run; a LoRA goes with --lora)")
-    files = sorted((Path(path) / folders[0]).glob("*.safetensors")) + sorted((Path(path) / folders[0]).glob("*.bin"))
+    folder = Path(path) / folders[0]
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not files:
-        raise ValueError(f"full model {name!r}: {Path(path) / folders[0]} holds no weight file")
-    digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)};" for f in files).encode()).hexdigest()
-    return {"denoiser": folders[0], "sha256": digest}
+        raise ValueError(f"full model {name!r}: {folder} holds no weight file")
+    return {"denoiser": folders[0], "sha256": files_sha256(files, folder)}
 
 
 @contextlib.contextmanager

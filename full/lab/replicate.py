@@ -2,7 +2,7 @@
 to head in the CPU image lab, judged by a rule fixed in advance (full/lab/claims.py, docs/replication.md).
 
     python -m full.lab.replicate --out runs/replication                 # needs the lab's model: `make lab` first
-    python -m full.lab.replicate --out runs/replication-quick --quick   # the test: 2 claims, 2 seeds
+    python -m full.lab.replicate --out runs/replication-quick --quick   # the test: 3 claims, 2 seeds
     python -m full.lab.replicate --table runs/replication/replication.json --docs docs/replication.md
 
 It reuses the lab's pretrained model, CLIP and preference data (`--lab`, default runs/lab; pretrained there when
@@ -151,6 +151,11 @@ def measure_ratio(per_seed: list[float], *, n_resamples: int, confidence: float 
             "ci_method": "percentile bootstrap over seeds", "seeds": len(values), "per_seed": values.tolist()}
 
 
+def mean_score(by_model: dict, model: str) -> float:
+    """A model's mean score over every caption and sample seed ({model: {prompt_id: [score per seed]}})."""
+    return float(np.mean([v for values in by_model[model].values() for v in values]))
+
+
 def ratio_per_seed(claim, trained: dict, rater_scores: dict, seeds, spm_cpu_seconds: float,
                    bench: list | None = None) -> list[float]:
     """Per seed, A's quantity over B's. "step_seconds": CPU seconds of one training step of A's and B's objective
@@ -170,8 +175,7 @@ def ratio_per_seed(claim, trained: dict, rater_scores: dict, seeds, spm_cpu_seco
         if entry.get("cpu_seconds") is None:
             raise ValueError(f"{claim.id}: {seeded(arm, seed)} has no CPU time on record; train it again")
         seconds = entry["cpu_seconds"] + (spm_cpu_seconds if entry["command"].startswith("full.spo") else 0.0)
-        mean = lambda model: np.mean([v for values in rater_scores[model].values() for v in values])  # noqa: E731
-        return (mean(seeded(arm, seed)) - mean("base")) / seconds
+        return (mean_score(rater_scores, seeded(arm, seed)) - mean_score(rater_scores, "base")) / seconds
 
     out = []
     for index, seed in enumerate(seeds):
@@ -210,8 +214,7 @@ def checkpoint_gains(scores: dict, checkpoints: dict) -> dict:
     rater's signed area) at each saved step and at the end: {arm: {step: gain, "final": gain}}."""
     def gain(model: str, arm: str) -> float:
         rater = scores[claims_lib.SCORES[claims_lib.TRACKS[track_of(arm)][0]][0]]
-        mean = lambda m: float(np.mean([v for values in rater[m].values() for v in values]))  # noqa: E731
-        return round(mean(model) - mean("base"), 4)
+        return round(mean_score(rater, model) - mean_score(rater, "base"), 4)
 
     return {arm: {**{str(step): gain(name, arm) for step, name in steps.items()}, "final": gain(arm, arm)}
             for arm, steps in checkpoints.items()}
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/replication", help="output directory (arms' LoRAs cached there)")
     parser.add_argument("--lab", default=None, help="the lab whose model and data to reuse (default: runs/lab; "
                         "--quick: runs/lab-quick); pretrained there if missing")
-    parser.add_argument("--quick", action="store_true", help="the test-sized run (2 claims, 2 seeds, the quick lab)")
+    parser.add_argument("--quick", action="store_true", help="the test-sized run (3 claims, 2 seeds, the quick lab)")
     parser.add_argument("--claims", default=None, help="comma-separated claim ids (default: the config's)")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate")
     parser.add_argument("--table", default=None, metavar="JSON", help="print the table of a finished run and stop")

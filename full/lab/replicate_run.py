@@ -13,7 +13,6 @@ full/lab/replicate.py, the claims and the rule in full/lab/claims.py):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -52,7 +51,8 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     progress = lab_run.Progress(quiet)
     progress(f"replication '{config.name}': {len(config.claims)} claims, seeds {list(config.seeds)}, lab {lab_dir}")
     model, clip = lab_run.ensure_pretrained(lab_dir, config.lab, progress)
-    forget_other_labs(out, lab_run.ensure_preference_data(lab_dir, config.lab, model, progress), progress)
+    lab_data = lab_run.ensure_preference_data(lab_dir, config.lab, model, progress)
+    forget_other_labs(out, lab_data, progress)
     arms = replication_arms(config)
     # the arms whose CPU time a cost claim reads (a cached arm without one is trained again)
     need_cpu = frozenset(seeded(arm, seed) for c in config.claims if c.ratio == "gain_per_second"
@@ -60,7 +60,7 @@ def run_replication(out: Path, lab_dir: Path, config: ReplicationConfig, *, laun
     start, trained, spm_cpu = time.perf_counter(), {}, 0.0
     with progress_bar(total=sum(map(len, arms.values())), desc="train arms", unit="arm", disable=quiet) as bar:
         for track, methods in arms.items():
-            root, data = track_data(track, out, lab_dir, config, model, progress)
+            root, data = track_data(track, out, lab_dir, lab_data, config, model, progress)
             trained.update(lab_run.train_all(root, replace(config.lab, rater=track), model, clip, data,
                                              launcher=launcher, progress=progress, selected=methods,
                                              on_done=lambda name: bar.update(1), need_cpu=need_cpu))
@@ -115,12 +115,12 @@ def forget_other_labs(out: Path, lab_data: dict, progress) -> None:
     key_file.write_text(json.dumps(key))
 
 
-def track_data(track: str, out: Path, lab_dir: Path, config: ReplicationConfig, model: Path, progress) -> tuple:
+def track_data(track: str, out: Path, lab_dir: Path, lab_data: dict, config: ReplicationConfig, model: Path,
+               progress) -> tuple:
     """(where the track's arms train, its preference data): the lab's own data for "size" (in OUT/train, or the
     lab's train/ for the quick run); for another rater, the same base model's samples labelled by it, in OUT/TRACK."""
     if track == "size":
-        data = lab_run.ensure_preference_data(lab_dir, config.lab, model, progress)
-        return (lab_dir if config.train_in_lab else out), data
+        return (lab_dir if config.train_in_lab else out), lab_data
     root = out / track
     return root, lab_run.ensure_preference_data(root, replace(config.lab, rater=track), model, progress)
 
@@ -152,15 +152,16 @@ def step_benchmarks(out: Path, config: ReplicationConfig, progress) -> list:
 def weights_digest(path: Path) -> str:
     """sha256 of a model's weights: a LoRA folder's pytorch_lora_weights.safetensors, else every .safetensors under
     the folder (a pipeline, a whole UNet). A model retrained to the same weights keeps its evaluation."""
+    from full.eval.loras import file_sha256, files_sha256
+
     path = Path(path)
     lora = path / "pytorch_lora_weights.safetensors"
-    files = [lora] if lora.is_file() else sorted(path.rglob("*.safetensors"))
+    if lora.is_file():
+        return file_sha256(lora)
+    files = sorted(path.rglob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path}")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
+    return files_sha256(files, path)
 
 
 def evaluate_cached(out: Path, config: ReplicationConfig, model: Path, models: dict, launcher: str, progress) -> None:
